@@ -1,0 +1,44 @@
+# Set-up is part of every target: a missing .venv is created, and pyproject.toml changes trigger a reinstall.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MLM := $(VENV)/bin/mlm
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+DEMO_DATA := data/synth
+DEMO_RUN := runs/tiny-synthetic
+
+.PHONY: demo test test-slow lint format install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# One stamp per set of extras, so `make test` after `make demo` installs nothing new.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(MLM) data synth --out $(DEMO_DATA) --images 2000 --size 64 --seed 0
+	$(MLM) data check $(DEMO_DATA)/captions_train.json
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check mlm tests
+	$(VENV)/bin/ruff format --check mlm tests
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix mlm tests
+	$(VENV)/bin/ruff format mlm tests
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks run by ``mlm bench``: each module measures against a baseline in the same run."""

@@ -1,0 +1,26 @@
+"""``mlm bench NAME``: benchmarks that print a table and write JSON; each lives in ``mlm.bench.<name>``.
+
+Each benchmark module exposes ``add_arguments(parser)`` (no heavy imports) and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = {
+    "data": ("mlm.bench.data", "data loading throughput (samples/s) for 0, 1, 2 workers"),
+    "mla": ("mlm.bench.mla", "MHA vs GQA vs MLA: parameters, KV-cache bytes, prefill and decode speed"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` command group."""
+    parser = sub.add_parser("bench", help="benchmarks (JSON + a readable table)")
+    names = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
+    for name, (module_name, help_text) in BENCHES.items():
+        bench = names.add_parser(name, help=help_text)
+        bench.add_argument("--json", dest="json_out", metavar="OUT", help="also write the results as JSON here")
+        module = importlib.import_module(module_name)
+        module.add_arguments(bench)
+        bench.set_defaults(func=module.run)

@@ -1,0 +1,324 @@
+"""Configuration: nested dataclasses, YAML loading and type-checked ``--set a.b=value`` overrides.
+
+The resolved :class:`Config` is written into every run folder and checkpoint, so a checkpoint rebuilds its model
+with no other file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ATTENTION_KINDS = ("mla", "mha", "gqa")
+LEVELS = ("local", "regional", "global")
+SHARING = ("full", "norms", "ffn")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+CONTRASTIVE_LOSSES = ("infonce", "siglip")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass
+class MLAConfig:
+    """Attention settings; names follow DeepSeek-V2/V3 (``n_heads``, ``kv_lora_rank``, ...)."""
+
+    n_heads: int = 4
+    q_lora_rank: int = 0  # 0 = plain W_Q, no query compression
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    n_kv_heads: int = 2  # only for attention: gqa
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the shared encoder, pooling, projection and multimodal decoder."""
+
+    attention: str = "mla"  # mla | mha | gqa
+    dim: int = 128
+    n_layers: int = 4
+    levels: list[str] = field(default_factory=lambda: ["local", "local", "regional", "global"])
+    local_window: int = 16  # tokens each side a text token may see in a local block
+    local_window_2d: int = 3  # side of the square patch neighbourhood in a local block (odd)
+    region_size: int = 4  # text tokens per region
+    region_size_2d: int = 2  # side of a square patch region
+    top_k: int = 0  # keys kept per query in global blocks; 0 = dense
+    sharing: str = "full"  # full | norms (per-modality norms) | ffn (per-modality FFN experts)
+    mlp_ratio: float = 4.0
+    image_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 3
+    vocab_size: int = 1000  # replaced by the tokenizer's size when a run starts
+    max_text_len: int = 32
+    embed_dim: int = 128  # the shared image-text space
+    pool_hidden_dim: int = 64
+    decoder_layers: int = 2
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    mla: MLAConfig = field(default_factory=MLAConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where records come from and how they become tensors."""
+
+    train: str = ""  # a source: file or folder (see mlm.data.sources)
+    val: str = ""
+    test: str = ""
+    format: str = "auto"  # auto | coco | karpathy | vqav2 | csv | jsonl | imagefolder | parquet | arrow | webdataset
+    image_root: str = ""  # base folder for relative image paths; default: beside the annotation file
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str = "\t"
+    tokenizer: str = "wordpiece"  # wordpiece (trained on the training text) | openclip | path/to/tokenizer.json
+    vocab_size: int = 2000
+    strict: bool = False  # fail on the first bad record instead of skipping and counting it
+    num_workers: int = 0
+    augment: bool = True
+    max_image_pixels: int = 89_478_485  # decompression-bomb guard, PIL's default
+    synth_images: int = 2000
+    synth_size: int = 64
+    synth_seed: int = 0
+    synth_holdout: bool = True  # hold attribute combinations out of train for a compositional split
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, objectives, checkpoints and logging."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 64
+    max_steps: int = 1000
+    max_time_s: float = 0.0  # stop after this many seconds of training; 0 = no limit
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 100
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    grad_checkpointing: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    contrastive_loss: str = "infonce"  # infonce | siglip
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0
+    vqa_weight: float = 1.0
+    hard_negative_strength: float = 0.0
+    hard_negative_sampler: bool = False
+    local_loss: bool = False
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    eval_every: int = 0
+    max_nonfinite_steps: int = 5
+    trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and decoding settings."""
+
+    batch_size: int = 64
+    chunk_size: int = 1024
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    top_p: float = 0.0  # > 0 switches decoding to nucleus sampling
+    vqa_mode: str = "generative"  # generative | rank
+    max_samples: int = 0  # 0 = all
+
+
+@dataclass
+class Config:
+    """The whole run: model, data, training and evaluation settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain nested dicts and lists."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """Return the config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (or JSON when the name ends in .json)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            import json
+
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+        else:
+            path.write_text(self.to_yaml())
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return value converted to type tp, or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {tp} at {where}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass cls from a dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{name}'; valid keys: {', '.join(valid)}{_closest(key, valid)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value or {}, name)
+        else:
+            kwargs[key] = _check_value(value, tp, name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Check cross-field rules, naming the field, the value and what is allowed."""
+    m = cfg.model
+    choices = {
+        "model.attention": (m.attention, ATTENTION_KINDS),
+        "model.sharing": (m.sharing, SHARING),
+        "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
+        "train.contrastive_loss": (cfg.train.contrastive_loss, CONTRASTIVE_LOSSES),
+        "eval.vqa_mode": (cfg.eval.vqa_mode, ("generative", "rank")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    for i, level in enumerate(m.levels):
+        if level not in LEVELS:
+            raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(LEVELS)}")
+    if len(m.levels) != m.n_layers:
+        raise ConfigError(f"model.levels has {len(m.levels)} entries but model.n_layers={m.n_layers}")
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
+    if m.local_window_2d % 2 == 0:
+        raise ConfigError(f"model.local_window_2d={m.local_window_2d} must be odd")
+    if m.mla.qk_rope_head_dim % 4:
+        raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be a multiple of 4 (2-D RoPE)")
+    if m.attention == "gqa" and m.mla.n_heads % m.mla.n_kv_heads:
+        raise ConfigError(f"model.mla.n_heads={m.mla.n_heads} is not a multiple of model.mla.n_kv_heads")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts (unknown keys and wrong types raise ConfigError)."""
+    cfg = _from_dict(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set data[a][b][c] = value for dotted 'a.b.c', checking each key against the dataclass fields."""
+    cls: Any = Config
+    node = data
+    parts = dotted.split(".")
+    for depth, key in enumerate(parts):
+        valid = [f.name for f in dataclasses.fields(cls)]
+        where = ".".join(parts[: depth + 1])
+        if key not in valid:
+            raise ConfigError(f"unknown config key '{where}'; valid keys: {', '.join(valid)}{_closest(key, valid)}")
+        tp = typing.get_type_hints(cls)[key]
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"'{where}' is a section; set one of its keys, e.g. {where}.{valid[0]}")
+            node[key] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"'{where}' is not a section, so '{dotted}' does not exist")
+        node = node.setdefault(key, {})
+        cls = tp
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from err
