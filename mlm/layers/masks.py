@@ -1,0 +1,111 @@
+"""Attention masks for the block levels: local window, regional, global, causal, and top-k sparse selection.
+
+Masks are boolean with True = may attend, the convention of ``torch.nn.functional.scaled_dot_product_attention``.
+Local windows follow Longformer (Beltagy et al., 2020) for text and a square patch neighbourhood (as in Swin /
+neighbourhood attention) for images; regional attention lets every token see its own region in full plus the first
+token of every other region, a carrier of cross-region information in the spirit of BigBird's global tokens. Top-k
+selection keeps the k highest-scoring allowed keys per query (as in the top-k attention of Wang et al., 2022).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+LEVELS = ("local", "regional", "global")
+
+
+def _positions(n_tokens: int, grid: tuple[int, int] | None) -> tuple[Tensor, Tensor] | Tensor:
+    """Return token indices (T,) for 1-D, or (rows, cols) each (T,) for a row-major patch grid."""
+    idx = torch.arange(n_tokens)
+    if grid is None:
+        return idx
+    return idx // grid[1], idx % grid[1]
+
+
+def _local(n_tokens: int, grid: tuple[int, int] | None, window: int, window_2d: int) -> Tensor:
+    """Allow keys within the 1-D window, or within Chebyshev distance window_2d // 2 on the grid."""
+    if grid is None:
+        if window < 0:
+            raise ValueError(f"local window={window} must be >= 0")
+        idx = _positions(n_tokens, None)
+        return (idx[:, None] - idx[None, :]).abs() <= window
+    if window_2d < 1:
+        raise ValueError(f"local window_2d={window_2d} must be >= 1")
+    rows, cols = _positions(n_tokens, grid)
+    dist = torch.maximum((rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs())  # (T, T)
+    return dist <= window_2d // 2
+
+
+def _regional(n_tokens: int, grid: tuple[int, int] | None, region: int, region_2d: int) -> Tensor:
+    """Allow keys in the query's own region plus the first token of every region."""
+    if grid is None:
+        if region < 1:
+            raise ValueError(f"region size={region} must be >= 1")
+        idx = _positions(n_tokens, None)
+        region_id, is_first = idx // region, idx % region == 0
+    else:
+        if region_2d < 1:
+            raise ValueError(f"region_2d={region_2d} must be >= 1")
+        rows, cols = _positions(n_tokens, grid)
+        n_region_cols = -(-grid[1] // region_2d)
+        region_id = (rows // region_2d) * n_region_cols + cols // region_2d
+        is_first = (rows % region_2d == 0) & (cols % region_2d == 0)  # top-left patch of each block
+    return (region_id[:, None] == region_id[None, :]) | is_first[None, :]
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_mask(
+    level: str, n_tokens: int, causal: bool, grid: tuple[int, int] | None, size: int, size_2d: int, device: str
+) -> Tensor:
+    """Build one (T, T) mask; lru_cache keeps one copy per shape and device."""
+    if level == "local":
+        mask = _local(n_tokens, grid, size, size_2d)
+    elif level == "regional":
+        mask = _regional(n_tokens, grid, size, size_2d)
+    else:
+        mask = torch.ones(n_tokens, n_tokens, dtype=torch.bool)
+    if causal:
+        mask = mask & torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
+    return mask.to(device)
+
+
+def level_mask(
+    level: str,
+    n_tokens: int,
+    *,
+    causal: bool,
+    grid: tuple[int, int] | None,
+    window: int,
+    window_2d: int,
+    region: int,
+    region_2d: int,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """Return the (T, T) boolean mask of one attention level; cached, so callers must not modify it in place."""
+    if level not in LEVELS:
+        raise ValueError(f"attention level {level!r} is not one of {', '.join(LEVELS)}")
+    if grid is not None:
+        grid = (int(grid[0]), int(grid[1]))
+        if grid[0] * grid[1] != n_tokens:
+            raise ValueError(f"grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} patches but n_tokens={n_tokens}")
+    # Only the sizes the level uses enter the cache key, so unrelated settings share one entry.
+    size, size_2d = {"local": (window, window_2d), "regional": (region, region_2d)}.get(level, (0, 0))
+    return _cached_mask(level, n_tokens, bool(causal), grid, size, size_2d, str(torch.device(device)))
+
+
+def top_k_mask(scores: Tensor, mask: Tensor | None, k: int) -> Tensor:
+    """Return a boolean mask like scores (..., T, S) keeping, per query, the k best keys that mask allows.
+
+    A query with fewer than k allowed keys keeps all of them.
+    """
+    if k < 1:
+        raise ValueError(f"top-k needs k >= 1, got k={k}")
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    k = min(k, scores.shape[-1])
+    index = scores.topk(k, dim=-1).indices  # (..., T, k)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, index, True)
+    return keep & (scores > float("-inf"))  # drop masked keys picked when fewer than k were allowed
