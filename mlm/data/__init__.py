@@ -1,0 +1,6 @@
+"""Data: the record shape, safe image decoding, sources (COCO, Karpathy, VQAv2, CSV/JSONL, HF datasets,
+webdataset), the synthetic scene benchmark, the tokenizer, image transforms and the batch collate function.
+
+Submodules import their heavy dependencies themselves; import what you need from them, e.g.
+``from mlm.data.tokenizer import MLMTokenizer``.
+"""
