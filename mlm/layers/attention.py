@@ -1,0 +1,168 @@
+"""Attention core shared by every kind, plus the multi-head (MHA) and grouped-query (GQA) baselines.
+
+:func:`attend` runs scaled dot-product attention with boolean masks (True = attend) and optional top-k sparse
+selection; key/value heads may be fewer than query heads (GQA, Ainslie et al., 2023; MQA, Shazeer, 2019). MHA and
+GQA offer the same call interface as :class:`mlm.layers.mla.MultiHeadLatentAttention` so that a config field can
+swap them for ablations and benchmarks. Their query/key head dim is ``qk_nope_head_dim + qk_rope_head_dim`` with RoPE
+on the last ``qk_rope_head_dim`` dims, and their value head dim is ``v_head_dim``, matching MLA head for head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlm.layers.kv_cache import KVCache
+from mlm.layers.masks import top_k_mask
+from mlm.layers.rope import apply_rope
+
+
+def check_mask(mask: Tensor | None, n_queries: int, n_keys: int) -> Tensor | None:
+    """Return mask if it is boolean and shaped (T, S) or (B, 1, T, S); raise ValueError otherwise."""
+    if mask is None:
+        return None
+    shape = tuple(mask.shape)
+    ok_rank = mask.dim() == 2 or (mask.dim() == 4 and shape[1] == 1)
+    if mask.dtype != torch.bool or not ok_rank or shape[-2:] != (n_queries, n_keys):
+        raise ValueError(
+            f"attention mask must be boolean with shape ({n_queries}, {n_keys}) or (B, 1, {n_queries}, {n_keys}) "
+            f"for {n_queries} queries over {n_keys} keys; got dtype={mask.dtype}, shape={shape}"
+        )
+    return mask
+
+
+def check_sources(module: nn.Module, rope, cache, context) -> None:
+    """Raise ValueError when the rope/cache/context arguments do not fit a self- or cross-attention module."""
+    name = type(module).__name__
+    if module.cross:
+        if context is None:
+            raise ValueError(f"cross-attention {name} needs context= (image tokens or encode_context())")
+        if rope is not None or cache is not None:
+            raise ValueError(f"cross-attention {name} takes no rope= (no RoPE across modalities) and no cache=")
+    elif context is not None:
+        raise ValueError(f"self-attention {name} takes no context=; build it with cross=True for cross-attention")
+
+
+def rope_for_heads(rope: tuple[Tensor, Tensor], n_tokens: int) -> tuple[Tensor, Tensor]:
+    """Check cos/sin, (T, d) or (B, T, d), against T and return them broadcastable over a head axis (B, H, T, d)."""
+    cos, sin = rope
+    if cos.shape[-2] != n_tokens or cos.shape != sin.shape:
+        raise ValueError(f"rope cos/sin of shapes {tuple(cos.shape)}/{tuple(sin.shape)} do not cover {n_tokens} tokens")
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return cos, sin
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, top_k: int = 0) -> Tensor:
+    """Attention of q (B, H, T, Dk) over k (B, Hk, S, Dk), v (B, Hk, S, Dv) -> (B, H, T, Dv).
+
+    Each key/value head serves H // Hk consecutive query heads. mask is boolean (T, S) or (B, 1, T, S); top_k > 0
+    keeps only the k best allowed keys per query.
+    """
+    b, h, t, _ = q.shape
+    h_kv = k.shape[1]
+    groups = h // h_kv
+    if groups > 1 and t == 1:
+        # Decoding: fold the query heads that share a key head into the query axis, one kernel call, no K/V copies.
+        q = q.reshape(b, h_kv, groups, q.shape[-1])  # (B, Hk, G, Dk)
+        if mask is not None:
+            mask = mask.expand(*mask.shape[:-2], groups, mask.shape[-1])
+        return attend(q, k, v, mask, scale, top_k).reshape(b, h, 1, v.shape[-1])
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dk)
+        v = v.repeat_interleave(groups, dim=1)  # (B, H, S, Dv)
+    if top_k > 0:
+        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
+        keep = top_k_mask(scores, mask, top_k)
+        return scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention: n_kv_heads key/value heads, each shared by n_heads // n_kv_heads query heads."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        cross: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.cross = n_heads, n_kv_heads, cross
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.scale = self.qk_head_dim**-0.5
+        self.q_proj = nn.Linear(dim, n_heads * self.qk_head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, n_kv_heads * self.qk_head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, n_kv_heads * v_head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+
+    def new_cache(self) -> KVCache:
+        """Return an empty cache for step-by-step decoding."""
+        return KVCache.empty()
+
+    def encode_context(self, context: Tensor) -> KVCache:
+        """Project context tokens (B, S, C) to keys and values once, for reuse by every decoding step."""
+        if not self.cross:
+            raise ValueError(f"encode_context is for cross-attention; this {type(self).__name__} has cross=False")
+        return KVCache(*self._keys_values(context))
+
+    def _keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, s, _ = x.shape
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.qk_head_dim).transpose(1, 2)  # (B, Hk, S, Dk)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.v_head_dim).transpose(1, 2)  # (B, Hk, S, Dv)
+        return k, v
+
+    def _rotate_tail(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Apply RoPE to the last qk_rope_head_dim dims of each head."""
+        nope, rot = x.split((self.qk_nope_head_dim, self.qk_rope_head_dim), dim=-1)
+        return torch.cat((nope, apply_rope(rot, cos, sin)), dim=-1)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        context: Tensor | KVCache | None = None,
+        absorbed: bool = False,
+        top_k: int = 0,
+    ) -> Tensor:
+        """Attend from x (B, T, C) and return (B, T, C); absorbed is accepted for a uniform interface (no-op)."""
+        check_sources(self, rope, cache, context)
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
+        if self.cross:
+            k, v = (context.k, context.v) if isinstance(context, KVCache) else self._keys_values(context)
+        else:
+            k, v = self._keys_values(x)
+            if rope is not None:
+                cos, sin = rope_for_heads(rope, t)
+                q, k = self._rotate_tail(q, cos, sin), self._rotate_tail(k, cos, sin)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        out = attend(q, k, v, check_mask(mask, t, k.shape[2]), self.scale, top_k)  # (B, H, T, Dv)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_head_dim))
+
+
+class MultiHeadAttention(GroupedQueryAttention):
+    """Standard multi-head attention: one key/value head per query head."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        cross: bool = False,
+    ) -> None:
+        super().__init__(dim, n_heads, n_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, cross=cross)

@@ -1,0 +1,174 @@
+"""Multi-head Latent Attention (MLA) from DeepSeek-V2 (arXiv:2405.04434, §2.1) as used in DeepSeek-V3.
+
+Queries: h -> W_DQ (q_lora_rank) -> RMSNorm -> W_UQ -> [q_nope | q_rope] per head (q_lora_rank = 0: a plain W_Q).
+Keys/values: h -> W_DKV -> [c_KV (kv_lora_rank) | k_rope] with RMSNorm on c_KV; k_nope and v come from c_KV through
+one up-projection (kv_b_proj = [W_UK; W_UV] per head); k_rope is a single RoPE key shared by all heads. Scores use
+[q_nope; q_rope]·[k_nope; k_rope] / sqrt(qk_nope_head_dim + qk_rope_head_dim). Parameter names are those of
+transformers' ``DeepseekV3Attention`` so weights copy across directly.
+
+Two paths compute the same function: *naive* materialises K and V per head (training, prefill); *absorbed* folds
+W_UK into the query and W_UV into the output and attends over c_KV itself (decoding), so a step reads only the
+latent cache. As cross-attention, text queries attend to image tokens' latents with no RoPE across modalities; the
+image latent is computed once by :meth:`MultiHeadLatentAttention.encode_context` and reused at every step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from mlm.layers.attention import (
+    GroupedQueryAttention,
+    MultiHeadAttention,
+    attend,
+    check_mask,
+    check_sources,
+    rope_for_heads,
+)
+from mlm.layers.kv_cache import KVCache, LatentKVCache
+from mlm.layers.rope import apply_rope
+
+if TYPE_CHECKING:
+    from mlm.config import MLAConfig
+
+__all__ = [
+    "ATTENTION",
+    "GroupedQueryAttention",
+    "KVCache",
+    "LatentKVCache",
+    "MultiHeadAttention",
+    "MultiHeadLatentAttention",
+    "build_attention",
+]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 MLA with low-rank queries and a latent KV cache; naive and absorbed paths."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        q_lora_rank: int = 0,
+        cross: bool = False,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.cross = n_heads, cross
+        self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.scale = self.qk_head_dim**-0.5  # over the full q·k dim, not over the latent dim of the absorbed path
+        if q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(dim, q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.RMSNorm(q_lora_rank, eps=norm_eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(dim, n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = nn.RMSNorm(kv_lora_rank, eps=norm_eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+
+    def new_cache(self) -> LatentKVCache:
+        """Return an empty latent cache for step-by-step decoding."""
+        return LatentKVCache.empty()
+
+    def encode_context(self, context: Tensor) -> LatentKVCache:
+        """Compress context tokens (B, S, C) to their latent once, for reuse by every decoding step."""
+        if not self.cross:
+            raise ValueError("encode_context is for cross-attention; this MultiHeadLatentAttention has cross=False")
+        return LatentKVCache(*self._latent(context))
+
+    def _queries(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return q_nope (B, H, T, nope) and q_rope (B, H, T, rope), before RoPE."""
+        b, t, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
+        q = q.view(b, t, self.n_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
+        return q.split((self.qk_nope_head_dim, self.qk_rope_head_dim), dim=-1)
+
+    def _latent(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the normed latent c_kv (B, S, kv_lora_rank) and the shared key k_rope (B, S, rope), before RoPE."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split((self.kv_lora_rank, self.qk_rope_head_dim), dim=-1)
+        return self.kv_a_layernorm(c_kv), k_rope
+
+    def _up_weights(self) -> tuple[Tensor, Tensor]:
+        """Return W_UK (H, nope, r) and W_UV (H, v, r), views of kv_b_proj.weight."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w.split((self.qk_nope_head_dim, self.v_head_dim), dim=1)
+
+    def _naive(self, q_nope, q_rope, c_kv, k_rope, mask, top_k) -> Tensor:
+        """Materialise per-head K and V from the latent and attend; returns (B, H, T, v)."""
+        b, s, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, -1).transpose(1, 2)  # (B, H, S, nope + v)
+        k_nope, v = kv.split((self.qk_nope_head_dim, self.v_head_dim), dim=-1)
+        k_rope = k_rope[:, None].expand(b, self.n_heads, s, self.qk_rope_head_dim)  # one key for all heads
+        q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, Dk)
+        k = torch.cat((k_nope, k_rope), dim=-1)  # (B, H, S, Dk)
+        return attend(q, k, v, mask, self.scale, top_k)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, top_k) -> Tensor:
+        """Attend over the latent directly: q·W_UK as the query, W_UV applied after; returns (B, H, T, v)."""
+        w_uk, w_uv = self._up_weights()
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + rope)
+        k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, r + rope): one "head" shared by all
+        out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        cache: LatentKVCache | None = None,
+        context: Tensor | LatentKVCache | None = None,
+        absorbed: bool = False,
+        top_k: int = 0,
+    ) -> Tensor:
+        """Attend from x (B, T, C) and return (B, T, C).
+
+        rope gives the positions of the T new tokens; mask (T, S) or (B, 1, T, S) covers all S keys, cached ones
+        included; a self-attention cache grows in place; cross-attention reads context (tokens or encode_context()).
+        """
+        check_sources(self, rope, cache, context)
+        b, t, _ = x.shape
+        q_nope, q_rope = self._queries(x)
+        if self.cross:
+            latent = context if isinstance(context, LatentKVCache) else self.encode_context(context)
+            c_kv, k_rope = latent.c_kv, latent.k_rope
+        else:
+            c_kv, k_rope = self._latent(x)
+            if rope is not None:
+                cos, sin = rope_for_heads(rope, t)
+                q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, *rope)
+            if cache is not None:
+                c_kv, k_rope = cache.append(c_kv, k_rope)
+        mask = check_mask(mask, t, c_kv.shape[1])
+        path = self._absorbed if absorbed else self._naive
+        out = path(q_nope, q_rope, c_kv, k_rope, mask, top_k)  # (B, H, T, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_head_dim))
+
+
+ATTENTION = {"mla": MultiHeadLatentAttention, "mha": MultiHeadAttention, "gqa": GroupedQueryAttention}
+
+
+def build_attention(dim: int, cfg: MLAConfig, kind: str, cross: bool = False, norm_eps: float = 1e-6) -> nn.Module:
+    """Build the attention module named by kind (mla | mha | gqa) from the attention settings cfg."""
+    if kind not in ATTENTION:
+        raise ValueError(f"attention kind {kind!r} is not one of {', '.join(ATTENTION)}")
+    heads = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+    if kind == "mla":
+        return MultiHeadLatentAttention(
+            dim, cfg.n_heads, cfg.kv_lora_rank, *heads, q_lora_rank=cfg.q_lora_rank, cross=cross, norm_eps=norm_eps
+        )
+    if kind == "gqa":
+        return GroupedQueryAttention(dim, cfg.n_heads, cfg.n_kv_heads, *heads, cross=cross)
+    return MultiHeadAttention(dim, cfg.n_heads, *heads, cross=cross)
