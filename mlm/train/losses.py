@@ -1,0 +1,223 @@
+"""Training objectives: contrastive (InfoNCE / SigLIP) over the global batch, and the decoder's cross-entropy.
+
+- :class:`ContrastiveLoss` is CLIP's symmetric InfoNCE (Radford et al. 2021) written the way open_clip's
+  ``ClipLoss`` is (rank, world size, local-loss variant, embeddings all-gathered with gradients), plus the
+  hard-negative reweighting HN-NCE of Radenovic et al. 2023 ("Filtering, Distillation, and Hard Negatives for
+  Vision-Language Pre-Training"): negatives weighted by ``w_ij ∝ exp(beta * s_ij)``, mean weight 1, so that
+  ``beta = 0`` is exactly InfoNCE.
+- :class:`SigLipLoss` is the pairwise sigmoid loss of Zhai et al. 2023 (learnable logit bias).
+- :class:`MLMLoss` combines them with CoCa's captioning loss (Yu et al. 2022) and a VQA answer loss.
+
+Normalisation across processes: each term is a sum over this process's rows divided by the *global* row (or token)
+count, times the world size.  DDP averages gradients over processes, so the averaged gradient -- and the averaged
+loss -- equal those of one process that sees the whole global batch, even when processes hold different numbers of
+caption and VQA rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlm.config import ConfigError, TrainConfig
+
+IGNORE_INDEX = -100
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather_with_grad(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate ``tensor`` from every process along dim 0; gradients flow back to each process's slice."""
+    if world_size == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def gather_counts(local: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Return ``(world_size, *local.shape)``: every process's copy of a small integer tensor (no gradient)."""
+    if world_size == 1:
+        return local.unsqueeze(0)
+    out = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(out, local.contiguous())
+    return torch.stack(out)
+
+
+def hn_nce_rows(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-row HN-NCE loss (Radenovic et al. 2023, alpha = 1); ``beta = 0`` is plain cross-entropy.
+
+    Args:
+        logits: (R, N) scaled similarities of R query rows against N candidates.
+        labels: (R,) column of each row's positive.
+        beta: concentration on hard negatives; weights ``w_ij = (N-1) softmax_{j != i}(beta * s_ij)``.
+    """
+    if beta == 0.0 or logits.shape[1] < 2:
+        return F.cross_entropy(logits, labels, reduction="none")
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    is_pos = torch.zeros_like(logits, dtype=torch.bool)
+    is_pos[rows, labels] = True
+    neg_beta = (beta * logits).masked_fill(is_pos, float("-inf"))  # (R, N)
+    log_w = math.log(logits.shape[1] - 1) + neg_beta - torch.logsumexp(neg_beta, dim=1, keepdim=True)  # (R, N)
+    # The positive keeps weight alpha = 1 (log 0); negatives are shifted by their log-weight.
+    weighted = torch.where(is_pos, logits, logits + log_w)  # (R, N)
+    return torch.logsumexp(weighted, dim=1) - logits[rows, labels]
+
+
+class _GlobalBatch(nn.Module):
+    """Shared bookkeeping: rank, world size and the selection of valid rows across processes."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def _columns(self, valid: torch.Tensor, *local: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
+        """Gather ``local`` features from all processes and keep valid rows; return (features, offset, total)."""
+        counts = gather_counts(valid.sum().long().reshape(1), self.world_size).flatten()  # (W,)
+        offset = int(counts[: self.rank].sum())
+        total = int(counts.sum())
+        all_valid = gather_counts(valid.to(torch.uint8), self.world_size).flatten().bool()  # (W * B,)
+        gathered = [gather_with_grad(x, self.world_size)[all_valid] for x in local]
+        return gathered, offset, total
+
+
+class ContrastiveLoss(_GlobalBatch):
+    """Symmetric InfoNCE with hard-negative reweighting over the global batch (open_clip ``ClipLoss`` semantics)."""
+
+    def __init__(
+        self, local_loss: bool = False, hard_negative_strength: float = 0.0, rank: int = 0, world_size: int = 1
+    ):
+        super().__init__(rank, world_size)
+        if hard_negative_strength < 0:
+            raise ValueError(f"hard_negative_strength={hard_negative_strength} must be >= 0 (0 = plain InfoNCE)")
+        self.local_loss = local_loss
+        self.hard_negative_strength = hard_negative_strength
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of (B, E) image/text features; ``valid`` (B,) bool picks the rows that take part (default all)."""
+        if valid is None:
+            valid = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+        (all_img, all_txt), offset, total = self._columns(valid, image_features, text_features)
+        # Keeps every feature in the graph, so DDP sees a (zero) gradient even when no row here is valid.
+        anchor = 0.0 * (image_features.sum() + text_features.sum())
+        if total == 0:
+            return anchor
+        if self.local_loss:
+            img_rows, txt_rows = image_features[valid], text_features[valid]
+            labels = torch.arange(img_rows.shape[0], device=valid.device) + offset
+            factor = self.world_size
+        else:
+            img_rows, txt_rows = all_img, all_txt
+            labels = torch.arange(total, device=valid.device)
+            factor = 1
+        logits_per_image = logit_scale * img_rows @ all_txt.T  # (R, N)
+        logits_per_text = logit_scale * txt_rows @ all_img.T  # (R, N)
+        beta = self.hard_negative_strength
+        summed = hn_nce_rows(logits_per_image, labels, beta).sum() + hn_nce_rows(logits_per_text, labels, beta).sum()
+        return factor * summed / (2 * total) + anchor
+
+
+class SigLipLoss(_GlobalBatch):
+    """Pairwise sigmoid loss (SigLIP): local images against the texts of every process, gathered with gradients."""
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of (B, E) image/text features; ``valid`` (B,) bool picks the rows that take part (default all)."""
+        if valid is None:
+            valid = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+        (all_txt,), offset, total = self._columns(valid, text_features)
+        anchor = 0.0 * (image_features.sum() + text_features.sum())
+        if total == 0:
+            return anchor
+        img_rows = image_features[valid]
+        logits = logit_scale * img_rows @ all_txt.T + logit_bias  # (R, N)
+        signs = -torch.ones_like(logits)
+        rows = torch.arange(img_rows.shape[0], device=logits.device)
+        signs[rows, rows + offset] = 1.0
+        return self.world_size * -F.logsigmoid(signs * logits).sum() / total + anchor
+
+
+class TokenCrossEntropy(_GlobalBatch):
+    """Next-token cross-entropy over rows picked by a mask; labels are HF-style (shifted here, -100 ignored)."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the target tokens of ``rows`` (B,) bool, normalised by the global token count."""
+        targets = labels[:, 1:].masked_fill(~rows[:, None], IGNORE_INDEX)  # (B, T-1)
+        pred = logits[:, :-1].float()  # (B, T-1, V): logits at t predict the label at t+1
+        per_token = F.cross_entropy(pred.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        counts = gather_counts((targets != IGNORE_INDEX).sum().long().reshape(1), self.world_size)
+        total = int(counts.sum())
+        anchor = 0.0 * pred.sum()
+        if total == 0:
+            return anchor
+        return self.world_size * per_token.sum() / total + anchor
+
+
+class MLMLoss(nn.Module):
+    """CoCa-style total: weighted contrastive (caption rows) + caption CE (caption rows) + VQA CE (VQA rows)."""
+
+    def __init__(
+        self,
+        contrastive: nn.Module,
+        contrastive_weight: float = 1.0,
+        caption_weight: float = 2.0,
+        vqa_weight: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        self.contrastive = contrastive
+        self.token_ce = TokenCrossEntropy(rank, world_size)
+        self.weights = {"contrastive": contrastive_weight, "caption": caption_weight, "vqa": vqa_weight}
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, rank: int = 0, world_size: int = 1) -> MLMLoss:
+        """Build the loss named by ``train.contrastive_loss`` with the config's weights."""
+        if train.contrastive_loss == "siglip":
+            if train.hard_negative_strength:
+                raise ConfigError(
+                    f"train.hard_negative_strength={train.hard_negative_strength} only applies to "
+                    "train.contrastive_loss=infonce; set it to 0 for siglip"
+                )
+            contrastive: nn.Module = SigLipLoss(rank, world_size)
+        else:
+            contrastive = ContrastiveLoss(train.local_loss, train.hard_negative_strength, rank, world_size)
+        return cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size)
+
+    def forward(self, output, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (weighted total, unweighted parts ``contrastive``, ``caption``, ``vqa``) for an MLMOutput."""
+        is_vqa = batch["is_vqa"].to(output.logits.device)
+        caption_rows = ~is_vqa
+        if isinstance(self.contrastive, SigLipLoss):
+            contrastive = self.contrastive(
+                output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias, caption_rows
+            )
+        else:
+            contrastive = self.contrastive(output.image_embeds, output.text_embeds, output.logit_scale, caption_rows)
+        parts = {
+            "contrastive": contrastive,
+            "caption": self.token_ce(output.logits, batch["labels"], caption_rows),
+            "vqa": self.token_ce(output.logits, batch["labels"], is_vqa),
+        }
+        total = sum(self.weights[name] * value for name, value in parts.items() if self.weights[name])
+        # Every output stays in the graph, so DDP finds a gradient for every parameter (e.g. the unused SigLIP bias).
+        total = total + 0.0 * (output.logit_scale.sum() + output.logit_bias.sum())
+        return total, {name: value.detach() for name, value in parts.items()}
