@@ -1,0 +1,53 @@
+"""One block of the shared-weight encoder: pre-norm attention plus a SwiGLU feed-forward, residual around each.
+
+The attention weights always serve both modalities; ``model.sharing`` decides whether the norms (MS-CLIP) and the
+feed-forward (VLMo experts) are per modality (see :mod:`mlm.encoders.sharing`). The block's attention level
+(local / regional / global) only changes the mask it is given; top-k key selection applies in global blocks.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mlm.config import ModelConfig
+from mlm.encoders.sharing import PerModality, separate_modules
+from mlm.layers.mla import build_attention
+from mlm.layers.mlp import SwiGLU
+
+
+def ffn_hidden_dim(cfg: ModelConfig) -> int:
+    """Return the SwiGLU width: 2/3 of mlp_ratio * dim (LLaMA), rounded up to a multiple of 8.
+
+    Three matrices at 2/3 of the width keep the parameter count of a two-matrix MLP with the same mlp_ratio.
+    """
+    hidden = int(2 * cfg.mlp_ratio * cfg.dim / 3)
+    return max(8, -(-hidden // 8) * 8)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm attention + SwiGLU block whose weights are shared by image and text tokens."""
+
+    def __init__(self, cfg: ModelConfig, level: str):
+        super().__init__()
+        separate_norms, separate_ffn = separate_modules(cfg.sharing)
+        self.level = level
+        self.top_k = cfg.top_k if level == "global" else 0
+        self.attn_norm = PerModality(lambda: nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), separate_norms)
+        self.attn = build_attention(cfg.dim, cfg.mla, cfg.attention, norm_eps=cfg.norm_eps)
+        self.ffn_norm = PerModality(lambda: nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), separate_norms)
+        self.ffn = PerModality(lambda: SwiGLU(cfg.dim, ffn_hidden_dim(cfg), cfg.dropout), separate_ffn)
+
+    def forward(
+        self,
+        x: Tensor,
+        modality: str,
+        *,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache=None,
+        absorbed: bool = False,
+    ) -> Tensor:
+        """Return x (B, T, C) after attention (with an optional KV cache) and the feed-forward."""
+        h = self.attn_norm(x, modality)
+        x = x + self.attn(h, rope=rope, mask=mask, cache=cache, absorbed=absorbed, top_k=self.top_k)
+        return x + self.ffn(self.ffn_norm(x, modality), modality)

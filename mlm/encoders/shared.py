@@ -1,0 +1,151 @@
+"""The shared-weight encoder: one stack of attention blocks reads image patches and text tokens.
+
+Images enter through timm's ``PatchEmbed`` and text through a token embedding; a learned modality embedding is
+added to both. Positions are RoPE only: 2-D axial for patches, 1-D for text. Every block attends at its configured
+level (local window → regional → global); images use the full level mask and text the causal one, so a single text
+pass serves both the contrastive embedding and the caption decoder (CoCa, Yu et al., 2022). The normalised output of
+the last block of each level is kept for hierarchical pooling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import PatchEmbed
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mlm.config import ModelConfig
+from mlm.encoders.block import EncoderBlock
+from mlm.encoders.sharing import ModalityEmbedding, PerModality, separate_modules
+from mlm.fusion.hierarchical import last_block_of_level
+from mlm.layers.masks import level_mask
+from mlm.layers.rope import rope_1d, rope_2d
+
+
+@dataclass
+class EncoderOutput:
+    """Hidden states of one modality after the shared encoder."""
+
+    tokens: Tensor  # (B, T, C) normalised output of the last block
+    levels: dict[str, Tensor]  # level -> (B, T, C) normalised output of that level's last block
+
+
+class SharedEncoder(nn.Module):
+    """Patch and token embeddings, a modality embedding and the shared blocks with their level masks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.dim
+        )
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.modality_embed = ModalityEmbedding(cfg.dim)
+        self.blocks = nn.ModuleList([EncoderBlock(cfg, level) for level in cfg.levels])
+        self.norm = PerModality(lambda: nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), separate_modules(cfg.sharing)[0])
+        self.level_outputs = last_block_of_level(cfg.levels)  # level -> index of the block it pools
+        self.grad_checkpointing = False
+
+    def new_caches(self) -> list:
+        """Return one empty self-attention cache per block, for incremental text decoding."""
+        return [block.attn.new_cache() for block in self.blocks]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) of a configured image."""
+        return tuple(self.patch_embed.grid_size)
+
+    def text_rope(self, start: int, end: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Return 1-D RoPE (cos, sin), each (end - start, rope_dim), for text positions start..end-1."""
+        positions = torch.arange(start, end, device=device)
+        return rope_1d(positions, self.cfg.mla.qk_rope_head_dim, self.cfg.mla.rope_theta)
+
+    def text_mask(self, level: str, total_len: int, start: int, end: int, device: torch.device) -> Tensor:
+        """Return the causal mask rows of positions start..end-1 over keys 0..end-1, cut from a total_len mask."""
+        cfg = self.cfg
+        full = level_mask(
+            level,
+            total_len,
+            causal=True,
+            grid=None,
+            window=cfg.local_window,
+            window_2d=cfg.local_window_2d,
+            region=cfg.region_size,
+            region_2d=cfg.region_size_2d,
+            device=device,
+        )  # (L, L), cached per shape so slicing it every decoding step is cheap
+        return full[start:end, :end]
+
+    def image_mask(self, level: str, device: torch.device) -> Tensor:
+        """Return the full (non-causal) (N, N) mask of one level over the patch grid."""
+        cfg, (gh, gw) = self.cfg, self.grid
+        return level_mask(
+            level,
+            gh * gw,
+            causal=False,
+            grid=(gh, gw),
+            window=cfg.local_window,
+            window_2d=cfg.local_window_2d,
+            region=cfg.region_size,
+            region_2d=cfg.region_size_2d,
+            device=device,
+        )
+
+    def run_blocks(
+        self, x: Tensor, modality: str, *, rope, masks: dict[str, Tensor], caches=None, absorbed=False, levels=True
+    ) -> EncoderOutput:
+        """Run every block on embedded tokens x (B, T, C); masks maps level -> (T, S) mask."""
+        pooled_blocks = set(self.level_outputs.values()) if levels else set()
+        normed: dict[int, Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, modality, rope=rope, mask=masks[block.level], use_reentrant=False)
+            else:
+                x = block(x, modality, rope=rope, mask=masks[block.level], cache=cache, absorbed=absorbed)
+            if i in pooled_blocks:
+                normed[i] = self.norm(x, modality)
+        last = len(self.blocks) - 1
+        tokens = normed[last] if last in normed else self.norm(x, modality)
+        outputs = {level: normed[idx] for level, idx in self.level_outputs.items()} if levels else {}
+        return EncoderOutput(tokens=tokens, levels=outputs)
+
+    def encode_image(self, images: Tensor) -> EncoderOutput:
+        """Encode images (B, in_chans, H, W) into patch states (B, N, C), full level-masked attention."""
+        cfg = self.cfg
+        if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"images have shape {tuple(images.shape)}; the model expects (B, {cfg.in_chans}, "
+                f"{cfg.image_size}, {cfg.image_size}) (model.in_chans, model.image_size)"
+            )
+        x = self.modality_embed(self.patch_embed(images), "image")  # (B, N, C)
+        rope = rope_2d(*self.grid, cfg.mla.qk_rope_head_dim, cfg.mla.rope_theta, device=x.device)
+        masks = {level: self.image_mask(level, x.device) for level in self.level_outputs}
+        return self.run_blocks(x, "image", rope=rope, masks=masks)
+
+    def encode_text(
+        self, text_ids: Tensor, *, start: int = 0, total_len: int | None = None, caches=None, absorbed: bool = False
+    ) -> EncoderOutput:
+        """Encode token ids (B, T) at positions start..start+T-1 with causal level masks.
+
+        With ``caches`` (one per block) the new keys are appended and earlier ones reused (incremental decoding);
+        ``total_len`` is the longest sequence the caches will hold, so every step slices the same cached mask.
+        """
+        if text_ids.ndim != 2:
+            raise ValueError(f"text_ids must be (B, T), got shape {tuple(text_ids.shape)}")
+        if int(text_ids.max()) >= self.cfg.vocab_size or int(text_ids.min()) < 0:
+            raise ValueError(
+                f"text_ids hold values in [{int(text_ids.min())}, {int(text_ids.max())}] but "
+                f"model.vocab_size={self.cfg.vocab_size}"
+            )
+        end = start + text_ids.shape[1]
+        total_len = max(total_len or end, end)
+        x = self.modality_embed(self.token_embed(text_ids), "text")  # (B, T, C)
+        rope = self.text_rope(start, end, x.device)
+        masks = {level: self.text_mask(level, total_len, start, end, x.device) for level in self.level_outputs}
+        return self.run_blocks(
+            x, "text", rope=rope, masks=masks, caches=caches, absorbed=absorbed, levels=caches is None
+        )

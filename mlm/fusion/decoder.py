@@ -1,0 +1,63 @@
+"""The multimodal decoder: a stack of cross-modal layers over the encoder's causal text states, and the LM head.
+
+As in CoCa (Yu et al., 2022) the unimodal text pass of the shared encoder is reused: its final text states go
+through layers that add cross-modal attention over the image tokens, then a final norm and an LM head whose weight
+is the text token embedding (tied, as in GPT-2 / nanoGPT). Logits at position t predict token t + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mlm.config import ModelConfig
+from mlm.fusion.cross_modal import CrossModalBlock
+
+
+class MultimodalDecoder(nn.Module):
+    """Cross-modal layers, a final RMSNorm and an LM head tied to the token embedding."""
+
+    def __init__(self, cfg: ModelConfig, token_embed: nn.Embedding):
+        super().__init__()
+        self.layers = nn.ModuleList([CrossModalBlock(cfg) for _ in range(cfg.decoder_layers)])
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = token_embed.weight  # tied: one tensor, (V, C)
+        self.grad_checkpointing = False
+
+    def new_caches(self) -> list:
+        """Return one empty self-attention cache per layer."""
+        return [layer.self_attn.new_cache() for layer in self.layers]
+
+    def encode_contexts(self, image_tokens: Tensor) -> list:
+        """Return every layer's cross-attention cache for image tokens (B, N, C)."""
+        return [layer.encode_context(image_tokens) for layer in self.layers]
+
+    def forward(
+        self,
+        text_states: Tensor,
+        *,
+        context: Tensor | None = None,
+        contexts: list | None = None,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        caches: list | None = None,
+        absorbed: bool = False,
+    ) -> Tensor:
+        """Return LM logits (B, T, V) for text states (B, T, C).
+
+        Give either ``context`` (image tokens (B, N, C), training) or ``contexts`` (per-layer caches from
+        :meth:`encode_contexts`, decoding); ``caches`` are the per-layer self-attention caches.
+        """
+        if (context is None) == (contexts is None):
+            raise ValueError("give exactly one of context (image tokens) or contexts (encoded per layer)")
+        x = text_states
+        for i, layer in enumerate(self.layers):
+            ctx = context if contexts is None else contexts[i]
+            cache = caches[i] if caches is not None else None
+            if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, context=ctx, rope=rope, mask=mask, use_reentrant=False)
+            else:
+                x = layer(x, context=ctx, rope=rope, mask=mask, cache=cache, absorbed=absorbed)
+        return self.lm_head(self.norm(x))

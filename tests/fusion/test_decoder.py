@@ -1,0 +1,73 @@
+"""The multimodal decoder: tied LM head, causality, cross-modal attention and the once-per-image latent."""
+
+import pytest
+import torch
+
+from mlm.config import load_config
+from mlm.encoders import SharedEncoder
+from mlm.fusion.decoder import MultimodalDecoder
+
+TINY = [
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.levels=[local, global]",
+    "model.image_size=16",
+    "model.patch_size=4",
+    "model.vocab_size=30",
+    "model.decoder_layers=2",
+    "model.mla.n_heads=2",
+    "model.mla.kv_lora_rank=16",
+    "model.mla.qk_nope_head_dim=8",
+    "model.mla.qk_rope_head_dim=8",
+    "model.mla.v_head_dim=8",
+]
+
+
+def build(*overrides: str):
+    cfg = load_config(None, TINY + list(overrides)).model
+    encoder = SharedEncoder(cfg)
+    return encoder, MultimodalDecoder(cfg, encoder.token_embed).eval()
+
+
+def run(encoder, decoder, text_states, image_tokens, **kwargs):
+    t = text_states.shape[1]
+    rope = encoder.text_rope(0, t, text_states.device)
+    mask = encoder.text_mask("global", t, 0, t, text_states.device)
+    return decoder(text_states, rope=rope, mask=mask, **kwargs)
+
+
+def test_lm_head_is_the_token_embedding():
+    encoder, decoder = build()
+    assert decoder.lm_head.weight is encoder.token_embed.weight
+    names = [n for n, _ in torch.nn.ModuleDict({"e": encoder, "d": decoder}).named_parameters()]
+    assert "d.lm_head.weight" not in names  # one tensor, listed once
+
+
+def test_logits_are_causal_and_depend_on_the_image():
+    encoder, decoder = build()
+    text, image = torch.randn(2, 6, 32), torch.randn(2, 16, 32)
+    logits = run(encoder, decoder, text, image, context=image)
+    assert logits.shape == (2, 6, 30)
+    later = text.clone()
+    later[:, 4:] += 1.0
+    torch.testing.assert_close(run(encoder, decoder, later, image, context=image)[:, :4], logits[:, :4])
+    other_image = run(encoder, decoder, text, image, context=image + 1.0)
+    assert not torch.allclose(other_image[:, 0], logits[:, 0])  # cross-attention reaches even the first token
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_precomputed_image_latent_with_the_absorbed_path_equals_the_naive_forward(attention):
+    encoder, decoder = build(f"model.attention={attention}")
+    text, image = torch.randn(2, 5, 32), torch.randn(2, 16, 32)
+    naive = run(encoder, decoder, text, image, context=image)
+    cached = run(encoder, decoder, text, image, contexts=decoder.encode_contexts(image), absorbed=True)
+    torch.testing.assert_close(cached, naive, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_needs_exactly_one_kind_of_context():
+    encoder, decoder = build()
+    text, image = torch.randn(1, 3, 32), torch.randn(1, 16, 32)
+    with pytest.raises(ValueError, match="exactly one"):
+        run(encoder, decoder, text, image)
+    with pytest.raises(ValueError, match="exactly one"):
+        run(encoder, decoder, text, image, context=image, contexts=decoder.encode_contexts(image))
