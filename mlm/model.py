@@ -178,11 +178,28 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         return logits
 
     def _special_id(self, name: str, value: int | None) -> int:
+        """Return value, or the tokenizer's id of that name when value is None."""
         if value is not None:
             return value
         if self.tokenizer is None:
             raise ValueError(f"no tokenizer attached: pass {name}= or set model.tokenizer")
         return getattr(self.tokenizer, name)
+
+    def _decoding_settings(self, max_new_tokens: int | None, num_beams: int | None, top_p: float | None):
+        """Fill unset decoding settings from config.eval and check them."""
+        ev = self.config.eval
+        max_new_tokens = ev.max_new_tokens if max_new_tokens is None else max_new_tokens
+        num_beams = ev.num_beams if num_beams is None else num_beams
+        top_p = ev.top_p if top_p is None else top_p
+        if max_new_tokens < 1 or num_beams < 1 or not 0.0 <= top_p <= 1.0:
+            raise ValueError(
+                f"need max_new_tokens >= 1, num_beams >= 1, 0 <= top_p <= 1; got {max_new_tokens}, {num_beams}, {top_p}"
+            )
+        if num_beams > 1 and top_p > 0:
+            raise ValueError(
+                f"choose beam search (num_beams={num_beams}) or nucleus sampling (top_p={top_p}), not both"
+            )
+        return max_new_tokens, num_beams, top_p
 
     @torch.no_grad()
     def generate_ids(
@@ -203,18 +220,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         ``generator``). Unset settings come from ``config.eval``. ``use_cache=False`` recomputes a full forward per
         step (the reference the cached path must match).
         """
-        ev = self.config.eval
-        max_new_tokens = ev.max_new_tokens if max_new_tokens is None else max_new_tokens
-        num_beams = ev.num_beams if num_beams is None else num_beams
-        top_p = ev.top_p if top_p is None else top_p
-        if max_new_tokens < 1 or num_beams < 1 or not 0.0 <= top_p <= 1.0:
-            raise ValueError(
-                f"need max_new_tokens >= 1, num_beams >= 1, 0 <= top_p <= 1; got {max_new_tokens}, {num_beams}, {top_p}"
-            )
-        if num_beams > 1 and top_p > 0:
-            raise ValueError(
-                f"choose beam search (num_beams={num_beams}) or nucleus sampling (top_p={top_p}), not both"
-            )
+        max_new_tokens, num_beams, top_p = self._decoding_settings(max_new_tokens, num_beams, top_p)
         if prompt_ids is None:
             prompt_ids = [[self._special_id("bos_id", None)]] * images.shape[0]
         if len(prompt_ids) != images.shape[0] or any(len(p) == 0 for p in prompt_ids):

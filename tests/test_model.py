@@ -1,7 +1,6 @@
 """MLMModel: forward outputs, gradients, save/load, cached generation equivalences, VQA prompts and the summary."""
 
 import argparse
-import math
 
 import pytest
 import torch
@@ -239,5 +238,10 @@ def test_kv_cache_bytes_and_summary_count_what_the_config_implies(capsys):
     total = sum(p.numel() for p in model.parameters())
     assert f"{total:,}" in printed and "encoder" in printed and "decoder" in printed
     assert f"{5 * per_layer:,} bytes" in printed
-    rows = model_command.parameter_table(model, depth=1)
-    assert sum(r[1] for r in rows) == total and math.isclose(rows[0][1] + 0.0, rows[0][2])
+    model.pooler.requires_grad_(False)
+    rows = {name: (count, train) for name, count, train in model_command.parameter_table(model, depth=1)}
+    assert list(rows) == ["encoder", "pooler", "decoder", "logit_scale", "logit_bias"]
+    assert sum(count for count, _ in rows.values()) == total
+    assert rows["pooler"] == (sum(p.numel() for p in model.pooler.parameters()), 0)
+    tied = model.decoder.lm_head.weight.numel()  # counted once, with the encoder's token embedding
+    assert rows["decoder"][0] == sum(p.numel() for p in model.decoder.parameters()) - tied

@@ -30,7 +30,9 @@ def parameter_table(model, depth: int = 1) -> list[tuple[str, int, int]]:
         group = ".".join(name.split(".")[:depth])
         total[group] += param.numel()
         trainable[group] += param.numel() if param.requires_grad else 0
-    return [(group, total[group], trainable[group]) for group in total]
+    children = {name for name, _ in model.named_children()}
+    order = sorted(total, key=lambda group: group.split(".")[0] not in children)  # sub-modules, then loose params
+    return [(group, total[group], trainable[group]) for group in order]
 
 
 def format_summary(model, depth: int = 1) -> str:
