@@ -54,6 +54,14 @@ def rope_for_heads(rope: tuple[Tensor, Tensor], n_tokens: int) -> tuple[Tensor, 
     return cos, sin
 
 
+def attend_scores(scores: Tensor, v: Tensor, mask: Tensor | None, top_k: int = 0) -> Tensor:
+    """Softmax scaled scores (..., T, S) over allowed keys (top_k best if top_k > 0) and weight v (..., S, D)."""
+    keep = top_k_mask(scores, mask, top_k) if top_k > 0 else mask
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, top_k: int = 0) -> Tensor:
     """Attention of q (B, H, T, Dk) over k (B, Hk, S, Dk), v (B, Hk, S, Dv) -> (B, H, T, Dv).
 
@@ -61,22 +69,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, t
     keeps only the k best allowed keys per query.
     """
     b, h, t, _ = q.shape
-    h_kv = k.shape[1]
+    h_kv, d_v = k.shape[1], v.shape[-1]
     groups = h // h_kv
     if groups > 1 and t == 1:
         # Decoding: fold the query heads that share a key head into the query axis, one kernel call, no K/V copies.
         q = q.reshape(b, h_kv, groups, q.shape[-1])  # (B, Hk, G, Dk)
         if mask is not None:
             mask = mask.expand(*mask.shape[:-2], groups, mask.shape[-1])
-        return attend(q, k, v, mask, scale, top_k).reshape(b, h, 1, v.shape[-1])
-    if groups > 1:
+    elif groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dk)
         v = v.repeat_interleave(groups, dim=1)  # (B, H, S, Dv)
     if top_k > 0:
-        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
-        keep = top_k_mask(scores, mask, top_k)
-        return scores.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = attend_scores((q @ k.transpose(-1, -2)) * scale, v, mask, top_k)  # scores (B, H, T, S)
+    else:
+        if t > 1 and d_v < q.shape[-1]:
+            # Fused kernels (CPU flash) want equal key and value dims; padding V, as transformers' DeepSeek-V3 does
+            # for flash attention, avoids the fallback kernel's (T, S) scores in memory. Not when decoding: one
+            # query row is cheap, and padding would copy the whole cache every step.
+            v = F.pad(v, (0, q.shape[-1] - d_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :d_v]
+    return out.reshape(b, h, t, d_v)
 
 
 class GroupedQueryAttention(nn.Module):

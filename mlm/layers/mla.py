@@ -23,6 +23,7 @@ from mlm.layers.attention import (
     GroupedQueryAttention,
     MultiHeadAttention,
     attend,
+    attend_scores,
     check_mask,
     check_sources,
     rope_for_heads,
@@ -117,9 +118,16 @@ class MultiHeadLatentAttention(nn.Module):
         """Attend over the latent directly: q·W_UK as the query, W_UV applied after; returns (B, H, T, v)."""
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + rope)
-        k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, r + rope): one "head" shared by all
-        out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
+        if q_latent.shape[2] == 1:
+            # Decoding: score latent and RoPE parts separately (as DeepSeek's inference code does), so a step reads
+            # the cache once, with no concatenated copy; heads ride in the row axis of one batched matmul.
+            scores = q_latent[:, :, 0] @ c_kv.transpose(1, 2) + q_rope[:, :, 0] @ k_rope.transpose(1, 2)  # (B, H, S)
+            step_mask = None if mask is None else mask[..., 0, :]  # (S,) or (B, 1, S)
+            out_latent = attend_scores(scores * self.scale, c_kv, step_mask, top_k)[:, :, None]  # (B, H, 1, r)
+        else:
+            q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + rope)
+            k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, r + rope): one "head" shared by all
+            out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
 
     def forward(

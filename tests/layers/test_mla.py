@@ -1,5 +1,7 @@
 """Tests for MLA (naive vs absorbed, cached decoding, cross-attention) and the MHA/GQA baselines."""
 
+import copy
+
 import pytest
 import torch
 
@@ -58,6 +60,22 @@ def test_absorbed_equals_naive_cross_attention(q_lora_rank):
         naive = mla(x, context=image_tokens, mask=m)
         absorbed = mla(x, context=mla.encode_context(image_tokens), mask=m, absorbed=True)
         torch.testing.assert_close(absorbed, naive, **TOL)
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_absorbed_decode_step_equals_naive_with_per_row_mask(top_k):
+    mla = make("mla", q_lora_rank=12)
+    cos, sin = rope_1d(torch.arange(7), ROPE)
+    cache = mla.new_cache()
+    mla(torch.randn(2, 6, DIM), rope=(cos[:6], sin[:6]), mask=causal(6), cache=cache)
+    mask = torch.rand(2, 1, 1, 7) > 0.4
+    mask[..., -1] = True
+    x = torch.randn(2, 1, DIM)
+    naive, absorbed = (
+        mla(x, rope=(cos[6:], sin[6:]), mask=mask, cache=copy.copy(cache), absorbed=a, top_k=top_k)
+        for a in (False, True)
+    )
+    torch.testing.assert_close(absorbed, naive, **TOL)
 
 
 def decode_in_steps(module, x, rope, mask, steps, absorbed=False):
@@ -188,7 +206,9 @@ def test_gqa_equals_mha_with_key_value_heads_repeated_per_group():
     kwargs = dict(rope=rope_1d(torch.arange(6), ROPE), mask=causal(6))
     torch.testing.assert_close(gqa(x, **kwargs), mha(x, **kwargs), **TOL)
     # decoding folds the query heads of a group into one kernel call; it must agree too
-    step = dict(rope=(kwargs["rope"][0][5:], kwargs["rope"][1][5:]), mask=causal(6)[5:])
+    step_mask = torch.rand(2, 1, 1, 6) > 0.5  # per-row mask over the keys so far
+    step_mask[..., -1] = True
+    step = dict(rope=(kwargs["rope"][0][5:], kwargs["rope"][1][5:]), mask=step_mask)
     gqa_cache, mha_cache = gqa.new_cache(), mha.new_cache()
     gqa(x[:, :5], rope=(kwargs["rope"][0][:5], kwargs["rope"][1][:5]), mask=causal(5), cache=gqa_cache)
     mha(x[:, :5], rope=(kwargs["rope"][0][:5], kwargs["rope"][1][:5]), mask=causal(5), cache=mha_cache)
