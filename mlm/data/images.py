@@ -24,6 +24,7 @@ from mlm.data.records import (
     TRUNCATED_IMAGE,
     UNSUPPORTED_MODE,
     DataError,
+    FileSlice,
 )
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default for Image.MAX_IMAGE_PIXELS
@@ -33,10 +34,19 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def read_image_bytes(image: str | Path | bytes, origin: str = "") -> bytes:
-    """Return the encoded bytes of an image path (or the bytes themselves); missing or 0-byte files raise."""
+def read_image_bytes(image: str | Path | bytes | FileSlice | None, origin: str = "") -> bytes:
+    """Return the encoded bytes of an image path, tar member or bytes; missing or 0-byte files raise."""
+    if image is None:
+        raise DataError(MISSING_IMAGE, origin or "<record>", "the record names no image")
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
+    elif isinstance(image, FileSlice):
+        try:
+            data = image.read()
+        except OSError as err:
+            raise DataError(MISSING_IMAGE, origin or image.path, f"cannot read {image.path}: {err}") from err
+        if len(data) < image.size:
+            raise DataError(TRUNCATED_IMAGE, origin or image.path, f"{len(data)} of {image.size} bytes in archive")
     else:
         path = Path(image)
         try:
@@ -61,7 +71,7 @@ def _open(data: bytes, max_pixels: int, origin: str) -> Image.Image:
     except UnidentifiedImageError as err:
         raise DataError(NOT_AN_IMAGE, origin, f"{len(data)} bytes starting {data[:12]!r}") from err
     except Exception as err:  # noqa: BLE001 - PIL plugins raise many types on hostile headers
-        raise DataError(CORRUPT_IMAGE, origin, f"{type(err).__name__}: {err}") from err
+        raise DataError(_classify(err), origin, f"{type(err).__name__}: {err}") from err
     width, height = img.size
     if width <= 0 or height <= 0:
         raise DataError(CORRUPT_IMAGE, origin, f"size {width}x{height}")
@@ -74,11 +84,15 @@ def _load(img: Image.Image, origin: str) -> None:
     """Decode the pixels, telling a truncated file from a corrupt one."""
     try:
         img.load()
-    except OSError as err:
-        reason = TRUNCATED_IMAGE if "truncated" in str(err) or "broken data stream" in str(err) else CORRUPT_IMAGE
-        raise DataError(reason, origin, str(err)) from err
-    except Exception as err:  # noqa: BLE001 - decoders raise ValueError/SyntaxError/struct.error/... on bad data
-        raise DataError(CORRUPT_IMAGE, origin, f"{type(err).__name__}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - decoders raise OSError/ValueError/SyntaxError/struct.error/...
+        raise DataError(_classify(err), origin, f"{type(err).__name__}: {err}") from err
+
+
+def _classify(err: Exception) -> str:
+    """Tell a file that ends too early from one with broken content."""
+    message = str(err).lower()
+    truncated = isinstance(err, (OSError, EOFError)) and ("truncated" in message or "broken data stream" in message)
+    return TRUNCATED_IMAGE if truncated else CORRUPT_IMAGE
 
 
 def apply_exif_orientation(img: Image.Image) -> tuple[Image.Image, str | None]:
@@ -98,7 +112,7 @@ def apply_exif_orientation(img: Image.Image) -> tuple[Image.Image, str | None]:
 def _sixteen_to_eight(img: Image.Image) -> Image.Image:
     """Scale a 16-bit grey image (modes 'I;16*', 'I') to 8-bit 'L'."""
     arr = np.asarray(img).astype(np.float64)  # (H, W)
-    return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
 
 
 def _float_to_eight(img: Image.Image) -> Image.Image:
@@ -106,7 +120,7 @@ def _float_to_eight(img: Image.Image) -> Image.Image:
     arr = np.nan_to_num(np.asarray(img).astype(np.float64))  # (H, W)
     if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
         arr = arr * 255.0
-    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
 
 
 def to_rgb(img: Image.Image, origin: str = "") -> tuple[Image.Image, str | None]:
@@ -131,7 +145,7 @@ def to_rgb(img: Image.Image, origin: str = "") -> tuple[Image.Image, str | None]
 
 
 def decode_image(
-    image: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, origin: str = ""
+    image: str | Path | bytes | FileSlice | None, max_pixels: int = DEFAULT_MAX_PIXELS, origin: str = ""
 ) -> tuple[Image.Image, list[str]]:
     """Decode a path or bytes to an RGB image; returns it with notes on repairs made (EXIF rotation, mode).
 

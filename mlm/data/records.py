@@ -35,6 +35,7 @@ NO_CAPTION = "no valid caption"
 NO_ANSWER = "no valid answer"
 DUPLICATE_ID = "duplicate id"
 EMPTY_FILE = "empty file"
+TRUNCATED_FILE = "truncated file"
 CAPTION_TRUNCATED = "caption truncated"
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -51,11 +52,26 @@ class DataError(ValueError):
         super().__init__(f"{origin}: {reason}" + (f": {detail}" if detail else ""))
 
 
+@dataclass(frozen=True)
+class FileSlice:
+    """``size`` bytes at ``offset`` inside ``path``: an image stored in an archive (webdataset tar member)."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        """The bytes of the slice."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
 @dataclass
 class Record:
     """One image with its captions and, for VQA records, one question and its answers."""
 
-    image: str | bytes  # a file path, or the encoded file bytes (parquet, webdataset)
+    image: str | bytes | FileSlice | None  # a file path, encoded bytes (parquet), a tar member; None: absent
     captions: list[str] = field(default_factory=list)
     question: str | None = None
     answers: list[str] = field(default_factory=list)
@@ -78,6 +94,10 @@ class Record:
     @property
     def image_name(self) -> str:
         """A short name for the image: the file path, or "<N bytes>" for embedded images."""
+        if self.image is None:
+            return "<no image>"
+        if isinstance(self.image, FileSlice):
+            return f"{self.image.path}@{self.image.offset}"
         return str(self.image) if isinstance(self.image, (str, Path)) else f"<{len(self.image)} bytes>"
 
 
@@ -180,7 +200,12 @@ def clean_text(
     bad = _SURROGATE.search(value)
     if bad:
         # surrogateescape'd undecodable bytes, or lone surrogates escaped in JSON: not valid UTF-8 text
-        stats.drop(NON_UTF8, origin, f"{what} {value[max(0, bad.start() - 20) : bad.end() + 20]!r}")
+        snippet = value[max(0, bad.start() - 20) : bad.end() + 20]
+        try:
+            shown = repr(snippet.encode("utf-8", errors="surrogateescape"))  # the raw bytes as in the file
+        except UnicodeEncodeError:
+            shown = repr(snippet)
+        stats.drop(NON_UTF8, origin, f"{what} {shown}")
         return None
     text = _SPACES.sub(" ", value).strip()
     if not text:

@@ -1,0 +1,149 @@
+"""From records to batches: a torch ``Dataset`` that decodes, transforms and tokenizes, and the collate function.
+
+The batch dict (the contract with ``MLMModel.forward`` and the training loop):
+
+- ``images``: FloatTensor (B, 3, H, W), CLIP-normalised;
+- ``text_ids``: LongTensor (B, T), ``[BOS] tokens [EOS]`` then ``[PAD]``; VQA rows hold ``question: q answer: a``;
+- ``text_mask``: BoolTensor (B, T), True at real tokens;
+- ``labels``: LongTensor (B, T), ``text_ids`` with -100 at pads and, for VQA rows, at every prompt token up to and
+  including "answer:" (the model shifts them: logits at t predict labels at t+1);
+- ``is_vqa``: BoolTensor (B,); ``image_ids``: list of image ids.
+
+A record whose image turns out bad when loaded (truncated, corrupt, too large...) is counted in ``dataset.stats``,
+logged, and replaced by the next record, so batches keep their size; with ``strict`` it raises instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mlm.data import records as R
+from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
+from mlm.data.records import DataError, Record, SkipStats
+from mlm.data.tokenizer import MLMTokenizer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+MAX_LOGGED_SKIPS = 20  # warnings per dataset (per worker); later skips are only counted
+
+
+class MLMDataset(Dataset):
+    """Records -> samples ``{image, ids, n_prompt, is_vqa, image_id}``; bad records are skipped and counted."""
+
+    def __init__(
+        self,
+        source: Sequence[Record],
+        tokenizer: MLMTokenizer,
+        transform: Callable,
+        max_len: int,
+        train: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
+        max_retries: int = 16,
+    ):
+        if len(source) == 0:
+            raise ValueError(f"data source {getattr(source, 'name', '')!r} has no usable record")
+        self.source = source
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.max_len = max_len
+        self.train = train
+        self.max_pixels = max_pixels
+        self.max_retries = max_retries
+        self.stats = SkipStats(strict=strict)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, index: int) -> dict:
+        """The sample of one record; raises DataError when its image or text is unusable."""
+        record = self.source[index]
+        self.stats.read += 1
+        if not record.is_vqa and not record.captions:
+            raise DataError(R.NO_CAPTION, record.origin, "record has neither captions nor a question")
+        image, notes = decode_image(record.image, self.max_pixels, record.origin)
+        for note in notes:
+            self.stats.fix(note, record.origin)
+        pixels = self.transform(image)  # (3, H, W)
+        if record.is_vqa:
+            answer = record.answer or record.answers[0]
+            ids, n_prompt = self.tokenizer.encode_vqa(record.question, answer, self.max_len)
+        else:
+            caption = random.choice(record.captions) if self.train else record.captions[0]
+            ids, n_prompt = self.tokenizer.frame(self.tokenizer.tokenize(caption), self.max_len), 0
+        return {"image": pixels, "ids": ids, "n_prompt": n_prompt, "is_vqa": record.is_vqa, "image_id": record.image_id}
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(self.max_retries + 1):
+            i = (index + attempt) % len(self.source)
+            try:
+                return self.load(i)
+            except DataError as err:
+                self.stats.skip_error(err)  # re-raises under strict
+                if sum(self.stats.skipped.values()) <= MAX_LOGGED_SKIPS:
+                    logger.warning("skipped a record at load time: %s", err)
+        raise ValueError(
+            f"records {index}..{i} of {getattr(self.source, 'name', 'the source')} all failed to load; "
+            f"skips so far: {dict(self.stats.skipped)}; run `mlm data check` on it"
+        )
+
+
+@dataclass
+class Collate:
+    """Stacks samples into the batch dict (picklable, so DataLoader workers can use it)."""
+
+    pad_id: int
+
+    def __call__(self, samples: list[dict]) -> dict:
+        images = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
+        longest = max(len(s["ids"]) for s in samples)
+        text_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)  # (B, T)
+        text_mask = torch.zeros(text_ids.shape, dtype=torch.bool)  # (B, T)
+        for row, s in enumerate(samples):
+            text_ids[row, : len(s["ids"])] = torch.tensor(s["ids"], dtype=torch.long)
+            text_mask[row, : len(s["ids"])] = True
+        labels = text_ids.masked_fill(~text_mask, IGNORE_INDEX)  # (B, T)
+        for row, s in enumerate(samples):
+            labels[row, : s["n_prompt"]] = IGNORE_INDEX  # the question is context, not a target
+        return {
+            "images": images,
+            "text_ids": text_ids,
+            "text_mask": text_mask,
+            "labels": labels,
+            "is_vqa": torch.tensor([s["is_vqa"] for s in samples], dtype=torch.bool),  # (B,)
+            "image_ids": [s["image_id"] for s in samples],
+        }
+
+
+def build_loader(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool, batch_size: int | None = None):
+    """A DataLoader of batch dicts for a source, sized by a full ``Config`` (model.image_size, data.*, train.*)."""
+    from mlm.data.transforms import build_transform
+
+    dataset = MLMDataset(
+        source,
+        tokenizer,
+        build_transform(cfg.model.image_size, train=train, augment=cfg.data.augment),
+        max_len=cfg.model.max_text_len,
+        train=train,
+        max_pixels=cfg.data.max_image_pixels,
+        strict=cfg.data.strict,
+    )
+    batch_size = batch_size or (cfg.train.batch_size if train else cfg.eval.batch_size)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) >= batch_size,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        collate_fn=Collate(tokenizer.pad_id),
+        generator=generator,
+    )
