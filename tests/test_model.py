@@ -245,3 +245,26 @@ def test_kv_cache_bytes_and_summary_count_what_the_config_implies(capsys):
     assert rows["pooler"] == (sum(p.numel() for p in model.pooler.parameters()), 0)
     tied = model.decoder.lm_head.weight.numel()  # counted once, with the encoder's token embedding
     assert rows["decoder"][0] == sum(p.numel() for p in model.decoder.parameters()) - tied
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_four_captions_generates_them_back():
+    captions = ["a red circle", "a blue square", "two green triangles", "one yellow star"]
+    tokenizer = MLMTokenizer.train_wordpiece(captions, 48)
+    model = tiny_model(tokenizer=tokenizer).train()
+    images = torch.randn(4, 3, 16, 16)
+    ids, mask = tokenizer.encode_batch(captions, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = summed_losses(model(images, ids, mask), ids, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert model.generate(images, max_new_tokens=20) == captions
+    assert model.generate(images, max_new_tokens=20, num_beams=3) == captions
+    assert model.generate(images, ["a", "a blue", "two", "one"], max_new_tokens=20) == [
+        "red circle", "square", "green triangles", "yellow star"
+    ]  # fmt: skip
+    retrieved = (model.encode_image(images) @ model.encode_text(ids, mask).T).argmax(dim=1)
+    assert retrieved.tolist() == [0, 1, 2, 3]
