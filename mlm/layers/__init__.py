@@ -1,4 +1,7 @@
-"""Building blocks with no knowledge of modalities: MLA / MHA / GQA attention, RoPE, level masks, SwiGLU."""
+"""Building blocks with no knowledge of modalities: MLA / MHA / GQA attention, RoPE, level masks, SwiGLU.
+
+SwiGLU lives in :mod:`mlm.layers.mlp` and is not re-exported here, so importing attention does not import timm.
+"""
 
 from mlm.layers.masks import level_mask, top_k_mask
 from mlm.layers.mla import (
@@ -10,7 +13,6 @@ from mlm.layers.mla import (
     MultiHeadLatentAttention,
     build_attention,
 )
-from mlm.layers.mlp import SwiGLU
 from mlm.layers.rope import apply_rope, rope_1d, rope_2d
 
 __all__ = [
@@ -20,7 +22,6 @@ __all__ = [
     "LatentKVCache",
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
-    "SwiGLU",
     "apply_rope",
     "build_attention",
     "level_mask",
