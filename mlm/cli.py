@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "mlm.commands.config",
     "mlm.commands.data",
     "mlm.commands.model",
+    "mlm.commands.train",
     "mlm.commands.eval",
     "mlm.commands.bench",
 ]

@@ -118,6 +118,7 @@ class TrainConfig:
     vqa_weight: float = 1.0
     hard_negative_strength: float = 0.0
     hard_negative_sampler: bool = False
+    vqa_fraction: float = 0.5  # share of VQA records in every batch when the data has both kinds; -1 = as they come
     local_loss: bool = False
     save_every: int = 500
     keep_last: int = 3

@@ -91,30 +91,48 @@ def similarity_order(features: torch.Tensor, group_size: int, generator: torch.G
 class GlobalBatchSampler:
     """Per-epoch shuffled global batches of ``batch_size * world_size`` items; each process takes its slice.
 
-    With ``features`` set (captions' TF-IDF vectors or last epoch's text embeddings), items are ordered by
-    similarity before cutting, so each batch holds look-alike captions (hard negatives); batch order is shuffled.
+    With ``is_vqa`` and ``vqa_fraction`` in [0, 1], every process's batch holds ``round(vqa_fraction * batch_size)``
+    VQA records and caption records for the rest (each kind shuffled on its own), so the contrastive loss always
+    has the same number of caption rows however the data is mixed; an epoch ends when either kind runs out.
+    With ``features`` set (TF-IDF caption vectors), caption records are ordered by similarity before cutting, so
+    a batch holds look-alike captions (hard negatives); batch order is then shuffled.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        global_batch = batch_size * world_size
-        if num_items < global_batch:
-            raise ValueError(
-                f"the training set has {num_items} records, fewer than one global batch "
-                f"(train.batch_size={batch_size} x {world_size} processes); lower train.batch_size"
-            )
-        self.num_items = num_items
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        is_vqa: torch.Tensor | None = None,
+        vqa_fraction: float = -1.0,
+    ):
+        if not (vqa_fraction == -1.0 or 0.0 <= vqa_fraction <= 1.0):
+            raise ValueError(f"train.vqa_fraction={vqa_fraction} must lie in [0, 1], or be -1 (records as they come)")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.features: torch.Tensor | None = None
+        # Pools of (dataset indices, rows per process batch): one pool, or captions then VQA records.
+        self.pools = [(torch.arange(num_items), batch_size)]
+        if is_vqa is not None and vqa_fraction >= 0 and 0 < int(is_vqa.sum()) < num_items:
+            n_vqa = round(vqa_fraction * batch_size)
+            pools = [(torch.nonzero(~is_vqa).flatten(), batch_size - n_vqa), (torch.nonzero(is_vqa).flatten(), n_vqa)]
+            self.pools = [(index, rows) for index, rows in pools if rows > 0]
+        self._len = min(len(index) // (rows * world_size) for index, rows in self.pools)
+        if self._len == 0:
+            sizes = ", ".join(f"{len(index)} records for {rows} rows per batch" for index, rows in self.pools)
+            raise ValueError(
+                f"the training set is smaller than one global batch (train.batch_size={batch_size} x {world_size} "
+                f"processes; {sizes}); lower train.batch_size"
+            )
 
     def __len__(self) -> int:
         """Batches per epoch (the incomplete last global batch is dropped)."""
-        return self.num_items // (self.batch_size * self.world_size)
+        return self._len
 
     def set_features(self, features: torch.Tensor | None) -> None:
-        """Group similar items from now on (None: plain shuffling)."""
+        """Group similar caption records from now on (None: plain shuffling); ``features`` is (num_items, D)."""
         if features is not None and features.shape[0] != self.num_items:
             raise ValueError(f"features have {features.shape[0]} rows for {self.num_items} items")
         self.features = features
@@ -122,16 +140,17 @@ class GlobalBatchSampler:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches (lists of dataset indices) for ``epoch``; the same on every call."""
         generator = torch.Generator().manual_seed(seed_for(self.seed, epoch))
-        global_batch = self.batch_size * self.world_size
-        if self.features is None:
-            order = torch.randperm(self.num_items, generator=generator)
-        else:
-            order = similarity_order(self.features, global_batch, generator)
-        batches = order[: len(self) * global_batch].view(len(self), global_batch)  # (n_batches, global_batch)
+        n, parts = len(self), []
+        for pool, (index, rows) in enumerate(self.pools):
+            if pool == 0 and self.features is not None:
+                order = index[similarity_order(self.features[index], rows * self.world_size, generator)]
+            else:
+                order = index[torch.randperm(len(index), generator=generator)]
+            parts.append(order[: n * self.world_size * rows].view(n, self.world_size, rows))  # (n, W, rows)
+        batches = torch.cat(parts, dim=2)  # (n, W, batch_size)
         if self.features is not None:
-            batches = batches[torch.randperm(len(self), generator=generator)]  # mix groups across the epoch
-        mine = batches[:, self.rank * self.batch_size : (self.rank + 1) * self.batch_size]  # (n_batches, batch)
-        return mine.tolist()
+            batches = batches[torch.randperm(n, generator=generator)]  # mix the similarity groups across the epoch
+        return batches[:, self.rank].tolist()
 
     def keyed_batches(self, epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:
         """Batches from position ``start`` as ``(epoch, index)`` keys for :class:`SeededItems`."""

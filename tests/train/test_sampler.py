@@ -67,3 +67,16 @@ def test_seeded_items_do_not_depend_on_call_order():
     backward = [items[(0, i)] for i in reversed(range(5))][::-1]
     assert forward == backward
     assert items[(1, 2)] != items[(0, 2)]  # another epoch draws another augmentation
+
+
+def test_every_batch_holds_the_configured_share_of_vqa_records():
+    is_vqa = torch.tensor([i % 6 != 0 for i in range(60)])  # 10 caption records, 50 VQA records
+    sampler = GlobalBatchSampler(60, batch_size=4, seed=0, rank=1, world_size=2, is_vqa=is_vqa, vqa_fraction=0.5)
+    assert len(sampler) == 2  # 10 captions / (2 rows x 2 processes)
+    for epoch in range(3):
+        for batch in sampler.epoch_batches(epoch):
+            assert is_vqa[batch].tolist() == [False, False, True, True]
+    natural = GlobalBatchSampler(60, batch_size=4, seed=0, is_vqa=is_vqa, vqa_fraction=-1)
+    assert len(natural) == 15
+    with pytest.raises(ValueError, match="train.vqa_fraction=1.5"):
+        GlobalBatchSampler(60, batch_size=4, seed=0, is_vqa=is_vqa, vqa_fraction=1.5)

@@ -1,0 +1,50 @@
+"""``mlm train --config CONFIG [--set k=v ...] [--resume latest|DIR]``: train a model (see mlm.train.loop).
+
+Multi-process: ``accelerate launch --num_processes N -m mlm.cli train --config ...`` (DDP); FSDP and DeepSpeed
+through accelerate's own config files (``accelerate launch --config_file fsdp.yaml -m mlm.cli train ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlm.commands import add_config_args, config_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` command."""
+    parser = sub.add_parser(
+        "train",
+        help="train a model (contrastive + captioning/VQA) with accelerate",
+        description="Train with HF accelerate. Run folder: train.output_dir (checkpoints/, metrics.csv, logs/, "
+        "summary.json, curves.png). SIGTERM/SIGINT save a checkpoint and exit cleanly.",
+    )
+    add_config_args(parser)
+    parser.add_argument(
+        "--resume",
+        metavar="latest|DIR",
+        help="continue from the newest checkpoint of train.output_dir (latest) or from a checkpoint folder",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; exit 0 when finished or stopped cleanly, 1 after too many non-finite steps or out of memory."""
+    from mlm.train.guards import NonFiniteLossError, OutOfMemory
+    from mlm.train.loop import train
+
+    config = config_from_args(args)
+    try:
+        summary = train(config, resume=args.resume)
+    except (NonFiniteLossError, OutOfMemory) as err:
+        print(f"mlm train: {err}", file=sys.stderr)
+        return 1
+    losses = ", ".join(f"{k}={v:.4f}" for k, v in summary["final_losses"].items())
+    print(
+        f"{summary['status']}: {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, {losses}; "
+        f"checkpoint {summary['last_checkpoint']}"
+    )
+    for name, value in summary["validation"].items():
+        print(f"  {name}: {value:.2f}")
+    return 0

@@ -1,0 +1,346 @@
+"""The training loop on HF accelerate: CoCa-style contrastive + captioning/VQA training of :class:`MLMModel`.
+
+One optimiser step = ``train.grad_accum_steps`` micro-batches of ``train.batch_size`` records per process. The data
+order, augmentation and model RNG are functions of (seed, step), and checkpoints hold the rest of the state, so a
+run resumed from step k continues exactly as an uninterrupted one. The same code runs on one CPU process, one GPU
+or under ``accelerate launch`` (DDP; FSDP and DeepSpeed through accelerate's config files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mlm.config import Config, ConfigError
+from mlm.train import checkpoint as ckpt
+from mlm.train import setup
+from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
+from mlm.train.losses import MLMLoss
+from mlm.train.sampler import GlobalBatchSampler, SeededItems, caption_features, seed_everything, seed_for
+from mlm.train.schedule import build_optimizer, build_scheduler
+from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("loss", "contrastive", "caption", "vqa")
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint must hold beyond model/optimizer/scheduler/RNG: progress and guard counters."""
+
+    step: int = 0  # optimizer steps taken, skipped ones included (each consumes grad_accum_steps micro-batches)
+    elapsed_s: float = 0.0  # training time of earlier sessions of this run
+    nonfinite: dict = field(default_factory=lambda: {"skipped": 0, "consecutive": 0})
+
+    def state_dict(self) -> dict:
+        """For ``accelerator.register_for_checkpointing``."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from a checkpoint."""
+        self.step, self.elapsed_s, self.nonfinite = int(state["step"]), float(state["elapsed_s"]), state["nonfinite"]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Builds everything a run needs from a Config and trains; ``Trainer(config, resume).fit()`` -> summary."""
+
+    def __init__(self, config: Config, resume: str | None = None, train_dataset=None, val_source=None):
+        from accelerate.utils import set_seed
+
+        self.config = config
+        t = config.train
+        if t.batch_size < 1 or t.grad_accum_steps < 1 or t.max_steps < 1:
+            raise ConfigError("train.batch_size, train.grad_accum_steps and train.max_steps must be >= 1")
+        self.output_dir = Path(t.output_dir)
+        self.accelerator = accel = setup.build_accelerator(config)
+        self.checkpoint = ckpt.resolve_resume(self.output_dir, resume)
+        set_seed(t.seed, deterministic=t.deterministic)
+        if accel.device.type == "cuda" and not t.deterministic:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self._build_data(train_dataset, val_source)
+        self._build_model()
+        self.state = TrainerState()
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps)
+        accel.register_for_checkpointing(self.state)
+        if self.checkpoint is not None:
+            ckpt.load_checkpoint(accel, self.checkpoint)
+            self.guard.load_state_dict(self.state.nonfinite)
+            logger.info("resumed from %s at step %d", self.checkpoint, self.state.step)
+        self.last_checkpoint = str(self.checkpoint) if self.checkpoint else None
+
+    def _build_data(self, train_dataset, val_source) -> None:
+        """Tokenizer, training dataset, deterministic sampler and the validation subset."""
+        from mlm.data.collate import Collate
+
+        c, accel = self.config, self.accelerator
+        if train_dataset is None:
+            source = setup.open_split(c, c.data.train, "train")
+            self.tokenizer = setup.build_tokenizer(c, source, accel, self.checkpoint)
+            train_dataset = setup.build_dataset(c, source, self.tokenizer, train=True)
+        else:
+            self.tokenizer = train_dataset.tokenizer
+        c.model.vocab_size = self.tokenizer.vocab_size
+        self.dataset = train_dataset
+        self.collate = Collate(self.tokenizer.pad_id)
+        records = train_dataset.source
+        self.sampler = GlobalBatchSampler(
+            len(train_dataset), c.train.batch_size, c.train.seed, accel.process_index, accel.num_processes,
+            is_vqa=torch.tensor([r.is_vqa for r in records]), vqa_fraction=c.train.vqa_fraction,
+        )  # fmt: skip
+        if c.train.hard_negative_sampler:
+            texts = [r.captions[0] if r.captions else r.question or "" for r in records]
+            self.sampler.set_features(caption_features(texts))
+        self.validator = None
+        if c.train.eval_every > 0:
+            if val_source is None and not c.data.val:
+                raise ConfigError(f"train.eval_every={c.train.eval_every} needs data.val (a validation source)")
+            from mlm.train.validation import Validator
+
+            val_source = val_source if val_source is not None else setup.open_split(c, c.data.val, "val")
+            self.validator = Validator(c, val_source, self.tokenizer)
+
+    def _build_model(self) -> None:
+        """Model, optimizer, schedule and loss, prepared by accelerate."""
+        from mlm.model import MLMModel
+
+        c, accel = self.config, self.accelerator
+        model = MLMModel(c, tokenizer=self.tokenizer)
+        if c.train.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(accel.device)
+        optimizer = build_optimizer(model, c.train)
+        scheduler = build_scheduler(optimizer, c.train)
+        self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
+        self.loss_fn = MLMLoss.from_config(c.train, accel.process_index, accel.num_processes)
+
+    @property
+    def unwrapped(self):
+        """The bare MLMModel (no DDP or compile wrapper)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _micro_batches(self):
+        """Endless micro-batches from the resume position: epoch after epoch, each in its seeded order."""
+        t = self.config.train
+        epoch, start = divmod(self.state.step * t.grad_accum_steps, len(self.sampler))
+        items = SeededItems(self.dataset, t.seed)
+        workers = self.config.data.num_workers
+        while True:
+            loader = DataLoader(
+                items,
+                batch_sampler=self.sampler.keyed_batches(epoch, start),
+                collate_fn=self.collate,
+                num_workers=workers,
+                pin_memory=self.accelerator.device.type == "cuda",
+                prefetch_factor=4 if workers else None,
+            )
+            for batch in loader:
+                yield _to_device(batch, self.accelerator.device)
+            epoch, start = epoch + 1, 0
+
+    def _any(self, *flags: bool) -> list[bool]:
+        """For each flag: True when it holds on any process (one tiny all-gather), so all processes act alike."""
+        if self.accelerator.num_processes == 1:
+            return list(flags)
+        value = torch.tensor([float(f) for f in flags], device=self.accelerator.device)  # (k,)
+        return self.accelerator.gather(value).view(-1, len(flags)).amax(0).bool().tolist()
+
+    def _forward_backward(self, batch: dict, sync: bool, scale: float) -> torch.Tensor | None:
+        """One micro-batch; returns the loss parts (4,), or None when a process saw a non-finite loss."""
+        accel = self.accelerator
+        with contextlib.nullcontext() if sync else accel.no_sync(self.model):
+            with accel.autocast():
+                out = self.model(batch["images"], batch["text_ids"], batch["text_mask"])
+                loss, parts = self.loss_fn(out, batch)
+            if self._any(not bool(torch.isfinite(loss.detach())))[0]:
+                return None
+            accel.backward(loss * scale)
+        return torch.stack([loss.detach().float()] + [parts[name].float() for name in PARTS[1:]])
+
+    def train_step(self, batches) -> torch.Tensor | None:
+        """One optimizer step over grad_accum_steps micro-batches; None when it was skipped as non-finite."""
+        t, accel = self.config.train, self.accelerator
+        totals: torch.Tensor | None = torch.zeros(len(PARTS), device=accel.device)
+        for micro in range(t.grad_accum_steps):
+            batch = next(batches)  # consumed even after a bad micro-batch, to keep the data position
+            if totals is None:
+                continue
+            # Dropout and any other model randomness: a function of (seed, step, micro-batch, process).
+            seed_everything(seed_for(t.seed, self.state.step, micro, accel.process_index, 1))
+            parts = self._forward_backward(batch, micro == t.grad_accum_steps - 1, 1.0 / t.grad_accum_steps)
+            totals = None if parts is None else totals + parts / t.grad_accum_steps
+        if totals is not None and t.clip_grad_norm > 0:
+            norm = accel.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+            # With fp16 the grad scaler handles overflow itself (skips and lowers the scale); otherwise skip here.
+            if accel.scaler is None and not math.isfinite(float(norm)):
+                totals = None
+        if totals is not None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return totals
+
+    # ---- saving, logging, evaluation -------------------------------------------------------------------------
+
+    def save(self) -> str:
+        """Write a checkpoint for the current step (every process calls this)."""
+        self.state.nonfinite = self.guard.state_dict()
+        self.state.elapsed_s = self._elapsed()
+        readable = {**self.state.state_dict(), "samples": self.samples_seen, "config": self.config.to_dict()}
+        path = ckpt.save_checkpoint(
+            self.accelerator, self.model, self.output_dir, self.state.step, readable, self.config.train.keep_last
+        )
+        self.last_checkpoint = str(path)
+        return self.last_checkpoint
+
+    @property
+    def global_batch(self) -> int:
+        """Records per optimizer step over all processes."""
+        t = self.config.train
+        return t.batch_size * t.grad_accum_steps * self.accelerator.num_processes
+
+    @property
+    def samples_seen(self) -> int:
+        """Training records consumed so far (all processes)."""
+        return self.state.step * self.global_batch
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics on the main process (the others wait); empty without a validator."""
+        metrics: dict[str, float] = {}
+        if self.validator is not None and self.accelerator.is_main_process:
+            metrics = self.validator(self.unwrapped, self.accelerator.device, self.accelerator.autocast)
+            logger.info("step %d validation: %s", self.state.step, {k: round(v, 2) for k, v in metrics.items()})
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _reset_interval(self) -> None:
+        """Start a new logging interval: loss sums over applied steps, step count, pure training seconds."""
+        self._sums = torch.zeros(len(PARTS), device=self.accelerator.device)
+        self._applied, self._steps, self._train_s = 0, 0, 0.0
+
+    def _log(self) -> dict[str, float]:
+        """Log the mean loss parts of the interval's applied steps, the lr and the training throughput."""
+        values = {}
+        if self._applied:  # every process applied the same steps, so all take this branch (reduce is collective)
+            means = self.accelerator.reduce(self._sums / self._applied, reduction="mean").tolist()
+            values = {("loss" if name == "loss" else f"loss/{name}"): v for name, v in zip(PARTS, means, strict=True)}
+        values["lr"] = self.scheduler.get_last_lr()[0]
+        values["samples_per_s"] = self.global_batch * self._steps / max(self._train_s, 1e-9)
+        values["skipped_steps"] = self.guard.skipped
+        self.accelerator.log(values, step=self.state.step)
+        loss = f"{values['loss']:.3f}" if "loss" in values else "skipped"
+        lr, sps = values["lr"], values["samples_per_s"]
+        self._bar.set_postfix(loss=loss, lr=f"{lr:.2e}", samples_s=f"{sps:.0f}", refresh=False)
+        return values if self._applied else {**self._last, **values}
+
+    def _elapsed(self) -> float:
+        """Training seconds of this run, earlier sessions included."""
+        return self._elapsed_before + time.perf_counter() - self._started
+
+    def _stop_reason(self, stop: StopSignal) -> str | None:
+        """Why to stop after this step (agreed by all processes), or None to go on."""
+        limit = self.config.train.max_time_s
+        signalled, out_of_time = self._any(stop.requested, limit > 0 and self._elapsed() >= limit)
+        return "interrupted" if signalled else "time limit" if out_of_time else None
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train to ``train.max_steps`` (or the time limit, or a stop signal); return the run summary."""
+        accel, t = self.accelerator, self.config.train
+        if accel.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.output_dir / "config.yaml")
+        self._elapsed_before, self._started = self.state.elapsed_s, time.perf_counter()
+        status, self._last, self._metrics = "completed", {}, {}
+        batches = self._micro_batches()
+        self._reset_interval()
+        self._bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not accel.is_main_process, desc="train")
+        with StopSignal() as stop, explain_oom(self.config):
+            try:
+                while self.state.step < t.max_steps:
+                    self._one_step(batches)
+                    status = self._stop_reason(stop) or status
+                    if status != "completed":
+                        break
+            except NonFiniteLossError:
+                self._finish("non-finite loss", save=False)
+                raise
+        if status != "interrupted" and self.validator is not None and self.state.step % t.eval_every:
+            self._evaluate_and_log()
+        return self._finish(status, save=True)
+
+    def _one_step(self, batches) -> None:
+        """Train one step, then log, evaluate and save on their schedules."""
+        t = self.config.train
+        tick = time.perf_counter()
+        parts = self.train_step(batches)
+        self._train_s += time.perf_counter() - tick
+        self._steps += 1
+        self.state.step += 1
+        if self.guard.update(parts is not None, self.state.step, self.last_checkpoint):
+            self._sums, self._applied = self._sums + parts, self._applied + 1
+        if self.state.step % t.log_every == 0:
+            self._last = self._log()
+            self._reset_interval()
+        self._bar.update(1)
+        if t.eval_every and self.state.step % t.eval_every == 0:
+            self._evaluate_and_log()
+        if t.save_every and self.state.step % t.save_every == 0:
+            if self.guard.consecutive:
+                logger.warning("step %d: no checkpoint saved during a run of non-finite steps", self.state.step)
+            else:
+                self.save()
+
+    def _evaluate_and_log(self) -> None:
+        self._metrics = self.evaluate()
+        self.accelerator.log(self._metrics, step=self.state.step)
+
+    def _finish(self, status: str, save: bool) -> dict:
+        """Final checkpoint, summary.json, curve PNG and tracker shutdown."""
+        accel, last = self.accelerator, self._last
+        self._bar.close()
+        if save:
+            self.save()
+        self.state.elapsed_s = self._elapsed()
+        summary = {
+            "status": status,
+            "steps": self.state.step,
+            "samples": self.samples_seen,
+            "time_s": round(self.state.elapsed_s, 2),
+            "samples_per_s": round(self.samples_seen / max(self.state.elapsed_s, 1e-9), 2),
+            "final_losses": {k: v for k, v in last.items() if k.startswith("loss")},
+            "final_lr": last.get("lr"),
+            "skipped_steps": self.guard.skipped,
+            "validation": self._metrics,
+            "last_checkpoint": self.last_checkpoint,
+            "processes": accel.num_processes,
+            "global_batch": self.global_batch,
+            "mixed_precision": accel.mixed_precision,
+            **peak_memory_mb(accel.device),
+        }
+        if accel.is_main_process:
+            write_summary(self.output_dir / SUMMARY_JSON, summary)
+            if (self.output_dir / METRICS_CSV).exists():
+                plot_curves(self.output_dir / METRICS_CSV, self.output_dir / CURVES_PNG)
+        accel.end_training()
+        if status == "interrupted":
+            logger.warning("stopped by a signal at step %d; resume with --resume latest", self.state.step)
+        return summary
+
+
+def train(config: Config, resume: str | None = None) -> dict:
+    """Train a model as the config says (``--resume latest|DIR`` continues a run); return the summary."""
+    return Trainer(config, resume).fit()

@@ -1,0 +1,125 @@
+"""Run set-up: mixed-precision choice, the accelerate ``Accelerator`` with trackers, the tokenizer, datasets, model.
+
+Mixed precision ``auto`` means bf16 on CUDA devices that support it, fp16 (with loss scaling) on older CUDA, and
+fp32 on CPUs without native bf16 (AMX or AVX512-BF16): there, bf16 matmuls are emulated and far slower than fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mlm.config import Config
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AMX tiles or AVX512-BF16)."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_mixed_precision(value: str, device_type: str) -> str:
+    """Turn ``train.mixed_precision`` into accelerate's ``no``/``bf16``/``fp16`` for this device."""
+    if value == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "no"
+    if value == "fp16" and device_type != "cuda":
+        raise ValueError(f"train.mixed_precision=fp16 needs CUDA (this run is on {device_type}); use bf16 or no")
+    if value == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
+        logger.warning(
+            "train.mixed_precision=bf16 on a CPU without native bf16 (%s): matmuls are emulated and much slower "
+            "than fp32; train.mixed_precision=auto picks fp32 here",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+    return value
+
+
+def _flat_config(config: Config) -> dict:
+    """The config as one level of ``section.key`` values that trackers accept (lists become strings)."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config.to_dict())
+    return flat
+
+
+def build_accelerator(config: Config):
+    """The Accelerator for this run: precision, trackers (``csv`` and any accelerate tracker name), run folder."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import ProjectConfiguration
+
+    from mlm.train.tracking import CSVTracker
+
+    t = config.train
+    device_type = PartialState().device.type
+    output_dir = Path(t.output_dir)
+    trackers = [CSVTracker("run", output_dir) if name == "csv" else name for name in t.trackers]
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(t.mixed_precision, device_type),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
+        dynamo_backend="inductor" if t.compile else None,  # None: accelerate's own config/env decides
+    )
+    if trackers:
+        accelerator.init_trackers("tensorboard", config=_flat_config(config))
+    return accelerator
+
+
+def build_tokenizer(config: Config, source, accelerator, checkpoint: Path | None):
+    """The run's tokenizer: the checkpoint's when resuming, else built on the main process and shared by file."""
+    from mlm.data.tokenizer import MLMTokenizer
+
+    path = Path(config.train.output_dir) / TOKENIZER_FILE
+    if checkpoint is not None:
+        return MLMTokenizer.from_file(checkpoint / "model" / TOKENIZER_FILE)
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        texts = list(source.texts()) if config.data.tokenizer == "wordpiece" else None
+        MLMTokenizer.from_config(config.data.tokenizer, texts, config.data.vocab_size).save(path)
+    accelerator.wait_for_everyone()
+    return MLMTokenizer.from_file(path)
+
+
+def build_dataset(config: Config, source, tokenizer, train: bool):
+    """MLMDataset over a source with the config's transform, text length and image-size guard."""
+    from mlm.data.collate import MLMDataset
+    from mlm.data.transforms import build_transform
+
+    return MLMDataset(
+        source,
+        tokenizer,
+        build_transform(config.model.image_size, train=train, augment=config.data.augment),
+        max_len=config.model.max_text_len,
+        train=train,
+        max_pixels=config.data.max_image_pixels,
+        strict=config.data.strict,
+    )
+
+
+def open_split(config: Config, spec: str, split: str):
+    """Open a data source and log its skip table."""
+    from mlm.data.sources import open_source
+
+    source = open_source(spec, config.data, split=split)
+    if sum(source.stats.skipped.values()) or sum(source.stats.dropped.values()):
+        logger.warning("%s", source.stats.table(f"{split} data: {spec}"))
+    logger.info("%s data: %d records from %s", split, len(source), spec)
+    return source
