@@ -10,7 +10,6 @@ Runs on CPU and, when one is present, on CUDA. The defaults follow DeepSeek-V2-L
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import platform
@@ -30,18 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=512, help="model width (default 512)")
     parser.add_argument("--n-heads", type=int, default=16, help="query heads of every kind (default 16)")
     parser.add_argument("--n-kv-heads", type=int, default=4, help="key/value heads of GQA (default 4)")
-    parser.add_argument("--qk-nope-head-dim", type=int, default=64)
-    parser.add_argument("--qk-rope-head-dim", type=int, default=32)
-    parser.add_argument("--v-head-dim", type=int, default=64)
-    parser.add_argument("--kv-lora-rank", type=int, default=256)
+    parser.add_argument("--qk-nope-head-dim", type=int, default=64, help="(default 64)")
+    parser.add_argument("--qk-rope-head-dim", type=int, default=32, help="(default 32)")
+    parser.add_argument("--v-head-dim", type=int, default=64, help="(default 64)")
+    parser.add_argument("--kv-lora-rank", type=int, default=256, help="MLA latent size (default 256)")
     parser.add_argument("--q-lora-rank", type=int, default=0, help="0 = no query compression (default)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192], help="cached tokens")
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[512, 2048, 8192], help="cached tokens (default 512 2048 8192)"
+    )
     parser.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per context (default 8)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="(default 1)")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="(default fp32)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="(default 0)")
 
 
 def _sync(device) -> None:
@@ -77,8 +78,8 @@ def _prefill(module, args, context: int, absorbed: bool, device, dtype):
 
     x = torch.randn(args.batch_size, context, args.dim, device=device, dtype=dtype)
     rope = rope_1d(torch.arange(context, device=device), args.qk_rope_head_dim)
-    mask = level_mask("global", context, causal=True, grid=None, window=0, window_2d=1, region=1, region_2d=1)
-    mask = mask.to(device)
+    sizes = dict(window=0, window_2d=1, region=1, region_2d=1)  # unused by the global level
+    mask = level_mask("global", context, causal=True, grid=None, device=device, **sizes)
     cache = module.new_cache()
     _sync(device)
     start = time.perf_counter()
@@ -97,7 +98,7 @@ def _decode(module, args, cache, absorbed: bool, device, dtype) -> float:
     from mlm.layers.rope import rope_1d
 
     warmup, steps, context = 2, args.decode_steps, cache.length
-    cache = copy.copy(cache)  # appends rebind the copy's tensors and never write into the shared context
+    cache = cache.copy()  # the next variant decodes from the same context
     x = torch.randn(args.batch_size, warmup + steps, args.dim, device=device, dtype=dtype)
     cos, sin = rope_1d(torch.arange(context, context + warmup + steps, device=device), args.qk_rope_head_dim)
     times = []
@@ -130,14 +131,8 @@ def _measure_device(args, device_name: str) -> dict:
                 prefill[variant], cache = _prefill(modules[kind], args, context, absorbed, device, dtype)
                 decode[variant] = _decode(modules[kind], args, cache, absorbed, device, dtype)
                 result["kv_cache_bytes_per_token"][kind] = cache.bytes_per_token()
-                logger.info(
-                    "%s ctx=%d %s: prefill %.3fs, decode %.1f tok/s",
-                    device,
-                    context,
-                    variant,
-                    prefill[variant],
-                    decode[variant],
-                )
+                step = f"{device} ctx={context} {variant}: prefill {prefill[variant]:.3f}s"
+                logger.info("%s, decode %.1f tok/s", step, decode[variant])
             result["prefill_s"][str(context)], result["decode_tokens_per_s"][str(context)] = prefill, decode
     result["targets"] = _targets(result)
     return result
@@ -178,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark, print a table per device and write JSON when --json is given."""
     import torch
 
+    if args.decode_steps < 1 or min(args.contexts) < 1:
+        raise ValueError(f"--decode-steps={args.decode_steps} and --contexts={args.contexts} must be >= 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

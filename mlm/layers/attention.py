@@ -79,13 +79,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, t
     elif groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dk)
         v = v.repeat_interleave(groups, dim=1)  # (B, H, S, Dv)
-    if top_k > 0:
+    if top_k > 0 or t == 1:
+        # Explicit scores for top-k, and for decoding, where SDPA's fallback kernel would rescale every cached key.
         out = attend_scores((q @ k.transpose(-1, -2)) * scale, v, mask, top_k)  # scores (B, H, T, S)
     else:
-        if t > 1 and d_v < q.shape[-1]:
+        if d_v < q.shape[-1]:
             # Fused kernels (CPU flash) want equal key and value dims; padding V, as transformers' DeepSeek-V3 does
-            # for flash attention, avoids the fallback kernel's (T, S) scores in memory. Not when decoding: one
-            # query row is cheap, and padding would copy the whole cache every step.
+            # for flash attention, avoids the fallback kernel's (T, S) scores in memory.
             v = F.pad(v, (0, q.shape[-1] - d_v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :d_v]
     return out.reshape(b, h, t, d_v)

@@ -91,14 +91,16 @@ def decode_in_steps(module, x, rope, mask, steps, absorbed=False):
 
 
 @pytest.mark.parametrize("kind,absorbed", [("mla", False), ("mla", True), ("mha", False), ("gqa", False)])
-@pytest.mark.parametrize("level", ["global", "local"])
-def test_cached_decoding_equals_full_forward(kind, absorbed, level):
+@pytest.mark.parametrize("level,grad", [("global", True), ("local", False)])
+def test_cached_decoding_equals_full_forward(kind, absorbed, level, grad):
+    """With grad the caches grow by concatenation; without, tokens go into buffers with spare room."""
     module = make(kind, q_lora_rank=12 if kind == "mla" else 0)
     t = 9
     x, rope = torch.randn(2, t, DIM), rope_1d(torch.arange(t), ROPE)
     mask = level_mask(level, t, causal=True, grid=None, window=2, window_2d=3, region=3, region_2d=2)
-    full = module(x, rope=rope, mask=mask, absorbed=absorbed)
-    stepped = decode_in_steps(module, x, rope, mask, steps=[4, 5, 6, 7, 8, 9], absorbed=absorbed)
+    with torch.set_grad_enabled(grad):
+        full = module(x, rope=rope, mask=mask, absorbed=absorbed)
+        stepped = decode_in_steps(module, x, rope, mask, steps=[4, 5, 6, 7, 8, 9], absorbed=absorbed)
     torch.testing.assert_close(stepped, full, **TOL)
 
 
@@ -248,6 +250,38 @@ def test_cache_expand_and_reorder_select_batch_rows():
     kv.append(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 5))
     kv.append(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 5))
     assert kv.length == 4 and kv.reorder(torch.tensor([1])).k.shape == (1, 2, 4, 4)
+
+
+def test_cache_buffers_keep_earlier_views_and_copies_apart():
+    cache, tokens = LatentKVCache.empty(), torch.randn(1, 7, KV_RANK)
+    rope_keys = torch.randn(1, 7, ROPE)
+    with torch.no_grad():
+        cache.append(tokens[:, :3], rope_keys[:, :3])
+        first_view, _ = cache.append(tokens[:, 3:4], rope_keys[:, 3:4])  # grows to spare room
+        fork = cache.copy()
+        cache.append(tokens[:, 4:6], rope_keys[:, 4:6])
+        fork.append(-tokens[:, 4:5], -rope_keys[:, 4:5])
+    torch.testing.assert_close(first_view, tokens[:, :4])
+    torch.testing.assert_close(cache.c_kv, tokens[:, :6])
+    torch.testing.assert_close(cache.k_rope, rope_keys[:, :6])
+    torch.testing.assert_close(fork.c_kv, torch.cat((tokens[:, :4], -tokens[:, 4:5]), dim=1))
+    with torch.inference_mode():
+        inference = LatentKVCache.empty()
+        inference.append(tokens[:, :2], rope_keys[:, :2])
+        inference.append(tokens[:, 2:3], rope_keys[:, 2:3])
+    inference.append(tokens[:, 3:4], rope_keys[:, 3:4])  # inference tensors are copied, not written, out of the mode
+    torch.testing.assert_close(inference.c_kv, tokens[:, :4])
+
+
+@pytest.mark.parametrize("kind", ["mla", "mha"])
+def test_backward_through_cached_decoding(kind):
+    module = make(kind).train()
+    cos, sin = rope_1d(torch.arange(5), ROPE)
+    cache, x = module.new_cache(), torch.randn(1, 5, DIM)
+    outs = [module(x[:, :3], rope=(cos[:3], sin[:3]), mask=causal(3), cache=cache)]
+    outs += [module(x[:, i : i + 1], rope=(cos[i : i + 1], sin[i : i + 1]), cache=cache) for i in (3, 4)]
+    torch.cat(outs, dim=1).square().sum().backward()
+    assert module.o_proj.weight.grad.abs().sum() > 0
 
 
 def test_errors_name_the_problem():
