@@ -75,6 +75,20 @@ def _targets(source: str, cfg) -> list[tuple[str, str | None]]:
 
 def check_source(spec: str, fmt: str | None, cfg, split: str | None, images: bool):
     """Open one source and decode every image; returns (title, SkipStats or None, error message or None)."""
+    import logging
+
+    from mlm.data.records import DataError
+
+    try:
+        return _check_source(spec, fmt, cfg, split, images)
+    except (DataError, ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a checker reports what it cannot read instead of dying on it
+        logging.getLogger(__name__).debug("unexpected error checking %s", spec, exc_info=True)
+        return spec, None, f"unexpected {type(err).__name__}: {err} (a bug in mlm; run with -v for the traceback)"
+
+
+def _check_source(spec: str, fmt: str | None, cfg, split: str | None, images: bool):
     import dataclasses
 
     from tqdm import tqdm
@@ -114,6 +128,9 @@ def run_check(args: argparse.Namespace) -> int:
     """Print one table per source and a total; exit 1 under --strict at the first problem."""
     from mlm.data.records import DataError
 
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")  # file names that are not valid UTF-8 still print
     cfg = _data_config(args)
     results = []
     try:

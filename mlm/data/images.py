@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mlm.data.records import (
     CORRUPT_IMAGE,
     EMPTY_IMAGE,
+    EXTREME_ASPECT,
     IMAGE_TOO_LARGE,
     MISSING_IMAGE,
     NOT_AN_IMAGE,
@@ -30,6 +31,7 @@ from mlm.data.records import (
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default for Image.MAX_IMAGE_PIXELS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 EXIF_ORIENTATION = 0x0112
+MAX_ASPECT = 20  # longest side / shortest side
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -77,6 +79,9 @@ def _open(data: bytes, max_pixels: int, origin: str) -> Image.Image:
         raise DataError(CORRUPT_IMAGE, origin, f"size {width}x{height}")
     if width * height > max_pixels:
         raise DataError(IMAGE_TOO_LARGE, origin, f"{width}x{height} = {width * height} pixels > max {max_pixels}")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        # resizing the short side to the model's size would make the long side enormous
+        raise DataError(EXTREME_ASPECT, origin, f"{width}x{height} is more than {MAX_ASPECT}:1")
     return img
 
 
@@ -101,7 +106,7 @@ def apply_exif_orientation(img: Image.Image) -> tuple[Image.Image, str | None]:
         orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - broken EXIF blocks must not lose the photo
         return img, "EXIF unreadable, orientation not applied"
-    if orientation in (None, 1):
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):  # 1 is upright; anything else is not a valid orientation
         return img, None
     try:
         return ImageOps.exif_transpose(img), "EXIF orientation applied"

@@ -94,13 +94,17 @@ def read_coco(path: Path, cfg: DataConfig, stats: SkipStats) -> list[Record]:
         origin = f"{path}:images[{i}]"
         stats.read += 1
         problem = _missing(image, ("id", "file_name"))
-        if problem or _key(image["id"]) is None:
-            stats.skip(R.WRONG_SCHEMA, origin, problem or f"id {image['id']!r} is not an integer or string")
+        if not problem and _key(image["id"]) is None:
+            problem = f"id {image['id']!r} is not an integer or string"
+        if not problem and (not isinstance(image["file_name"], str) or not image["file_name"].strip()):
+            problem = f"file_name {image['file_name']!r} is not a file name"
+        if problem:
+            stats.skip(R.WRONG_SCHEMA, origin, problem)
             continue
         if image["id"] in by_id or image["id"] in unusable:
             stats.skip(R.DUPLICATE_ID, origin, f"image id {image['id']} appears twice")
             continue
-        found = resolver.find(str(image["file_name"]))
+        found = resolver.find(image["file_name"])
         if found is None:
             unusable.add(image["id"])
             stats.skip(R.MISSING_IMAGE, origin, f"{image['file_name']} not found under {resolver.where()}")
@@ -161,7 +165,9 @@ def read_karpathy(path: Path, cfg: DataConfig, split: str | None, stats: SkipSta
             continue
         captions = []
         for k, sent in enumerate(image["sentences"]):
-            raw = sent.get("raw", " ".join(sent.get("tokens") or [])) if isinstance(sent, dict) else sent
+            tokens = sent.get("tokens") if isinstance(sent, dict) else None
+            joined = " ".join(t for t in tokens if isinstance(t, str)) if isinstance(tokens, list) else ""
+            raw = sent.get("raw", joined) if isinstance(sent, dict) else sent
             text = clean_text(raw, f"{origin}:sentences[{k}]", stats)
             if text is not None:
                 captions.append(text)
@@ -225,8 +231,10 @@ def read_vqa(questions_path: Path, answers_path: Path, cfg: DataConfig, stats: S
         origin = f"{questions_path}:questions[{i}]"
         stats.read += 1
         problem = _missing(item, ("image_id", "question", "question_id"))
-        if problem or not isinstance(item["image_id"], int) or _key(item["question_id"]) is None:
-            stats.skip(R.WRONG_SCHEMA, origin, problem or f"bad image_id {item['image_id']!r} or question_id")
+        if not problem and (not isinstance(item["image_id"], int) or _key(item["question_id"]) is None):
+            problem = f"image_id {item['image_id']!r} must be an integer, question_id {item['question_id']!r} an id"
+        if problem:
+            stats.skip(R.WRONG_SCHEMA, origin, problem)
             continue
         question = clean_text(item["question"], origin, stats, what="question")
         if question is None:
@@ -290,7 +298,8 @@ def read_image_files(folder: Path, stats: SkipStats) -> list[Record]:
     suffixes = IMAGE_SUFFIXES + EXTRA_IMAGE_SUFFIXES
     records = []
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in suffixes and not any(p.startswith(".") for p in path.relative_to(folder).parts):
+        hidden = any(p.startswith(".") for p in path.relative_to(folder).parts)
+        if path.suffix.lower() in suffixes and not hidden and (path.is_file() or path.is_symlink()):
             stats.read += 1
             records.append(Record(image=str(path), origin=str(path)))
     return records
@@ -302,11 +311,11 @@ def _json_kind(path: Path) -> str:
     if "questions" in data:
         return "vqav2"
     images = data.get("images")
-    if isinstance(images, list):
-        if images and isinstance(images[0], dict) and "sentences" in images[0]:
+    if images is not None:
+        if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
             return "karpathy"
-        if "annotations" in data:
-            return "coco"
+        if "annotations" in data or not isinstance(images, list):
+            return "coco"  # the COCO reader names what is wrong with images/annotations
         raise DataError(R.WRONG_SCHEMA, str(path), "has 'images' but no 'annotations' (COCO captions) and no "
                                                    "'sentences' in images[0] (Karpathy)")  # fmt: skip
     anns = data.get("annotations")
@@ -322,6 +331,13 @@ def _json_kind(path: Path) -> str:
                                                f"or VQAv2 questions file; top-level keys: {keys}")  # fmt: skip
 
 
+def _only(names: set[str], suffix: str) -> bool:
+    """True when a folder holds files with this suffix and no other annotation or image file (a shard folder)."""
+    others = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".tar", ".parquet") + IMAGE_SUFFIXES
+    found = {Path(n).suffix.lower() for n in names}
+    return suffix in found and not (found - {suffix}) & set(others)
+
+
 def detect_format(spec: str) -> str:
     """The format of a source from its path (and, for JSON, its top-level keys)."""
     path = Path(spec)
@@ -331,8 +347,8 @@ def detect_format(spec: str) -> str:
         rules = [("synth", "dataset_synth.json" in names),
                  ("imagefolder", bool({"metadata.jsonl", "metadata.csv"} & names) or subdirs_meta),
                  ("arrow", bool({"dataset_info.json", "dataset_dict.json", "state.json"} & names)),
-                 ("webdataset", any(n.endswith(".tar") for n in names)),
-                 ("parquet", any(n.endswith(".parquet") for n in names))]  # fmt: skip
+                 ("webdataset", _only(names, ".tar")),
+                 ("parquet", _only(names, ".parquet"))]  # fmt: skip
         for kind, hit in rules:
             if hit:
                 return kind

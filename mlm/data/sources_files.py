@@ -152,6 +152,8 @@ def load_json(path: str | Path) -> Any:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(R.MALFORMED_JSON, f"{path}:{err.lineno}:{err.colno}", err.msg) from err
+    except (ValueError, RecursionError) as err:  # e.g. a 5000-digit number, arrays nested 100000 deep
+        raise DataError(R.MALFORMED_JSON, str(path), f"{type(err).__name__}: {str(err)[:200]}") from err
     _JSON_CACHE.clear()
     _JSON_CACHE[key] = data
     return data
@@ -200,7 +202,10 @@ def read_table(path: Path, sep: str, image_key: str, caption_key: str, root: Pat
     if sep not in lines[0] and sep != ",":
         sep = ","  # a .csv that is not tab-separated after all
     reader = csv.reader(lines, delimiter=sep)
-    header = [h.strip() for h in next(reader)]
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as err:
+        raise DataError(R.MALFORMED_LINE, f"{path}:1", f"unreadable header: {err}") from err
     image_key = pick_column(header, image_key, IMAGE_KEYS, "image", f"{path}:1")
     caption_key = pick_column(header, caption_key, CAPTION_KEYS, "caption", f"{path}:1")
     resolver = ImageResolver([root])
@@ -248,6 +253,10 @@ def iter_jsonl(path: Path, stats: SkipStats) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as err:
             stats.read += 1
             stats.skip(R.MALFORMED_JSON, f"{origin}:{err.colno}", err.msg)
+            continue
+        except (ValueError, RecursionError) as err:
+            stats.read += 1
+            stats.skip(R.MALFORMED_JSON, origin, f"{type(err).__name__}: {str(err)[:200]}")
             continue
         if not isinstance(obj, dict):
             stats.read += 1

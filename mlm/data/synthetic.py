@@ -112,17 +112,18 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 def _background(rng: random.Random, index: int, size: int) -> Image.Image:
     """A muted background: plain, a vertical or horizontal gradient, or fine noise."""
-    base = np.array(BACKGROUNDS[index], dtype=np.float32)
+    base = np.array(BACKGROUNDS[index], dtype=np.int16)
     style = rng.randrange(4)
     if style == 0:
-        return Image.new("RGB", (size, size), tuple(int(v) for v in base))
+        return Image.new("RGB", (size, size), BACKGROUNDS[index])
     if style in (1, 2):
-        ramp = np.linspace(-25.0, 25.0, size, dtype=np.float32)
-        field = ramp[:, None] if style == 1 else ramp[None, :]
-        arr = base[None, None, :] + np.broadcast_to(field, (size, size))[:, :, None]  # (S, S, 3)
+        ramp = np.linspace(-25, 25, size).astype(np.int16)
+        field = np.broadcast_to(ramp[:, None] if style == 1 else ramp[None, :], (size, size))  # (S, S)
     else:
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 10.0, (size, size, 1)).astype(np.float32)
-        arr = base[None, None, :] + noise  # (S, S, 3)
+        # uniform noise in [-12, 13] from the image's own generator (cheaper than numpy's, and as deterministic)
+        noise = np.frombuffer(rng.randbytes(size * size), dtype=np.uint8).reshape(size, size)
+        field = noise.astype(np.int16) // 10 - 12  # (S, S)
+    arr = base[None, None, :] + field[:, :, None]  # (S, S, 3)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -263,12 +264,16 @@ def make_example(seed: int, image_id: int, split: str, size: int, holdout: bool)
     objects, background = sample_scene(rng, split, holdout)
     img = render(objects, background, size, rng)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
+    img.save(buf, format="PNG", compress_level=1)  # fast; zlib output is still deterministic
     return buf.getvalue(), make_captions(objects, rng), make_questions(objects, rng)
 
 
-def _make_example_star(args: tuple) -> tuple[bytes, list, list]:
-    return make_example(*args)
+def _write_example(args: tuple) -> tuple[list, list]:
+    """Make one image, write its PNG into the images folder (in the worker, so file writes run in parallel)."""
+    out, seed, image_id, split, size, holdout = args
+    png, captions, questions = make_example(seed, image_id, split, size, holdout)
+    (Path(out) / "images" / f"{image_id:012d}.png").write_bytes(png)
+    return captions, questions
 
 
 def split_sizes(n_images: int, holdout: bool) -> dict[str, int]:
@@ -363,15 +368,14 @@ def generate(
     for split, count in sizes.items():
         for _ in range(count):
             image_id += 1
-            jobs.append((seed, image_id, split, size, holdout))
+            jobs.append((str(out), seed, image_id, split, size, holdout))
     writers = {split: _SplitWriter(split) for split in sizes}
     karpathy = {"images": [], "sentences": []}
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.imap(_make_example_star, jobs, chunksize=64)
-            _collect(out, jobs, results, writers, karpathy, size)
+            _collect(jobs, pool.imap(_write_example, jobs, chunksize=64), writers, karpathy, size)
     else:
-        _collect(out, jobs, map(_make_example_star, jobs), writers, karpathy, size)
+        _collect(jobs, map(_write_example, jobs), writers, karpathy, size)
     for writer in writers.values():
         writer.write(out, seed, holdout)
     dataset = {"dataset": "synth", "holdout": [list(p) for p in HOLDOUT] if holdout else [],
@@ -381,9 +385,7 @@ def generate(
     return sizes
 
 
-def _collect(out: Path, jobs: list, results, writers: dict, karpathy: dict, size: int) -> None:
-    """Write each image file and add its entries to its split, in image-id order."""
-    for (_, image_id, split, _, _), (png, captions, questions) in zip(jobs, results, strict=True):
-        file_name = f"{image_id:012d}.png"
-        (out / "images" / file_name).write_bytes(png)
-        writers[split].add(image_id, file_name, size, captions, questions, karpathy)
+def _collect(jobs: list, results, writers: dict, karpathy: dict, size: int) -> None:
+    """Add each image's entries to its split, in image-id order."""
+    for (_, _, image_id, split, _, _), (captions, questions) in zip(jobs, results, strict=True):
+        writers[split].add(image_id, f"{image_id:012d}.png", size, captions, questions, karpathy)

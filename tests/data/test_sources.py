@@ -6,6 +6,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mlm.config import DataConfig
 from mlm.data import records as R
@@ -263,3 +265,37 @@ def test_concat_sources(coco_dir):
     src = open_source(spec)
     assert len(src) == 22 and src[11].image_id == 1 and src[-1].image_id == src[10].image_id
     assert src.stats.read == 24
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+ENTRY_KEYS = st.sampled_from(["id", "file_name", "image_id", "caption", "sentences", "filename", "question",
+                              "question_id", "answers", "raw", "split", "image", "text"])  # fmt: skip
+ENTRIES = st.lists(st.dictionaries(ENTRY_KEYS, JSON_VALUES | st.just("a.jpg"), max_size=5) | JSON_VALUES, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["coco", "karpathy", "vqav2", "jsonl"]), first=ENTRIES, second=ENTRIES)
+def test_random_annotation_content_never_crashes(tmp_path, kind, first, second):
+    (tmp_path / "a.jpg").write_bytes(image_bytes("rgb"))
+    if kind == "coco":
+        path = write_json(tmp_path / "c.json", {"images": first, "annotations": second})
+    elif kind == "karpathy":
+        path = write_json(tmp_path / "k.json", {"images": [{"sentences": [], "filename": "a.jpg"}, *first]})
+    elif kind == "vqav2":
+        write_json(tmp_path / "annotations.json", {"annotations": second})
+        path = write_json(tmp_path / "questions.json", {"questions": first})
+    else:
+        path = tmp_path / "d.jsonl"
+        path.write_text("\n".join(json.dumps(e) for e in first + second))
+    try:
+        src = open_source(path, DataConfig(format=kind))
+    except (DataError, ValueError, FileNotFoundError) as err:
+        assert str(path.name) in str(err) or "no usable" in str(err)
+        return
+    assert src.stats.kept == len(src)
+    for record in src:
+        assert record.captions or record.question
