@@ -295,7 +295,10 @@ def _json_object(path: Path) -> dict:
 
 def read_image_files(folder: Path, stats: SkipStats) -> list[Record]:
     """Every image-named file under a folder, as caption-less records (``mlm data check`` decodes them)."""
-    suffixes = IMAGE_SUFFIXES + EXTRA_IMAGE_SUFFIXES
+    from PIL import Image
+
+    Image.init()
+    suffixes = set(IMAGE_SUFFIXES + EXTRA_IMAGE_SUFFIXES) | set(Image.registered_extensions())
     records = []
     for path in sorted(folder.rglob("*")):
         hidden = any(p.startswith(".") for p in path.relative_to(folder).parts)

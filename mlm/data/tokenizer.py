@@ -8,6 +8,7 @@ WordPiece follows BERT (Devlin et al., 2019); the BPE is CLIP's (Radford et al.,
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,7 +74,7 @@ class MLMTokenizer:
 
     @classmethod
     def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 1) -> MLMTokenizer:
-        """Train a lower-cased BERT-style WordPiece vocabulary on the given texts."""
+        """Train a lower-cased BERT-style WordPiece vocabulary on the given texts (plus the VQA prompt words)."""
         tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True, strip_accents=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -81,7 +82,8 @@ class MLMTokenizer:
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        # the prompt words ("question", "answer", ":") frame every VQA text, so they must be whole tokens
+        tok.train_from_iterator(itertools.chain(texts, [vqa_text("", "")] * 100), trainer=trainer)
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A {EOS}",
             pair=f"{BOS} $A {SEP} $B {EOS}",

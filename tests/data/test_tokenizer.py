@@ -121,3 +121,8 @@ def test_openclip_bpe_matches_open_clip_tokenize():
         assert tok.decode(ids) == ref_text.strip()
     # [PAD] and [SEP] are new ids after CLIP's 49408, so no real token is mistaken for padding
     assert (tok.pad_id, tok.sep_id, tok.vocab_size) == (49408, 49409, 49410)
+
+
+def test_prompt_words_are_whole_tokens_even_if_absent_from_the_texts():
+    tok = MLMTokenizer.train_wordpiece(["a red circle", "what color is it?"], vocab_size=200)
+    assert len(tok.tokenize("question: answer:")) == 4  # question : answer :
