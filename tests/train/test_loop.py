@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_config
+from tiny_run import tiny_config
 
 from mlm.model import MLMModel
 from mlm.train import checkpoint as ckpt
@@ -104,3 +104,22 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(synth_dir, 
     with pytest.raises(NonFiniteLossError, match=r"stopped at step 5: 3 non-finite steps in a row.*step_000002"):
         _trainer(config, nan_from_step_3).fit()
     assert MLMModel.from_pretrained(tmp_path / "checkpoints" / "step_000002" / "model") is not None
+
+
+def test_a_short_run_clearly_lowers_every_loss(synth_dir, tmp_path):
+    config = tiny_config(synth_dir, tmp_path, "train.max_steps=60", "train.batch_size=16", "train.lr=5e-3",
+                         "train.warmup_steps=10")  # fmt: skip
+    summary = _trainer(config).fit()
+    assert summary["skipped_steps"] == 0
+    series = read_metrics(tmp_path / "metrics.csv")
+
+    def start_end(name):
+        values = [v for _, v in series[f"loss/{name}"]]
+        return sum(values[:3]) / 3, sum(values[-5:]) / 5
+
+    # Measured at about 5.8 -> 1.9 (contrastive, 8 caption rows a batch), 5.3 -> 3.6 (caption), 5.3 -> 2.6 (VQA).
+    contrastive, caption, vqa = start_end("contrastive"), start_end("caption"), start_end("vqa")
+    assert contrastive[1] < 0.5 * contrastive[0]
+    assert caption[1] < 0.8 * caption[0]
+    assert vqa[1] < 0.7 * vqa[0]
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "summary.json").is_file()
