@@ -6,7 +6,8 @@ plus each decoder layer's image latent, computed once; it runs the absorbed MLA 
 recomputes one full forward per step and exists as the reference that cached decoding must match. Beam search keeps
 the best ``num_beams`` hypotheses per image and ranks finished ones by length-normalised log-probability (Wu et al.,
 2016, with alpha = 1); nucleus sampling keeps the smallest top set of tokens whose probability reaches ``top_p``
-(Holtzman et al., 2020).
+(Holtzman et al., 2020). ``min_new_tokens`` forbids EOS for the first tokens of every sequence (as transformers'
+``MinLengthLogitsProcessor``), so a barely trained model still says something.
 """
 
 from __future__ import annotations
@@ -85,6 +86,30 @@ class RecomputeSession:
         """Repeat every batch row n times."""
         self.image_tokens = self.image_tokens.repeat_interleave(n, dim=0)
         self.tokens = self.tokens.repeat_interleave(n, dim=0)
+
+
+class MinLengthSession:
+    """Wraps a session and sets the EOS logit to -inf for the first ``min_new_tokens`` generated tokens."""
+
+    def __init__(self, session, eos_id: int, min_new_tokens: int):
+        self.session, self.eos_id, self.remaining = session, eos_id, min_new_tokens
+
+    def step(self, ids: Tensor) -> Tensor:
+        """Next-token logits (B, V) of the wrapped session, EOS masked while the minimum length is not reached."""
+        logits = self.session.step(ids)
+        if self.remaining > 0:
+            self.remaining -= 1
+            logits = logits.clone()
+            logits[:, self.eos_id] = float("-inf")
+        return logits
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows index in that order."""
+        self.session.reorder(index)
+
+    def expand(self, n: int) -> None:
+        """Repeat every batch row n times."""
+        self.session.expand(n)
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -229,10 +254,12 @@ def generate_from_prompts(
     eos_id: int,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    min_new_tokens: int = 0,
 ) -> list[list[int]]:
     """Continue each prompt (token ids, BOS first) for its image tokens (B, N, C); return the new ids, EOS dropped.
 
-    Prompts of equal length decode together, so no sequence ever holds padding.
+    Prompts of equal length decode together, so no sequence ever holds padding. EOS cannot end a sequence before
+    ``min_new_tokens`` new tokens.
     """
     groups: dict[int, list[int]] = defaultdict(list)
     for row, ids in enumerate(prompts):
@@ -242,6 +269,8 @@ def generate_from_prompts(
     for length, rows in groups.items():
         index = torch.tensor(rows, device=image_tokens.device)
         session = session_type(model, image_tokens.index_select(0, index), length + max_new_tokens)
+        if min_new_tokens > 0:
+            session = MinLengthSession(session, eos_id, min_new_tokens)
         logits = session.step(torch.tensor([prompts[r] for r in rows], device=image_tokens.device))  # (b, V)
         if num_beams > 1:
             outputs = beam_search(session, logits, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_id=eos_id)

@@ -213,14 +213,17 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         generator: torch.Generator | None = None,
         eos_id: int | None = None,
         use_cache: bool = True,
+        min_new_tokens: int = 0,
     ) -> list[list[int]]:
         """Return generated token ids per image (EOS dropped), continuing prompt_ids (default: [BOS]).
 
         Greedy by default; ``num_beams > 1`` runs beam search and ``top_p > 0`` nucleus sampling (seeded by
         ``generator``). Unset settings come from ``config.eval``. ``use_cache=False`` recomputes a full forward per
-        step (the reference the cached path must match).
+        step (the reference the cached path must match). ``min_new_tokens`` forbids EOS before that many new tokens.
         """
         max_new_tokens, num_beams, top_p = self._decoding_settings(max_new_tokens, num_beams, top_p)
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens={min_new_tokens} must lie in [0, max_new_tokens={max_new_tokens}]")
         if prompt_ids is None:
             prompt_ids = [[self._special_id("bos_id", None)]] * images.shape[0]
         if len(prompt_ids) != images.shape[0] or any(len(p) == 0 for p in prompt_ids):
@@ -238,6 +241,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             eos_id=self._special_id("eos_id", eos_id),
             generator=generator,
             use_cache=use_cache,
+            min_new_tokens=min_new_tokens,
         )
 
     def _prompt_ids(self, prompt: str | list[str] | None, batch: int) -> list[list[int]]:
@@ -260,11 +264,18 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         num_beams: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        min_new_tokens: int = 0,
     ) -> list[str]:
         """Caption images (B, 3, H, W), or continue text prompts; returns the decoded new text per image."""
         prompt_ids = self._prompt_ids(prompt, images.shape[0])
         ids = self.generate_ids(
-            images, prompt_ids, max_new_tokens=max_new_tokens, num_beams=num_beams, top_p=top_p, generator=generator
+            images,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            top_p=top_p,
+            generator=generator,
+            min_new_tokens=min_new_tokens,
         )
         return [self.tokenizer.decode(seq).strip() for seq in ids]
 

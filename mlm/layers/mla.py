@@ -10,6 +10,7 @@ Two paths compute the same function: *naive* materialises K and V per head (trai
 W_UK into the query and W_UV into the output and attends over c_KV itself (decoding), so a step reads only the
 latent cache. As cross-attention, text queries attend to image tokens' latents with no RoPE across modalities; the
 image latent is computed once by :meth:`MultiHeadLatentAttention.encode_context` and reused at every step.
+:meth:`MultiHeadLatentAttention.attention_weights` computes the softmax weights explicitly, for attention maps only.
 """
 
 from __future__ import annotations
@@ -129,6 +130,38 @@ class MultiHeadLatentAttention(nn.Module):
             k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, r + rope): one "head" shared by all
             out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
+
+    @torch.no_grad()
+    def attention_weights(
+        self,
+        x: Tensor,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        context: Tensor | LatentKVCache | None = None,
+    ) -> Tensor:
+        """Softmax attention weights (B, H, T, S) of queries x (B, T, C), computed explicitly (for visualisation).
+
+        Same arguments as :meth:`forward` without a cache; the weights are those the naive path multiplies its
+        values by, so ``o_proj(weights @ V)`` equals ``forward``. Not used by training or decoding.
+        """
+        check_sources(self, rope, None, context)
+        q_nope, q_rope = self._queries(x)
+        if self.cross:
+            latent = context if isinstance(context, LatentKVCache) else self.encode_context(context)
+            c_kv, k_rope = latent.c_kv, latent.k_rope
+        else:
+            c_kv, k_rope = self._latent(x)
+            if rope is not None:
+                cos, sin = rope_for_heads(rope, x.shape[1])
+                q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, *rope)
+        w_uk, _ = self._up_weights()
+        k_nope = torch.einsum("bsr,hnr->bhsn", c_kv, w_uk)  # (B, H, S, nope)
+        scores = q_nope @ k_nope.transpose(-1, -2) + (q_rope @ k_rope[:, None].transpose(-1, -2))  # (B, H, T, S)
+        mask = check_mask(mask, x.shape[1], c_kv.shape[1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.float() * self.scale).softmax(dim=-1).to(x.dtype)
 
     def forward(
         self,
