@@ -7,6 +7,7 @@ fp32 on CPUs without native bf16 (AMX or AVX512-BF16): there, bf16 matmuls are e
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -68,10 +69,14 @@ def build_accelerator(config: Config):
     from mlm.train.tracking import CSVTracker
 
     t = config.train
-    device_type = PartialState().device.type
+    # A multi-process launch (torchrun, `accelerate launch --multi_gpu`) on a machine without CUDA runs DDP on CPU
+    # over gloo; accelerate needs to be told, or each process would train alone.
+    cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    device_type = PartialState(cpu=cpu).device.type
     output_dir = Path(t.output_dir)
     trackers = [CSVTracker("run", output_dir) if name == "csv" else name for name in t.trackers]
     accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=resolve_mixed_precision(t.mixed_precision, device_type),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
