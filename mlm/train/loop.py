@@ -123,6 +123,15 @@ class Trainer:
         model.to(accel.device)
         optimizer = build_optimizer(model, c.train)
         scheduler = build_scheduler(optimizer, c.train)
+        deepspeed = accel.state.deepspeed_plugin
+        if deepspeed is not None:
+            # DeepSpeed steps its engine on every backward, so accumulation would have to live in its own config.
+            if c.train.grad_accum_steps != 1:
+                raise ConfigError(
+                    f"train.grad_accum_steps={c.train.grad_accum_steps} is not supported under DeepSpeed; "
+                    "set gradient_accumulation_steps in the DeepSpeed config and train.grad_accum_steps=1"
+                )
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = c.train.batch_size  # no prepared loader
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
         self.loss_fn = MLMLoss.from_config(c.train, accel.process_index, accel.num_processes)
 
@@ -182,9 +191,9 @@ class Trainer:
             parts = self._forward_backward(batch, micro == t.grad_accum_steps - 1, 1.0 / t.grad_accum_steps)
             totals = None if parts is None else totals + parts / t.grad_accum_steps
         if totals is not None and t.clip_grad_norm > 0:
-            norm = accel.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+            norm = accel.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)  # None: DeepSpeed clips itself
             # With fp16 the grad scaler handles overflow itself (skips and lowers the scale); otherwise skip here.
-            if accel.scaler is None and not math.isfinite(float(norm)):
+            if accel.scaler is None and norm is not None and not math.isfinite(float(norm)):
                 totals = None
         if totals is not None:
             self.optimizer.step()
