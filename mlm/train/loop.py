@@ -71,6 +71,8 @@ class Trainer:
         if accel.device.type == "cuda" and not t.deterministic:
             torch.backends.cuda.matmul.allow_tf32 = True
         self._build_data(train_dataset, val_source)
+        if self.checkpoint is not None:
+            self._check_same_model(ckpt.read_trainer_state(self.checkpoint)["config"]["model"])
         self._build_model()
         self.state = TrainerState()
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
@@ -111,6 +113,14 @@ class Trainer:
 
             val_source = val_source if val_source is not None else setup.open_split(c, c.data.val, "val")
             self.validator = Validator(c, val_source, self.tokenizer)
+
+    def _check_same_model(self, saved: dict) -> None:
+        """Refuse to resume into a model of another shape (the weights would not fit)."""
+        current = asdict(self.config.model)
+        changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+        if changed:
+            raise ConfigError(f"--resume {self.checkpoint}: the model settings differ from the checkpoint's: "
+                              + "; ".join(changed))  # fmt: skip
 
     def _build_model(self) -> None:
         """Model, optimizer, schedule and loss, prepared by accelerate."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_run import tiny_config
 
+from mlm.config import ConfigError
 from mlm.model import MLMModel
 from mlm.train import checkpoint as ckpt
 from mlm.train.guards import NonFiniteLossError
@@ -123,3 +124,9 @@ def test_a_short_run_clearly_lowers_every_loss(synth_dir, tmp_path):
     assert caption[1] < 0.8 * caption[0]
     assert vqa[1] < 0.7 * vqa[0]
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_resuming_into_another_model_shape_names_the_setting(synth_dir, tmp_path):
+    _trainer(tiny_config(synth_dir, tmp_path, "train.max_steps=1")).fit()
+    with pytest.raises(ConfigError, match=r"model.dim: 32 -> 48"):
+        _trainer(tiny_config(synth_dir, tmp_path, "train.max_steps=2", "model.dim=48"), resume="latest")
