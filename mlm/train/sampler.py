@@ -28,11 +28,14 @@ def seed_for(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
+def seed_everything(seed: int, cpu_only: bool = False) -> None:
+    """Seed Python's, NumPy's and torch's global generators (``cpu_only``: not the accelerators' generators)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    if cpu_only:
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed also queues CUDA seeding, ~0.3 ms a call
+    else:
+        torch.manual_seed(seed)
 
 
 class SeededItems(Dataset):
@@ -48,7 +51,7 @@ class SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         # Random augmentation and caption choice depend only on (seed, epoch, index), not on worker or history.
-        seed_everything(seed_for(self.seed, epoch, index))
+        seed_everything(seed_for(self.seed, epoch, index), cpu_only=True)
         return self.dataset[index]
 
 
