@@ -40,11 +40,9 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, OutOfMemory) as err:
         print(f"mlm train: {err}", file=sys.stderr)
         return 1
-    losses = ", ".join(f"{k}={v:.4f}" for k, v in summary["final_losses"].items())
-    print(
-        f"{summary['status']}: {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, {losses}; "
-        f"checkpoint {summary['last_checkpoint']}"
-    )
+    parts = [f"{summary['steps']} steps", f"{summary['samples_per_s']:.1f} samples/s"]
+    parts += [f"{k}={v:.4f}" for k, v in summary["final_losses"].items()]
+    print(f"{summary['status']}: {', '.join(parts)}; checkpoint {summary['last_checkpoint']}")
     for name, value in summary["validation"].items():
         print(f"  {name}: {value:.2f}")
     return 0

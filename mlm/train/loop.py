@@ -200,8 +200,10 @@ class Trainer:
             seed_everything(seed_for(t.seed, self.state.step, micro, accel.process_index, 1))
             parts = self._forward_backward(batch, micro == t.grad_accum_steps - 1, 1.0 / t.grad_accum_steps)
             totals = None if parts is None else totals + parts / t.grad_accum_steps
-        if totals is not None and t.clip_grad_norm > 0:
-            norm = accel.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)  # None: DeepSpeed clips itself
+        if totals is not None:
+            # max_norm=inf still measures the norm, so non-finite gradients are caught with clipping off too.
+            max_norm = t.clip_grad_norm if t.clip_grad_norm > 0 else math.inf
+            norm = accel.clip_grad_norm_(self.model.parameters(), max_norm)  # None: DeepSpeed clips itself
             # With fp16 the grad scaler handles overflow itself (skips and lowers the scale); otherwise skip here.
             if accel.scaler is None and norm is not None and not math.isfinite(float(norm)):
                 totals = None

@@ -130,3 +130,28 @@ def test_resuming_into_another_model_shape_names_the_setting(synth_dir, tmp_path
     _trainer(tiny_config(synth_dir, tmp_path, "train.max_steps=1")).fit()
     with pytest.raises(ConfigError, match=r"model.dim: 32 -> 48"):
         _trainer(tiny_config(synth_dir, tmp_path, "train.max_steps=2", "model.dim=48"), resume="latest")
+
+
+def test_hard_negative_batches_hold_similar_captions_and_train(synth_dir, tmp_path):
+    config = tiny_config(synth_dir, tmp_path, "train.max_steps=2", "train.hard_negative_sampler=true",
+                         "train.hard_negative_strength=0.5")  # fmt: skip
+    trainer = _trainer(config)
+    records = trainer.dataset.source
+    features = trainer.sampler.features
+    assert features is not None
+
+    def within_batch_similarity(batches):
+        sims = []
+        for batch in batches:
+            rows = torch.tensor([i for i in batch if not records[i].is_vqa])
+            block = features[rows] @ features[rows].T  # (n, n) TF-IDF cosine of the batch's captions
+            sims.append((block.sum() - block.trace()) / (len(rows) * (len(rows) - 1)))
+        return float(torch.stack(sims).mean())
+
+    grouped = within_batch_similarity(trainer.sampler.epoch_batches(0))
+    trainer.sampler.set_features(None)
+    shuffled = within_batch_similarity(trainer.sampler.epoch_batches(0))
+    trainer.sampler.set_features(features)
+    assert grouped > shuffled + 0.05
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 0 and summary["final_losses"]["loss/contrastive"] > 0
