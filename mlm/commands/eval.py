@@ -1,8 +1,8 @@
 """``mlm eval TASK``: score VQA answers, captions or retrieval embeddings and write a report.
 
 Each task reads its predictions from a file in the official format (``--predictions``), so results of any model,
-ours or another, can be scored the same way. The input source is a required mutually exclusive group per task, so
-a model-based source (``--checkpoint DIR --data SOURCE``) slots in beside ``--predictions``.
+ours or another, can be scored the same way. Without a TASK, ``mlm eval --checkpoint DIR --data SOURCE --task ...``
+runs a model and scores it (see :mod:`mlm.commands.eval_model`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ TASKS = ("vqa", "caption", "retrieval")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` command group with one sub-command per task."""
-    parser = sub.add_parser("eval", help="evaluate predictions: VQAv2 accuracy, caption metrics, retrieval recall")
-    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    from mlm.commands.eval_model import add_model_arguments, run_model
+
+    parser = sub.add_parser("eval", help="evaluate a checkpoint or predictions: VQAv2, captions, retrieval")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run_model)
+    tasks = parser.add_subparsers(dest="task", required=False, metavar="TASK")
 
     vqa = tasks.add_parser("vqa", help="official VQAv2 accuracy, overall and per answer/question type")
     _add_source(vqa, "results JSON [{'question_id', 'answer'}] (official VQAv2 results format)")

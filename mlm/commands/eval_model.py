@@ -1,0 +1,108 @@
+"""``mlm eval --checkpoint DIR --data SOURCE --task retrieval|vqa|caption|all``: evaluate a trained model.
+
+The model-based form of ``mlm eval`` (the ``vqa|caption|retrieval --predictions`` forms score result files): it
+loads a checkpoint, runs :func:`mlm.eval.runner.evaluate` on a data source and writes ``metrics.json``,
+``report.md``, figures and the predictions in the official result formats into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+TASK_CHOICES = ("retrieval", "vqa", "caption", "all")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the model-based form to the ``eval`` parser."""
+    group = parser.add_argument_group("evaluate a checkpoint (instead of a TASK with --predictions)")
+    group.add_argument("--checkpoint", metavar="DIR", help="model folder, checkpoint step_* folder or run folder")
+    group.add_argument("--data", metavar="SOURCE", help="any data source spec (captions_test.json, a synth folder...)")
+    group.add_argument("--task", dest="model_task", choices=TASK_CHOICES, default="all", help="default: all")
+    group.add_argument("--split", default="test", help="split of a Karpathy file or synth folder (default: test)")
+    group.add_argument("--out", dest="eval_out", metavar="DIR", help="report folder (default: runs/eval/<name>)")
+    group.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
+    group.add_argument("--vqa-mode", choices=("generative", "rank"), help="default: eval.vqa_mode of the config")
+    group.add_argument("--candidates", metavar="FILE", help="rank mode: answers, one per line (default: the data's)")
+    group.add_argument("--caption-tokenizer", choices=("auto", "ptb", "simple"), default="auto")
+    group.add_argument("--caption-metrics", default="BLEU,METEOR,ROUGE-L,CIDEr", help="subset, comma-separated")
+    group.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    group.add_argument(
+        "--set",
+        dest="eval_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an eval.* or data.* setting, e.g. --set eval.batch_size=16 (repeatable)",
+    )
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Raise ConfigError for a ``--set`` that is not an eval.* or data.* setting."""
+    from mlm.config import ConfigError
+
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(("eval.", "data.")):
+            raise ConfigError(
+                f"--set {item}: only eval.* and data.* can be set here; the model comes from the checkpoint"
+            )
+
+
+def eval_config(model_config, overrides: list[str]):
+    """The checkpoint's config with data.* reset to defaults and the eval.*/data.* overrides applied."""
+    from mlm.config import DataConfig, apply_overrides, config_from_dict
+
+    check_overrides(overrides)
+    data = model_config.to_dict()
+    data["data"] = dataclasses.asdict(DataConfig())  # the training data's settings do not describe this source
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def _read_candidates(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--candidates: no such file: {file}")
+    answers = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not answers:
+        raise ValueError(f"--candidates {file}: no answers in it (one answer per line)")
+    return answers
+
+
+def _default_out(checkpoint: str, data: str, task: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(checkpoint).resolve().name}-{Path(data).stem}-{task}")
+    return Path("runs") / "eval" / slug.strip("-")
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a data source and write the report."""
+    if not args.checkpoint or not args.data:
+        raise ValueError(
+            "give a TASK (vqa|caption|retrieval) with --predictions FILE, or --checkpoint DIR --data SOURCE"
+        )
+    check_overrides(args.eval_overrides)
+    from mlm.eval.inference import load_model
+    from mlm.eval.runner import evaluate, open_eval_source, summary_table
+
+    model = load_model(args.checkpoint, args.device)
+    cfg = eval_config(model.config, args.eval_overrides)
+    if args.vqa_mode:
+        cfg.eval.vqa_mode = args.vqa_mode
+    source = open_eval_source(args.data, cfg.data, args.split)
+    out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, args.data, args.model_task)
+    results = evaluate(
+        model,
+        source,
+        args.model_task,
+        cfg,
+        out_dir=out,
+        candidates=_read_candidates(args.candidates) if args.candidates else None,
+        caption_tokenizer=args.caption_tokenizer,
+        caption_metric_names=[m.strip() for m in args.caption_metrics.split(",") if m.strip()],
+        title=f"{args.checkpoint} on {args.data} ({args.split})",
+    )
+    table = summary_table(results)
+    print(table if args.markdown else re.sub(r"^\| --- .*\n", "", table, flags=re.M), end="")
+    print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and figures")
+    return 0
