@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "mlm.commands.model",
     "mlm.commands.train",
     "mlm.commands.eval",
+    "mlm.commands.predict",
+    "mlm.commands.demo",
     "mlm.commands.bench",
 ]
 

@@ -1,0 +1,194 @@
+"""``mlm caption``, ``mlm ask``, ``mlm search`` and ``mlm explain``: use a trained model on your own images.
+
+- ``mlm caption IMAGE... [--beams N | --top-p P] [--json]``: batch captioning (decoding runs on the latent KV cache);
+- ``mlm ask IMAGE "question"``: answer a question about an image;
+- ``mlm search --images DIR "text"``: rank a folder's images for a text (embeddings cached on disk);
+- ``mlm explain IMAGE ["caption"]``: a PNG of the pooling weights and each caption word's cross-attention.
+
+Every command takes ``--checkpoint`` (a model, checkpoint or run folder; default: the run ``make demo`` trains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = "runs/tiny-synthetic"  # the run `make demo` trains
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--checkpoint DIR`` and ``--device``."""
+    parser.add_argument(
+        "--checkpoint", default=DEFAULT_CHECKPOINT, metavar="DIR", help=f"default: {DEFAULT_CHECKPOINT}"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+
+
+def _add_decoding(parser: argparse.ArgumentParser) -> None:
+    way = parser.add_mutually_exclusive_group()
+    way.add_argument("--beams", type=int, default=1, metavar="N", help="beam search with N beams (default: greedy)")
+    way.add_argument("--top-p", type=float, default=0.0, metavar="P", help="nucleus sampling with this top-p")
+    parser.add_argument("--seed", type=int, default=0, help="seed of nucleus sampling")
+    parser.add_argument("--max-tokens", type=int, default=20, help="longest output in tokens (default: 20)")
+    parser.add_argument(
+        "--min-tokens", type=int, default=1, help="EOS is not allowed before this many tokens (default: 1, never empty)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``caption``, ``ask``, ``search`` and ``explain`` commands."""
+    caption = sub.add_parser("caption", help="caption images with a trained model")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    add_model_args(caption)
+    _add_decoding(caption)
+    caption.add_argument("--batch-size", type=int, default=16)
+    caption.set_defaults(func=run_caption)
+
+    ask = sub.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("image", metavar="IMAGE")
+    ask.add_argument("questions", nargs="+", metavar="QUESTION")
+    add_model_args(ask)
+    _add_decoding(ask)
+    ask.set_defaults(func=run_ask)
+
+    search = sub.add_parser("search", help="rank the images of a folder for a text (index cached on disk)")
+    search.add_argument("text")
+    search.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
+    search.add_argument("-k", "--top-k", type=int, default=5, help="results to show (default: 5)")
+    search.add_argument("--cache-dir", help="where the index is cached (default: ~/.cache/mlm/search)")
+    search.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_model_args(search)
+    search.set_defaults(func=run_search)
+
+    explain = sub.add_parser("explain", help="PNG of pooling weights and per-word cross-attention over an image")
+    explain.add_argument("image", metavar="IMAGE")
+    explain.add_argument("caption", nargs="?", help="the caption to explain (default: the model's own caption)")
+    explain.add_argument("--out", help="PNG to write (default: IMAGE's name + .explain.png in the current folder)")
+    add_model_args(explain)
+    explain.set_defaults(func=run_explain)
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    """generate() keyword arguments from the decoding options."""
+    import torch
+
+    if args.beams < 1 or not 0.0 <= args.top_p <= 1.0 or args.max_tokens < 1:
+        raise ValueError(f"need --beams >= 1, 0 <= --top-p <= 1, --max-tokens >= 1; got {args.beams}, {args.top_p}")
+    generator = torch.Generator().manual_seed(args.seed) if args.top_p > 0 else None
+    return {
+        "num_beams": args.beams,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_tokens,
+        "min_new_tokens": args.min_tokens,
+        "generator": generator,
+    }
+
+
+def _generator_on(model, kwargs: dict) -> dict:
+    """Move the sampling generator to the model's device (CUDA sampling needs a CUDA generator)."""
+    import torch
+
+    if kwargs["generator"] is not None and model.device.type != "cpu":
+        seed = kwargs["generator"].initial_seed()
+        kwargs["generator"] = torch.Generator(device=model.device).manual_seed(seed)
+    return kwargs
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Caption every image; bad files are reported and the rest still captioned (exit 1 if any failed)."""
+    from mlm.eval.inference import image_batches, image_transform, load_model
+
+    kwargs = _decoding(args)
+    model = load_model(args.checkpoint, args.device)
+    kwargs = _generator_on(model, kwargs)
+    errors: dict[int, str] = {}
+    captions: dict[int, str] = {}
+    for index, pixels in image_batches(args.images, image_transform(model), args.batch_size, errors=errors):
+        texts = model.generate(pixels, **kwargs)
+        captions.update(zip(index, texts, strict=True))
+    rows = []
+    for i, image in enumerate(args.images):
+        rows.append({"image": image, "caption": captions[i]} if i in captions else {"image": image, "error": errors[i]})
+    _print_rows(rows, args.json, "caption")
+    return 1 if errors else 0
+
+
+def _print_rows(rows: list[dict], as_json: bool, key: str) -> None:
+    """Rows as JSON, or ``image<TAB>value`` lines with errors on stderr."""
+    if as_json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    for row in rows:
+        if "error" in row:
+            print(f"{row['image']}\terror: {row['error']}", file=sys.stderr)
+        else:
+            print(f"{row['image']}\t{row[key]}")
+
+
+def _one_image(model, path: str):
+    """Normalised pixels (1, 3, H, W) and the decoded PIL image of one file; bad files raise ValueError."""
+    from mlm.data.records import DataError
+    from mlm.eval.inference import decode_any, image_transform
+
+    try:
+        image = decode_any(path)
+    except DataError as err:
+        raise ValueError(str(err)) from err
+    return image_transform(model)(image)[None], image
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    """Answer each question about the image."""
+    from mlm.eval.inference import load_model
+
+    kwargs = _decoding(args)
+    model = load_model(args.checkpoint, args.device)
+    pixels, _ = _one_image(model, args.image)
+    answers = model.answer(
+        pixels.expand(len(args.questions), -1, -1, -1), args.questions, **_generator_on(model, kwargs)
+    )
+    rows = [{"image": args.image, "question": q, "answer": a} for q, a in zip(args.questions, answers, strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(f"{row['question']}\t{row['answer']}" if len(rows) > 1 else row["answer"])
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Print the best matching images of the folder for the text."""
+    from mlm.eval.image_index import ImageIndex
+    from mlm.eval.inference import checkpoint_id, load_model
+
+    if args.top_k < 1:
+        raise ValueError(f"-k/--top-k must be >= 1, got {args.top_k}")
+    model = load_model(args.checkpoint, args.device)
+    index = ImageIndex(args.images, model, checkpoint_id(args.checkpoint), args.cache_dir)
+    counts = index.refresh()
+    hits = index.search(args.text, args.top_k)
+    if args.json:
+        rows = [{"image": str(hit.path), "score": hit.score} for hit in hits]
+        print(json.dumps({"query": args.text, "index": counts, "results": rows}, indent=2, ensure_ascii=False))
+        return 0
+    print(f"# {counts['images']} images ({counts['encoded']} encoded now, {counts['reused']} from the cache)")
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank}\t{hit.score:.4f}\t{hit.path}")
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Write the attention-map PNG for the image and caption (the model's own caption when none is given)."""
+    from mlm.eval.attention_maps import attention_maps, plot_attention_maps
+    from mlm.eval.inference import load_model
+
+    model = load_model(args.checkpoint, args.device)
+    pixels, image = _one_image(model, args.image)
+    caption = args.caption if args.caption and args.caption.strip() else model.generate(pixels, min_new_tokens=1)[0]
+    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}.explain.png")
+    plot_attention_maps(image, attention_maps(model, pixels, caption), out)
+    print(f"{caption}\nwrote {out}")
+    return 0
