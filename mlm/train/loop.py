@@ -24,7 +24,14 @@ from mlm.train import checkpoint as ckpt
 from mlm.train import setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
 from mlm.train.losses import MLMLoss
-from mlm.train.sampler import GlobalBatchSampler, SeededItems, caption_features, seed_everything, seed_for
+from mlm.train.sampler import (
+    GlobalBatchSampler,
+    SeededItems,
+    caption_features,
+    seed_everything,
+    seed_for,
+    text_embeddings,
+)
 from mlm.train.schedule import build_optimizer, build_scheduler
 from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
 
@@ -40,14 +47,17 @@ class TrainerState:
     step: int = 0  # optimizer steps taken, skipped ones included (each consumes grad_accum_steps micro-batches)
     elapsed_s: float = 0.0  # training time of earlier sessions of this run
     nonfinite: dict = field(default_factory=lambda: {"skipped": 0, "consecutive": 0})
+    grouping: torch.Tensor | None = None  # (N, E) text embeddings the hard-negative sampler groups this epoch by
 
     def state_dict(self) -> dict:
         """For ``accelerator.register_for_checkpointing``."""
-        return asdict(self)
+        return {"step": self.step, "elapsed_s": self.elapsed_s, "nonfinite": dict(self.nonfinite),
+                "grouping": self.grouping}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from a checkpoint."""
         self.step, self.elapsed_s, self.nonfinite = int(state["step"]), float(state["elapsed_s"]), state["nonfinite"]
+        self.grouping = state.get("grouping")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -157,6 +167,7 @@ class Trainer:
         items = SeededItems(self.dataset, t.seed)
         workers = self.config.data.num_workers
         while True:
+            self._group_epoch(epoch, resumed_inside=start > 0)
             loader = DataLoader(
                 items,
                 batch_sampler=self.sampler.keyed_batches(epoch, start),
@@ -168,6 +179,18 @@ class Trainer:
             for batch in loader:
                 yield _to_device(batch, self.accelerator.device)
             epoch, start = epoch + 1, 0
+
+    def _group_epoch(self, epoch: int, resumed_inside: bool) -> None:
+        """Hard-negative sampler: epoch 0 groups by caption overlap, later epochs by the model's text embeddings
+        at the epoch's start (kept in the checkpoint, so a resume inside the epoch reuses them)."""
+        if not self.config.train.hard_negative_sampler or epoch == 0:
+            return
+        if not (resumed_inside and self.state.grouping is not None):
+            texts = [r.captions[0] if r.captions else r.question or "" for r in self.dataset.source]
+            c = self.config
+            self.state.grouping = text_embeddings(self.unwrapped, self.tokenizer, texts, c.eval.batch_size,
+                                                  c.model.max_text_len, self.accelerator.device)  # fmt: skip
+        self.sampler.set_features(self.state.grouping.float())
 
     def _any(self, *flags: bool) -> list[bool]:
         """For each flag: True when it holds on any process (one tiny all-gather), so all processes act alike."""
@@ -219,7 +242,8 @@ class Trainer:
         """Write a checkpoint for the current step (every process calls this)."""
         self.state.nonfinite = self.guard.state_dict()
         self.state.elapsed_s = self._elapsed()
-        readable = {**self.state.state_dict(), "samples": self.samples_seen, "config": self.config.to_dict()}
+        progress = {k: v for k, v in self.state.state_dict().items() if k != "grouping"}
+        readable = {**progress, "samples": self.samples_seen, "config": self.config.to_dict()}
         path = ckpt.save_checkpoint(
             self.accelerator, self.model, self.output_dir, self.state.step, readable, self.config.train.keep_last
         )

@@ -6,8 +6,9 @@ so a run stopped at step k and resumed draws exactly the batches -- and augmenta
 draws, with or without DataLoader workers.
 
 Grouping similar captions into one batch gives the contrastive loss harder in-batch negatives (Robinson et al.
-2021; Radenovic et al. 2023). It costs O(N D log N) through random-projection-tree bisection (Dasgupta & Freund
-2008, the split rule of Annoy), which varies from epoch to epoch with the seed.
+2021; Radenovic et al. 2023): the first epoch groups by caption overlap (TF-IDF), later epochs by the model's text
+embeddings from the end of the previous epoch. It costs O(N D log N) through random-projection-tree bisection
+(Dasgupta & Freund 2008, the split rule of Annoy), which varies from epoch to epoch with the seed.
 """
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ def caption_features(texts: list[str], dim: int = 256) -> torch.Tensor:
     return torch.nn.functional.normalize(features, dim=1)
 
 
+@torch.no_grad()
+def text_embeddings(model, tokenizer, texts: list[str], batch_size: int, max_len: int, device) -> torch.Tensor:
+    """(N, E) float16 embeddings of ``texts`` by ``model.encode_text`` in eval mode (grouping features)."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = tokenizer.encode_batch(texts[start : start + batch_size], max_len)
+        chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks).half()  # half: a large dataset's features ride along in every checkpoint
+
+
 def similarity_order(features: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
     """A permutation of the N rows of ``features`` (N, D) whose consecutive ``group_size`` chunks hold similar rows.
 
@@ -97,8 +111,8 @@ class GlobalBatchSampler:
     With ``is_vqa`` and ``vqa_fraction`` in [0, 1], every process's batch holds ``round(vqa_fraction * batch_size)``
     VQA records and caption records for the rest (each kind shuffled on its own), so the contrastive loss always
     has the same number of caption rows however the data is mixed; an epoch ends when either kind runs out.
-    With ``features`` set (TF-IDF caption vectors), caption records are ordered by similarity before cutting, so
-    a batch holds look-alike captions (hard negatives); batch order is then shuffled.
+    With ``features`` set (TF-IDF caption vectors or text embeddings), caption records are ordered by similarity
+    before cutting, so a batch holds look-alike captions (hard negatives); batch order is then shuffled.
     """
 
     def __init__(

@@ -177,3 +177,23 @@ def test_a_longer_run_learns_to_retrieve(synth_dir, tmp_path):
     metrics = Validator(config, trainer.dataset.source, trainer.tokenizer)(trainer.unwrapped, torch.device("cpu"))
     chance = 100 / 32  # 32 training images
     assert metrics["val/text_to_image_R@1"] > 2.5 * chance  # measured about 17
+
+
+def test_embedding_grouping_after_the_first_epoch_resumes_exactly(synth_dir, tmp_path):
+    # 32 caption records, 4 caption rows a batch: 8 steps an epoch; the cut falls inside epoch 1.
+    overrides = ["train.max_steps=12", "train.hard_negative_sampler=true", "train.deterministic=true"]
+    whole = _trainer(tiny_config(synth_dir, tmp_path / "whole", *overrides))
+    assert len(whole.sampler) == 8
+    whole.fit()
+    assert whole.state.grouping.shape == (len(whole.dataset), 32)  # text embeddings took over from TF-IDF
+    torch.testing.assert_close(whole.sampler.features, whole.state.grouping.float())
+
+    def sigterm_in_step_10(n, sample):
+        if n == 9 * 8 + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return sample
+
+    cut_dir = tmp_path / "cut"
+    assert _trainer(tiny_config(synth_dir, cut_dir, *overrides), sigterm_in_step_10).fit()["steps"] == 10
+    _trainer(tiny_config(synth_dir, cut_dir, *overrides), resume="latest").fit()
+    assert _losses(cut_dir) == _losses(tmp_path / "whole")
