@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 DEMO_DATA := data/synth
 DEMO_RUN := runs/tiny-synthetic
 
-.PHONY: demo test test-slow lint format install clean
+.PHONY: demo test test-slow lint format install clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed browser
 	$(PY) -m pytest -q -m slow
+
+# Headless Chromium for the demo's browser test: Debian's chromium package (as root) and playwright from PyPI;
+# playwright's own browser download is never used.
+browser: $(VENV)/.installed
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	$(PY) -m pip install -q playwright
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check mlm tests

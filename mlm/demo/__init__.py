@@ -1,0 +1,1 @@
+"""The Gradio demo: caption an uploaded image, ask about it, see attention maps, search a folder by text."""
