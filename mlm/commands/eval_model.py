@@ -19,7 +19,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of the model-based form to the ``eval`` parser."""
     group = parser.add_argument_group("evaluate a checkpoint (instead of a TASK with --predictions)")
     group.add_argument("--checkpoint", metavar="DIR", help="model folder, checkpoint step_* folder or run folder")
-    group.add_argument("--data", metavar="SOURCE", help="any data source spec (captions_test.json, a synth folder...)")
+    group.add_argument(
+        "--data", metavar="SOURCE", help="a data source (captions_test.json, a synth folder...); default: data.test"
+    )
     group.add_argument("--task", dest="model_task", choices=TASK_CHOICES, default="all", help="default: all")
     group.add_argument("--split", default="test", help="split of a Karpathy file or synth folder (default: test)")
     group.add_argument("--out", dest="eval_out", metavar="DIR", help="report folder (default: runs/eval/<name>)")
@@ -77,9 +79,9 @@ def _default_out(checkpoint: str, data: str, task: str) -> Path:
 
 def run_model(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a data source and write the report."""
-    if not args.checkpoint or not args.data:
+    if not args.checkpoint:
         raise ValueError(
-            "give a TASK (vqa|caption|retrieval) with --predictions FILE, or --checkpoint DIR --data SOURCE"
+            "give a TASK (vqa|caption|retrieval) with --predictions FILE, or --checkpoint DIR [--data SOURCE]"
         )
     check_overrides(args.eval_overrides)
     from mlm.eval.inference import load_model
@@ -89,8 +91,11 @@ def run_model(args: argparse.Namespace) -> int:
     cfg = eval_config(model.config, args.eval_overrides)
     if args.vqa_mode:
         cfg.eval.vqa_mode = args.vqa_mode
-    source = open_eval_source(args.data, cfg.data, args.split)
-    out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, args.data, args.model_task)
+    data = args.data or model.config.data.test
+    if not data:
+        raise ValueError(f"give --data SOURCE: the checkpoint's config has no data.test ({args.checkpoint})")
+    source = open_eval_source(data, cfg.data, args.split)
+    out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, data, args.model_task)
     results = evaluate(
         model,
         source,
@@ -100,7 +105,7 @@ def run_model(args: argparse.Namespace) -> int:
         candidates=_read_candidates(args.candidates) if args.candidates else None,
         caption_tokenizer=args.caption_tokenizer,
         caption_metric_names=[m.strip() for m in args.caption_metrics.split(",") if m.strip()],
-        title=f"{args.checkpoint} on {args.data} ({args.split})",
+        title=f"{args.checkpoint} on {data} ({args.split})",
     )
     table = summary_table(results)
     print(table if args.markdown else re.sub(r"^\| --- .*\n", "", table, flags=re.M), end="")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -87,7 +88,7 @@ class DemoService:
 
         image, pixels = self.load_upload(path)
         caption = caption.strip() if caption and caption.strip() else self.caption(path)
-        out = Path(tempfile.mkstemp(suffix=".png", dir=self.out_dir)[1])
+        out = self.out_dir / f"attention-{uuid.uuid4().hex[:12]}.png"
         plot_attention_maps(image, attention_maps(self.model, pixels, caption), out)
         return caption, out
 

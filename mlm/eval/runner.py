@@ -133,6 +133,12 @@ def evaluate_retrieval(model: MLMModel, records: Sequence[Record], ev: EvalConfi
     return metrics
 
 
+def _decoding(model: MLMModel, ev: EvalConfig) -> dict:
+    """generate() settings from eval.*; nucleus sampling is seeded so that a report can be reproduced."""
+    generator = torch.Generator(device=model.device).manual_seed(0) if ev.top_p > 0 else None
+    return {"max_new_tokens": ev.max_new_tokens, "num_beams": ev.num_beams, "top_p": ev.top_p, "generator": generator}
+
+
 def _query_rows(n: int, count: int = PLOT_QUERIES) -> list[int]:
     """Up to count indices spread evenly over range(n)."""
     count = min(count, n)
@@ -215,7 +221,7 @@ def evaluate_vqa(
         if ev.vqa_mode == "rank":
             answers = _rank_batch(model, pixels, texts, candidates)
         else:
-            answers = model.answer(pixels, texts, max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams)
+            answers = model.answer(pixels, texts, **_decoding(model, ev))
         for i, answer in zip(index, answers, strict=True):
             key = questions[i].question_id if questions[i].question_id is not None else i
             predictions[key] = answer
@@ -251,12 +257,10 @@ def evaluate_caption(
         raise ValueError("captioning needs caption records (images with captions); the data has none")
     errors: dict[int, str] = {}
     batches = infer.image_batches([g.image for g in groups], infer.image_transform(model), ev.batch_size, errors=errors)
-    generator = torch.Generator(device=model.device).manual_seed(0) if ev.top_p > 0 else None
+    decoding = _decoding(model, ev)
     predictions: dict[Any, str] = {}
     for index, pixels in _progress(batches, _n_batches(len(groups), ev), "captions"):
-        captions = model.generate(
-            pixels, max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, top_p=ev.top_p, generator=generator
-        )
+        captions = model.generate(pixels, **decoding)
         predictions.update({groups[i].key: caption for i, caption in zip(index, captions, strict=True)})
     if not predictions:
         raise ValueError(f"no image could be decoded, e.g. {next(iter(errors.values()), '')}")
@@ -313,7 +317,8 @@ def evaluate(
     """Evaluate a model on a source spec or records; returns ``{task: metrics}`` for the task(s) run.
 
     Args:
-        model: the model, with its tokenizer attached; it is put in eval mode.
+        model: the bare model (unwrapped from DDP/compile) with its tokenizer; it runs in eval mode and gets its
+            previous mode back.
         data: a source spec for :func:`mlm.data.sources.open_source` (opened with ``split``) or records.
         task: ``retrieval``, ``vqa``, ``caption`` or ``all`` (every task the data has records for).
         cfg: evaluation settings (a Config's ``eval`` section or an EvalConfig); default ``model.config.eval``.
@@ -337,16 +342,20 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
     model.eval()
     results: dict[str, dict] = {}
-    for name in tasks:
-        logger.info("evaluating %s", name)
-        if name == "retrieval":
-            results[name] = evaluate_retrieval(model, records, ev, out)
-        elif name == "vqa":
-            results[name] = evaluate_vqa(model, records, ev, out, candidates)
-        else:
-            results[name] = evaluate_caption(model, records, ev, out, caption_tokenizer, caption_metric_names)
+    try:
+        for name in tasks:
+            logger.info("evaluating %s", name)
+            if name == "retrieval":
+                results[name] = evaluate_retrieval(model, records, ev, out)
+            elif name == "vqa":
+                results[name] = evaluate_vqa(model, records, ev, out, candidates)
+            else:
+                results[name] = evaluate_caption(model, records, ev, out, caption_tokenizer, caption_metric_names)
+    finally:
+        model.train(was_training)
     if out is not None:
         _write(results, out, title or f"Evaluation: {', '.join(tasks)}")
     return results

@@ -24,7 +24,10 @@ def run_cli(argv):
 
 def test_retrieval_matches_embeddings_computed_by_hand_with_every_caption_of_an_image(tiny_model, tiny_run):
     source = open_eval_source(tiny_run[1] / "captions_test.json")
+    tiny_model.train()  # as the training loop calls it
     metrics = evaluate(tiny_model, source, "retrieval")["retrieval"]
+    assert tiny_model.training  # its mode is given back
+    tiny_model.eval()
     groups = caption_groups(source)
     pixels = torch.stack([infer.image_transform(tiny_model)(infer.decode_any(g.image)) for g in groups])
     texts = [c for g in groups for c in g.captions]
@@ -112,5 +115,7 @@ def test_mlm_eval_checkpoint_form_prints_a_markdown_table_and_writes_the_report(
     assert f"| | mean recall | {metrics['retrieval']['mean_recall']:.2f} |" in printed
     with pytest.raises(ValueError, match="only eval.\\* and data.\\*"):
         run_cli(argv + ["--set", "model.dim=8"])
-    with pytest.raises(ValueError, match="--checkpoint DIR --data SOURCE"):
+    with pytest.raises(ValueError, match="--predictions FILE, or --checkpoint DIR"):
+        run_cli(["eval"])
+    with pytest.raises(ValueError, match="give --data SOURCE: the checkpoint's config has no data.test"):
         run_cli(["eval", "--checkpoint", str(run)])
