@@ -1,5 +1,6 @@
 """Periodic validation: caption-to-image bookkeeping across batches, VQA scoring, and logging from the loop."""
 
+import pytest
 import torch
 from tiny_run import tiny_config
 
@@ -10,6 +11,8 @@ from mlm.train.loop import Trainer
 from mlm.train.setup import open_split
 from mlm.train.tracking import read_metrics
 from mlm.train.validation import Validator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_retrieval_matches_embeddings_computed_one_image_at_a_time(synth_dir, tmp_path):
