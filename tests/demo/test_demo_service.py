@@ -71,3 +71,12 @@ def test_app_wires_the_service_and_serves_on_localhost(service, tiny_run):
         assert {"upload", "caption", "caption-button", "ask-button", "explain-button", "search-button"} <= ids
     finally:
         app.close()
+
+
+def test_mlm_demo_checks_its_arguments_before_serving(tiny_run, capsys):
+    from mlm.cli import main
+
+    assert main(["demo", "--checkpoint", str(tiny_run[0]), "--port", "70000"]) == 2
+    assert "--port 70000 is not a TCP port" in capsys.readouterr().err
+    assert main(["demo", "--checkpoint", str(tiny_run[0]), "--images", str(tiny_run[1] / "nowhere")]) == 2
+    assert "image folder not found" in capsys.readouterr().err
