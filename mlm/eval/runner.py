@@ -61,7 +61,9 @@ def open_eval_source(spec: str | Path, data: DataConfig | None = None, split: st
 
     source = open_source(str(spec), data or DataConfig(), split)
     if source.stats.skipped:
-        logger.warning("%s: skipped %d bad record(s): %s", spec, sum(source.stats.skipped.values()), source.stats)
+        logger.warning(
+            "%s: skipped %d bad record(s): %s", spec, source.stats.read - source.stats.kept, dict(source.stats.skipped)
+        )
     return source
 
 
