@@ -103,7 +103,7 @@ def _overlay(ax, image: Image.Image, heat: Tensor, title: str) -> None:
 
 
 def plot_attention_maps(
-    image: Image.Image, maps: AttentionMaps, path: str | Path, max_words: int = 12, size: int = 192
+    image: Image.Image, maps: AttentionMaps, path: str | Path, max_words: int = 16, size: int = 192
 ) -> Path:
     """Write a PNG: the image and each level's pooling weights, then each caption word's cross-attention."""
     from mlm.eval.report import _pyplot, _save
