@@ -22,7 +22,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data", metavar="SOURCE", help="a data source (captions_test.json, a synth folder...); default: data.test"
     )
-    group.add_argument("--task", dest="model_task", choices=TASK_CHOICES, default="all", help="default: all")
+    group.add_argument(
+        "--task",
+        dest="model_task",
+        action="append",
+        metavar="TASK",
+        help=f"one of {', '.join(TASK_CHOICES)} (repeatable or comma-separated; default: all)",
+    )
     group.add_argument("--split", default="test", help="split of a Karpathy file or synth folder (default: test)")
     group.add_argument("--out", dest="eval_out", metavar="DIR", help="report folder (default: runs/eval/<name>)")
     group.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
@@ -95,11 +101,12 @@ def run_model(args: argparse.Namespace) -> int:
     if not data:
         raise ValueError(f"give --data SOURCE: the checkpoint's config has no data.test ({args.checkpoint})")
     source = open_eval_source(data, cfg.data, args.split)
-    out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, data, args.model_task)
+    tasks = args.model_task or ["all"]
+    out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, data, "+".join(tasks))
     results = evaluate(
         model,
         source,
-        args.model_task,
+        tasks,
         cfg,
         out_dir=out,
         candidates=_read_candidates(args.candidates) if args.candidates else None,

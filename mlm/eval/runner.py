@@ -303,10 +303,19 @@ def _eval_config(model: MLMModel, cfg: Config | EvalConfig | None) -> EvalConfig
     return cfg.eval if isinstance(cfg, Config) else cfg
 
 
+def _task_list(task: str | Sequence[str]) -> list[str]:
+    """Requested tasks in TASKS order; an empty list means all."""
+    names = [t.strip() for item in ([task] if isinstance(task, str) else task) for t in item.split(",") if t.strip()]
+    unknown = [t for t in names if t not in (*TASKS, "all")]
+    if unknown or not names:
+        raise ValueError(f"task {', '.join(unknown) or repr(task)} is not one of {', '.join((*TASKS, 'all'))}")
+    return [] if "all" in names else [t for t in TASKS if t in names]
+
+
 def evaluate(
     model: MLMModel,
     data: str | Path | Sequence[Record],
-    task: str = "all",
+    task: str | Sequence[str] = "all",
     cfg: Config | EvalConfig | None = None,
     *,
     out_dir: str | Path | None = None,
@@ -322,7 +331,8 @@ def evaluate(
         model: the bare model (unwrapped from DDP/compile) with its tokenizer; it runs in eval mode and gets its
             previous mode back.
         data: a source spec for :func:`mlm.data.sources.open_source` (opened with ``split``) or records.
-        task: ``retrieval``, ``vqa``, ``caption`` or ``all`` (every task the data has records for).
+        task: ``retrieval``, ``vqa``, ``caption``, a list of them (comma-separated works too), or ``all`` (every
+            task the data has records for).
         cfg: evaluation settings (a Config's ``eval`` section or an EvalConfig); default ``model.config.eval``.
         out_dir: where to write predictions, figures, ``metrics.json`` and ``report.md``; None writes nothing.
         candidates: the rank mode's answer list (default: the answers of the evaluated questions).
@@ -330,15 +340,14 @@ def evaluate(
         caption_metric_names: any of BLEU, METEOR, ROUGE-L, CIDEr (METEOR starts a Java process: slow).
         title: the heading of report.md.
     """
-    if task not in (*TASKS, "all"):
-        raise ValueError(f"task {task!r} is not one of {', '.join((*TASKS, 'all'))}")
+    requested = _task_list(task)
     ev = _eval_config(model, cfg)
     if ev.batch_size < 1 or ev.chunk_size < 1:
         raise ValueError(f"eval.batch_size and eval.chunk_size must be >= 1, got {ev.batch_size}, {ev.chunk_size}")
     records = open_eval_source(data, split=split) if isinstance(data, (str, Path)) else data
     has_vqa = any(r.is_vqa for r in records)
     has_captions = any(not r.is_vqa and r.captions for r in records)
-    tasks = [task] if task != "all" else [t for t in TASKS if (has_vqa if t == "vqa" else has_captions)]
+    tasks = requested if requested else [t for t in TASKS if (has_vqa if t == "vqa" else has_captions)]
     if not tasks:
         raise ValueError("the data has neither caption nor question records to evaluate")
     out = Path(out_dir) if out_dir is not None else None

@@ -97,8 +97,10 @@ def test_candidate_list_counts_normalised_answers_and_keeps_the_common_spelling(
 
 
 def test_evaluate_names_what_is_missing(tiny_model, tiny_run):
-    with pytest.raises(ValueError, match="task 'captions' is not one of"):
-        evaluate(tiny_model, tiny_run[1], "captions")
+    with pytest.raises(ValueError, match="task captions is not one of retrieval, vqa, caption, all"):
+        evaluate(tiny_model, tiny_run[1], "retrieval,captions")
+    both = evaluate(tiny_model, tiny_run[1], ["vqa", "retrieval"])
+    assert list(both) == ["retrieval", "vqa"] and both == evaluate(tiny_model, tiny_run[1], "retrieval, vqa")
     with pytest.raises(ValueError, match="VQA needs question records"):
         evaluate(tiny_model, tiny_run[1] / "captions_test.json", "vqa")
     only_questions = evaluate(tiny_model, tiny_run[1] / "vqa_questions_test.json", "all")
