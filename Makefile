@@ -22,9 +22,15 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 install: $(VENV)/.installed
 
+# synthesize -> train (resumes, so a finished run is not retrained) -> evaluate -> caption a few test images
 demo: $(VENV)/.installed
 	$(MLM) data synth --out $(DEMO_DATA) --images 2000 --size 64 --seed 0
-	$(MLM) data check $(DEMO_DATA)/captions_train.json
+	$(MLM) data check $(DEMO_DATA) --split train
+	$(MLM) train --config configs/tiny-synthetic.yaml --resume latest
+	$(MLM) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --split test --task all --out $(DEMO_RUN)/eval-test --markdown
+	$(MLM) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --split compositional --task retrieval --task vqa \
+		--out $(DEMO_RUN)/eval-compositional --markdown
+	$(MLM) caption --checkpoint $(DEMO_RUN) $(DEMO_DATA)/images/00000000180[1-5].png
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
