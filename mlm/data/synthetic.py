@@ -158,6 +158,11 @@ def _a(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
+def _plural(noun: str) -> str:
+    """English plural of a shape name: "circles", "crosses"."""
+    return f"{noun}es" if noun.endswith(("s", "x", "sh", "ch")) else f"{noun}s"
+
+
 def _at(obj: SceneObject) -> str:
     return f"at the {obj.position}"
 
@@ -242,7 +247,7 @@ def make_questions(objects: list[SceneObject], rng: random.Random) -> list[dict]
         count, question = colors.count(color), f"how many {color} shapes are there?"
     else:
         shape = rng.choice(shapes) if rng.random() < 0.7 else rng.choice(SHAPES)
-        count, question = shapes.count(shape), f"how many {shape}s are there?"
+        count, question = shapes.count(shape), f"how many {_plural(shape)} are there?"
     add(question, str(count), "how many", "number", [NUMBERS[count]])
     if rng.random() < 0.5:
         obj = rng.choice(objects)

@@ -171,3 +171,16 @@ def test_ten_thousand_images_under_a_minute(tmp_path):
     start = time.perf_counter()
     S.generate(tmp_path, n_images=10_000, workers=2)
     assert time.perf_counter() - start < 60
+
+
+def test_shape_counts_use_english_plurals(synth):
+    out, sizes = synth
+    questions = [
+        q["question"]
+        for split in sizes
+        for q in json.loads((out / f"vqa_questions_{split}.json").read_text())["questions"]
+    ]
+    counted = {m.group(1) for q in questions if (m := re.match(r"how many (\w+) are there\?", q))}
+    assert counted - {"objects", "shapes"}, "no shape-count question was generated"
+    assert counted <= {"objects", "shapes"} | {S._plural(s) for s in S.SHAPES}
+    assert S._plural("cross") == "crosses" and S._plural("star") == "stars"
