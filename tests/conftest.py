@@ -28,3 +28,30 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tests' tiny matmuls run several times slower with threads on busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run folder, synth folder): 30 training steps of the tiny model on 40 synthetic scenes."""
+    import tiny_checkpoint
+
+    return tiny_checkpoint.build(tmp_path_factory.getbasetemp() / "tiny-checkpoint")
+
+
+@pytest.fixture
+def tiny_model(tiny_run):
+    """A fresh copy of the tiny trained model, loaded from its checkpoint."""
+    from mlm.eval.inference import load_model
+
+    return load_model(tiny_run[0], "cpu")

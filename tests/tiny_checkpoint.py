@@ -1,7 +1,8 @@
 """A tiny trained checkpoint for the model-facing tests (evaluation, the predict commands, the demo).
 
-Trained once per test session with the real training API (30 steps on 40 synthetic 32-pixel scenes, ~5 s); each
-test folder's conftest exposes it as the session fixture ``tiny_checkpoint`` and the data as ``tiny_synth``.
+Trained once per test session with the real training API (30 steps on 40 synthetic 32-pixel scenes, ~5 s);
+tests/conftest.py exposes it as the session fixture ``tiny_run`` (run and synth folders) and the model as
+``tiny_model``.
 """
 
 from pathlib import Path
@@ -24,7 +25,6 @@ TINY_MODEL = [
     "model.mla.qk_rope_head_dim=4",
     "model.mla.v_head_dim=8",
     "data.vocab_size=200",
-    "eval.batch_size=8",
 ]
 
 
@@ -40,7 +40,7 @@ def build(base: Path) -> tuple[Path, Path]:
     generate(synth, n_images=40, size=32, seed=0)
     sets = [f"data.train={synth}", f"train.output_dir={run}", "train.batch_size=8", "train.warmup_steps=2",
             "train.lr=3e-3", "train.max_steps=30", "train.save_every=0", "train.trackers=[csv]",
-            "train.mixed_precision='no'"]  # fmt: skip
+            "train.mixed_precision='no'", "eval.batch_size=8"]  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model trains faster on one thread than with two busy cores fighting
     try:
