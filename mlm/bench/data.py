@@ -4,11 +4,9 @@ for DataLoader(num_workers=0, 1, 2), on a given source or a small synthetic set 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +44,8 @@ def measure(loader, max_batches: int = 0) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    """Print a table of samples/s per worker count and write it as JSON with ``--json``."""
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """Measure samples/s per worker count; return the JSON report and a readable table."""
     import torch
 
     from mlm.config import Config
@@ -79,12 +77,12 @@ def run(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
         "results": rows,
     }
-    print(f"data loading: {result['source']}, {len(source)} records, batch {args.batch_size}, {args.image_size}px")
-    print(f"{'num_workers':>12} {'samples/s':>12} {'samples':>9} {'first batch s':>14}")
+    lines = [
+        f"data loading: {result['source']}, {len(source)} records, batch {args.batch_size}, {args.image_size}px",
+        f"{'num_workers':>12} {'samples/s':>12} {'samples':>9} {'first batch s':>14}",
+    ]
     for row in rows:
-        print(
+        lines.append(
             f"{row['num_workers']:>12} {row['samples_per_s']:>12.1f} {row['samples']:>9} {row['first_batch_s']:>14.3f}"
         )
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
-    return 0
+    return result, "\n".join(lines)

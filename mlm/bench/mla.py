@@ -10,12 +10,10 @@ Runs on CPU and, when one is present, on CUDA. The defaults follow DeepSeek-V2-L
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
 import time
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +167,8 @@ def _table(device_name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark, print a table per device and write JSON when --json is given."""
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """Measure every device; return the JSON report and a readable table per device."""
     import torch
 
     if args.decode_steps < 1 or min(args.contexts) < 1:
@@ -183,7 +181,6 @@ def run(args: argparse.Namespace) -> int:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--devices {name}: CUDA is not available on this machine")
         by_device[name] = _measure_device(args, name)
-        print(_table(name, by_device[name]), end="\n\n")
     first = by_device[devices[0]]
     report = {
         "device": devices[0],
@@ -198,9 +195,4 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
-    if args.json_out:
-        path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
-        print(f"wrote {path}")
-    return 0
+    return report, "\n\n".join(_table(name, result) for name, result in by_device.items())

@@ -1,12 +1,15 @@
 """``mlm bench NAME``: benchmarks that print a table and write JSON; each lives in ``mlm.bench.<name>``.
 
-Each benchmark module exposes ``add_arguments(parser)`` (no heavy imports) and ``run(args) -> int``.
+Each benchmark module exposes ``add_arguments(parser)`` (no heavy imports) and ``run(args) -> (report, table)``:
+the report is written as JSON with ``--json OUT`` and the table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+from pathlib import Path
 
 BENCHES = {
     "data": ("mlm.bench.data", "data loading throughput (samples/s) for 0, 1, 2 workers"),
@@ -23,4 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         bench.add_argument("--json", dest="json_out", metavar="OUT", help="also write the results as JSON here")
         module = importlib.import_module(module_name)
         module.add_arguments(bench)
-        bench.set_defaults(func=module.run)
+        bench.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark named by ``args.bench``, print its table and write its JSON report."""
+    report, table = importlib.import_module(BENCHES[args.bench][0]).run(args)
+    print(table)
+    if args.json_out:
+        path = Path(args.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+    return 0

@@ -1,11 +1,10 @@
 """Tests for ``mlm bench mla`` on a tiny configuration."""
 
-import argparse
 import json
 import subprocess
 import sys
 
-from mlm.bench import mla
+from mlm.cli import main
 
 
 def test_add_arguments_imports_no_torch():
@@ -18,15 +17,12 @@ def test_add_arguments_imports_no_torch():
 
 
 def test_bench_mla_tiny_run_writes_the_issue_keys(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", dest="json_out")
-    mla.add_arguments(parser)
     out = tmp_path / "mla.json"
-    args = parser.parse_args(
-        "--dim 32 --n-heads 4 --n-kv-heads 2 --qk-nope-head-dim 8 --qk-rope-head-dim 4 --v-head-dim 8 "
-        f"--kv-lora-rank 8 --contexts 16 32 --decode-steps 2 --devices cpu --json {out}".split()
+    argv = (
+        "bench mla --dim 32 --n-heads 4 --n-kv-heads 2 --qk-nope-head-dim 8 --qk-rope-head-dim 4 --v-head-dim 8 "
+        f"--kv-lora-rank 8 --contexts 16 32 --decode-steps 2 --devices cpu --json {out}"
     )
-    assert mla.run(args) == 0
+    assert main(argv.split()) == 0
     report = json.loads(out.read_text())
     # bytes per token read off the filled caches: MHA 4 heads x (12 + 8), GQA 2 heads x (12 + 8), MLA 8 + 4; fp32
     assert report["kv_cache_bytes_per_token"] == {"mha": 4 * 20 * 4, "gqa": 2 * 20 * 4, "mla": 12 * 4}

@@ -1,10 +1,8 @@
 """``mlm data synth``, ``mlm data check`` (tables, --strict, a messy folder) and ``mlm bench data``."""
 
-import argparse
 import json
 import shutil
 
-from mlm.bench import data as bench_data
 from mlm.cli import main
 from mlm.data import records as R
 from tests.data.conftest import BAD_IMAGES, write_images, write_json
@@ -70,9 +68,8 @@ def test_messy_folder_reports_everything_without_crashing(coco_dir, tmp_path, ca
 
 
 def test_bench_data_writes_json(tmp_path, capsys):
-    args = argparse.Namespace(data=None, split="train", images=20, image_size=32, batch_size=8, workers="0",
-                              max_batches=0, json_out=str(tmp_path / "b.json"))  # fmt: skip
-    assert bench_data.run(args) == 0
+    argv = ["bench", "data", "--images", "20", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
+    assert main([*argv, "--json", str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     (row,) = result["results"]
     assert row["num_workers"] == 0 and row["samples"] > 0 and row["samples_per_s"] > 0
