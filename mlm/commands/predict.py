@@ -31,7 +31,9 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     way.add_argument("--beams", type=int, default=1, metavar="N", help="beam search with N beams (default: greedy)")
     way.add_argument("--top-p", type=float, default=0.0, metavar="P", help="nucleus sampling with this top-p")
     parser.add_argument("--seed", type=int, default=0, help="seed of nucleus sampling")
-    parser.add_argument("--max-tokens", type=int, default=20, help="longest output in tokens (default: 20)")
+    parser.add_argument(
+        "--max-tokens", type=int, help="longest output in tokens (default: eval.max_new_tokens of the checkpoint)"
+    )
     parser.add_argument(
         "--min-tokens", type=int, default=1, help="EOS is not allowed before this many tokens (default: 1, never empty)"
     )
@@ -75,8 +77,11 @@ def _decoding(args: argparse.Namespace) -> dict:
     """generate() keyword arguments from the decoding options."""
     import torch
 
-    if args.beams < 1 or not 0.0 <= args.top_p <= 1.0 or args.max_tokens < 1:
-        raise ValueError(f"need --beams >= 1, 0 <= --top-p <= 1, --max-tokens >= 1; got {args.beams}, {args.top_p}")
+    if args.beams < 1 or not 0.0 <= args.top_p <= 1.0 or (args.max_tokens is not None and args.max_tokens < 1):
+        raise ValueError(
+            "need --beams >= 1, 0 <= --top-p <= 1, --max-tokens >= 1; "
+            f"got --beams {args.beams}, --top-p {args.top_p}, --max-tokens {args.max_tokens}"
+        )
     generator = torch.Generator().manual_seed(args.seed) if args.top_p > 0 else None
     return {
         "num_beams": args.beams,

@@ -36,6 +36,10 @@ def test_caption_decoding_options_and_a_bad_file(tiny_run, tmp_path, capsys):
     assert rows[0]["caption"] and "not an image" in rows[1]["error"]
     with pytest.raises(SystemExit):
         main(["caption", images[0], *checkpoint, "--beams", "2", "--top-p", "0.9"])
+    assert main(["caption", images[0], *checkpoint, "--max-tokens", "0"]) == 2
+    assert "--max-tokens 0" in capsys.readouterr().err
+    short = run_json(capsys, ["caption", images[0], *checkpoint, "--max-tokens", "2"])
+    assert len(short[0]["caption"].split()) <= 2
 
 
 def test_ask_answers_each_question(tiny_run, capsys):
