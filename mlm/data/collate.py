@@ -122,11 +122,11 @@ class Collate:
         }
 
 
-def build_loader(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool, batch_size: int | None = None):
-    """A DataLoader of batch dicts for a source, sized by a full ``Config`` (model.image_size, data.*, train.*)."""
+def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool) -> MLMDataset:
+    """MLMDataset over a source with the config's transform, text length and image-size guard (a full ``Config``)."""
     from mlm.data.transforms import build_transform
 
-    dataset = MLMDataset(
+    return MLMDataset(
         source,
         tokenizer,
         build_transform(cfg.model.image_size, train=train, augment=cfg.data.augment),
@@ -135,6 +135,11 @@ def build_loader(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: 
         max_pixels=cfg.data.max_image_pixels,
         strict=cfg.data.strict,
     )
+
+
+def build_loader(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool, batch_size: int | None = None):
+    """A DataLoader of batch dicts for a source, sized by a full ``Config`` (model.image_size, data.*, train.*)."""
+    dataset = build_dataset(source, tokenizer, cfg, train)
     batch_size = batch_size or (cfg.train.batch_size if train else cfg.eval.batch_size)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(

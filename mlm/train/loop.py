@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mlm.config import Config, ConfigError
+from mlm.data.collate import build_dataset
 from mlm.train import checkpoint as ckpt
 from mlm.train import setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
@@ -101,7 +102,7 @@ class Trainer:
         if train_dataset is None:
             source = setup.open_split(c, c.data.train, "train")
             self.tokenizer = setup.build_tokenizer(c, source, accel, self.checkpoint)
-            train_dataset = setup.build_dataset(c, source, self.tokenizer, train=True)
+            train_dataset = build_dataset(source, self.tokenizer, c, train=True)
         else:
             self.tokenizer = train_dataset.tokenizer
         c.model.vocab_size = self.tokenizer.vocab_size

@@ -103,22 +103,6 @@ def build_tokenizer(config: Config, source, accelerator, checkpoint: Path | None
     return MLMTokenizer.from_file(path)
 
 
-def build_dataset(config: Config, source, tokenizer, train: bool):
-    """MLMDataset over a source with the config's transform, text length and image-size guard."""
-    from mlm.data.collate import MLMDataset
-    from mlm.data.transforms import build_transform
-
-    return MLMDataset(
-        source,
-        tokenizer,
-        build_transform(config.model.image_size, train=train, augment=config.data.augment),
-        max_len=config.model.max_text_len,
-        train=train,
-        max_pixels=config.data.max_image_pixels,
-        strict=config.data.strict,
-    )
-
-
 def open_split(config: Config, spec: str, split: str):
     """Open a data source and log its skip table."""
     from mlm.data.sources import open_source

@@ -22,14 +22,14 @@ class Validator:
     """Holds a validation subset (``eval.max_samples`` caption and VQA records each; 0 = all) and scores a model."""
 
     def __init__(self, config: Config, source, tokenizer):
-        from mlm.train.setup import build_dataset
+        from mlm.data.collate import build_dataset
 
         limit = config.eval.max_samples or None
         self.captions = [r for r in source if not r.is_vqa and r.captions][:limit]
         self.questions = [r for r in source if r.is_vqa and r.answers][:limit]
         if not self.captions and not self.questions:
             raise ValueError(f"validation source {getattr(source, 'name', '')!r} has no caption or VQA record")
-        self.images = build_dataset(config, list(self.captions) + list(self.questions), tokenizer, train=False)
+        self.images = build_dataset(list(self.captions) + list(self.questions), tokenizer, config, train=False)
         self.tokenizer = tokenizer
         self.config = config
 

@@ -9,11 +9,12 @@ import torch
 from tiny_run import tiny_config
 
 from mlm.config import ConfigError
+from mlm.data.collate import build_dataset
 from mlm.model import MLMModel
 from mlm.train import checkpoint as ckpt
 from mlm.train.guards import NonFiniteLossError
 from mlm.train.loop import Trainer
-from mlm.train.setup import build_dataset, open_split
+from mlm.train.setup import open_split
 from mlm.train.tracking import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +48,7 @@ def _trainer(config, hook=None, resume=None):
     # broken differently from one training to the next).
     if config.data.train not in _TOKENIZERS:
         _TOKENIZERS[config.data.train] = MLMTokenizer.train_wordpiece(source.texts(), config.data.vocab_size)
-    dataset = build_dataset(config, source, _TOKENIZERS[config.data.train], train=True)
+    dataset = build_dataset(source, _TOKENIZERS[config.data.train], config, train=True)
     return Trainer(config, resume=resume, train_dataset=Tap(dataset, hook or (lambda n, s: s)))
 
 
