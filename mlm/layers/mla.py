@@ -131,6 +131,20 @@ class MultiHeadLatentAttention(nn.Module):
             out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
 
+    def _project(self, x: Tensor, rope, cache: LatentKVCache | None, context) -> tuple[Tensor, ...]:
+        """Queries of x and the keys' latent: (q_nope, q_rope, c_kv, k_rope), RoPE applied, cache appended."""
+        q_nope, q_rope = self._queries(x)
+        if self.cross:
+            latent = context if isinstance(context, LatentKVCache) else self.encode_context(context)
+            return q_nope, q_rope, latent.c_kv, latent.k_rope
+        c_kv, k_rope = self._latent(x)
+        if rope is not None:
+            cos, sin = rope_for_heads(rope, x.shape[1])
+            q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, *rope)
+        if cache is not None:
+            c_kv, k_rope = cache.append(c_kv, k_rope)
+        return q_nope, q_rope, c_kv, k_rope
+
     @torch.no_grad()
     def attention_weights(
         self,
@@ -146,15 +160,7 @@ class MultiHeadLatentAttention(nn.Module):
         values by, so ``o_proj(weights @ V)`` equals ``forward``. Not used by training or decoding.
         """
         check_sources(self, rope, None, context)
-        q_nope, q_rope = self._queries(x)
-        if self.cross:
-            latent = context if isinstance(context, LatentKVCache) else self.encode_context(context)
-            c_kv, k_rope = latent.c_kv, latent.k_rope
-        else:
-            c_kv, k_rope = self._latent(x)
-            if rope is not None:
-                cos, sin = rope_for_heads(rope, x.shape[1])
-                q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, *rope)
+        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, None, context)
         w_uk, _ = self._up_weights()
         k_nope = torch.einsum("bsr,hnr->bhsn", c_kv, w_uk)  # (B, H, S, nope)
         scores = q_nope @ k_nope.transpose(-1, -2) + (q_rope @ k_rope[:, None].transpose(-1, -2))  # (B, H, T, S)
@@ -181,17 +187,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         check_sources(self, rope, cache, context)
         b, t, _ = x.shape
-        q_nope, q_rope = self._queries(x)
-        if self.cross:
-            latent = context if isinstance(context, LatentKVCache) else self.encode_context(context)
-            c_kv, k_rope = latent.c_kv, latent.k_rope
-        else:
-            c_kv, k_rope = self._latent(x)
-            if rope is not None:
-                cos, sin = rope_for_heads(rope, t)
-                q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, *rope)
-            if cache is not None:
-                c_kv, k_rope = cache.append(c_kv, k_rope)
+        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, cache, context)
         mask = check_mask(mask, t, c_kv.shape[1])
         path = self._absorbed if absorbed else self._naive
         out = path(q_nope, q_rope, c_kv, k_rope, mask, top_k)  # (B, H, T, v)
