@@ -91,7 +91,8 @@ def run_model(args: argparse.Namespace) -> int:
         )
     check_overrides(args.eval_overrides)
     from mlm.eval.inference import load_model
-    from mlm.eval.runner import evaluate, open_eval_source, summary_table
+    from mlm.eval.report import summary_table
+    from mlm.eval.runner import evaluate, open_eval_source
 
     model = load_model(args.checkpoint, args.device)
     cfg = eval_config(model.config, args.eval_overrides)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlm.eval.report import read_json
+from mlm.eval.report import read_json, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +148,4 @@ def load_coco_captions(path: str | Path) -> dict[Any, list[str]]:
 
 def load_caption_results(path: str | Path) -> dict[Any, str]:
     """Read a COCO caption results file ``[{"image_id": ..., "caption": ...}]``, one caption per image."""
-    results = read_json(path)
-    if not isinstance(results, list):
-        raise ValueError(f"{path}: expected a JSON list of {{'image_id', 'caption'}} objects")
-    predictions: dict[Any, str] = {}
-    for i, item in enumerate(results):
-        if not isinstance(item, dict) or "image_id" not in item or not isinstance(item.get("caption"), str):
-            raise ValueError(f"{path}: entry {i} must have 'image_id' and a string 'caption', got {item!r}")
-        if item["image_id"] in predictions:
-            raise ValueError(f"{path}: entry {i} repeats image_id {item['image_id']!r} (one caption per image)")
-        predictions[item["image_id"]] = item["caption"]
-    return predictions
+    return read_results(path, "image_id", "caption")

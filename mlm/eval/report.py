@@ -28,6 +28,22 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
 
 
+def read_results(path: str | Path, id_key: str, value_key: str) -> dict[Any, str]:
+    """Read an official results file ``[{id_key: ..., value_key: "..."}]`` as {id: value}, one entry per id."""
+    results = read_json(path)
+    if not isinstance(results, list):
+        kind = type(results).__name__
+        raise ValueError(f"{path}: expected a JSON list of {{'{id_key}', '{value_key}'}} objects, got a {kind}")
+    values: dict[Any, str] = {}
+    for i, item in enumerate(results):
+        if not isinstance(item, dict) or id_key not in item or not isinstance(item.get(value_key), str):
+            raise ValueError(f"{path}: entry {i} must have '{id_key}' and a string '{value_key}', got {item!r}")
+        if item[id_key] in values:
+            raise ValueError(f"{path}: entry {i} repeats {id_key} {item[id_key]!r} (one {value_key} per {id_key})")
+        values[item[id_key]] = item[value_key]
+    return values
+
+
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested metric dicts as one level with ``/``-joined names (``per_answer_type/yes/no``)."""
     flat: dict[str, Any] = {}
@@ -184,3 +200,35 @@ def _save(fig, plt, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _fmt(*values: Any) -> str:
+    """Numbers joined by ' / ', 'n/a' for missing ones."""
+    return " / ".join("n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in values)
+
+
+def summary_table(results: dict[str, dict]) -> str:
+    """A short Markdown table of the headline numbers of each task (the full table is in report.md)."""
+    rows = ["| task | metric | value |", "| --- | --- | ---: |"]
+    if "retrieval" in results:
+        r = results["retrieval"]
+        size = f"{r['num_images']} images, {r['num_texts']} captions"
+        rows += [
+            f"| retrieval ({size}) | image→text R@1 / R@5 / R@10 | "
+            f"{_fmt(r['image_to_text_R@1'], r['image_to_text_R@5'], r['image_to_text_R@10'])} |",
+            f"| | text→image R@1 / R@5 / R@10 | "
+            f"{_fmt(r['text_to_image_R@1'], r['text_to_image_R@5'], r['text_to_image_R@10'])} |",
+            f"| | mean recall | {_fmt(r['mean_recall'])} |",
+            f"| | median rank image→text / text→image | "
+            f"{_fmt(r['image_to_text_median_rank'], r['text_to_image_median_rank'])} |",
+        ]
+    if "vqa" in results:
+        v = results["vqa"]
+        rows.append(f"| VQA, {v['mode']} ({v['num_questions']} questions) | accuracy | {_fmt(v['overall'])} |")
+        rows += [f"| | {name} | {_fmt(value)} |" for name, value in v["per_answer_type"].items()]
+    if "caption" in results:
+        c = results["caption"]
+        names = [n for n in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if n in c]
+        values = _fmt(*(c[n] for n in names))
+        rows.append(f"| captioning ({c['num_images']} images) | {' / '.join(names)} | {values} |")
+    return "\n".join(rows) + "\n"

@@ -378,35 +378,3 @@ def _write(results: dict[str, dict], out: Path, title: str) -> None:
 
     figures = {caption: out / name for task, name, caption in FIGURES if task in results and (out / name).is_file()}
     write_report(results, out, title, figures=figures)
-
-
-def _fmt(*values: Any) -> str:
-    """Numbers joined by ' / ', 'n/a' for missing ones."""
-    return " / ".join("n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in values)
-
-
-def summary_table(results: dict[str, dict]) -> str:
-    """A short Markdown table of the headline numbers of each task (the full table is in report.md)."""
-    rows = ["| task | metric | value |", "| --- | --- | ---: |"]
-    if "retrieval" in results:
-        r = results["retrieval"]
-        size = f"{r['num_images']} images, {r['num_texts']} captions"
-        rows += [
-            f"| retrieval ({size}) | image→text R@1 / R@5 / R@10 | "
-            f"{_fmt(r['image_to_text_R@1'], r['image_to_text_R@5'], r['image_to_text_R@10'])} |",
-            f"| | text→image R@1 / R@5 / R@10 | "
-            f"{_fmt(r['text_to_image_R@1'], r['text_to_image_R@5'], r['text_to_image_R@10'])} |",
-            f"| | mean recall | {_fmt(r['mean_recall'])} |",
-            f"| | median rank image→text / text→image | "
-            f"{_fmt(r['image_to_text_median_rank'], r['text_to_image_median_rank'])} |",
-        ]
-    if "vqa" in results:
-        v = results["vqa"]
-        rows.append(f"| VQA, {v['mode']} ({v['num_questions']} questions) | accuracy | {_fmt(v['overall'])} |")
-        rows += [f"| | {name} | {_fmt(value)} |" for name, value in v["per_answer_type"].items()]
-    if "caption" in results:
-        c = results["caption"]
-        names = [n for n in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if n in c]
-        values = _fmt(*(c[n] for n in names))
-        rows.append(f"| captioning ({c['num_images']} images) | {' / '.join(names)} | {values} |")
-    return "\n".join(rows) + "\n"

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mlm.eval.report import read_json
+from mlm.eval.report import read_json, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -222,18 +222,7 @@ def load_vqa_annotations(annotations_path: str | Path, questions_path: str | Pat
 
 def load_vqa_results(path: str | Path) -> dict[Any, str]:
     """Read a results file in the official format ``[{"question_id": ..., "answer": ...}]``."""
-    results = read_json(path)
-    if not isinstance(results, list):
-        kind = type(results).__name__
-        raise ValueError(f"{path}: expected a JSON list of {{'question_id', 'answer'}} objects, got a {kind}")
-    predictions: dict[Any, str] = {}
-    for i, item in enumerate(results):
-        if not isinstance(item, dict) or "question_id" not in item or not isinstance(item.get("answer"), str):
-            raise ValueError(f"{path}: entry {i} must have 'question_id' and a string 'answer', got {item!r}")
-        if item["question_id"] in predictions:
-            raise ValueError(f"{path}: entry {i} repeats question_id {item['question_id']!r}")
-        predictions[item["question_id"]] = item["answer"]
-    return predictions
+    return read_results(path, "question_id", "answer")
 
 
 def candidate_answers(annotations: Sequence[Mapping[str, Any]], top_k: int = 3129) -> list[str]:
