@@ -35,6 +35,10 @@ def _check_inputs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_to
     n_images = image_embeds.shape[0]
     if n_images == 0 or text_to_image.numel() == 0:
         raise ValueError("retrieval needs at least one image and one caption")
+    for name, embeds in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+        bad = int((~torch.isfinite(embeds).all(dim=1)).sum())
+        if bad:  # NaN compares false with everything, which would rank every target first
+            raise ValueError(f"{name}: {bad} of {embeds.shape[0]} rows hold NaN or inf (a diverged model?)")
     if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_images:
         low, high = int(text_to_image.min()), int(text_to_image.max())
         raise ValueError(f"text_to_image values must lie in [0, {n_images - 1}], got {low}..{high}")

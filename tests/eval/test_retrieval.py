@@ -132,3 +132,13 @@ def test_embeddings_file_round_trip(tmp_path):
     save_file({"image_embeds": images}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match=r"missing tensor\(s\) \['text_embeds', 'text_to_image'\]"):
         load_embeddings(tmp_path / "partial.safetensors")
+
+
+def test_non_finite_embeddings_are_refused_not_scored_as_perfect():
+    images = F.normalize(torch.randn(3, 4), dim=-1)
+    texts = F.normalize(torch.randn(3, 4), dim=-1)
+    texts[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"text_embeds: 1 of 3 rows hold NaN or inf"):
+        retrieval_metrics(images, texts, torch.arange(3))
+    with pytest.raises(ValueError, match=r"image_embeds: 3 of 3 rows"):
+        retrieval_metrics(torch.full((3, 4), float("nan")), images, torch.arange(3))
