@@ -55,19 +55,28 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """Turn ``--resume latest|DIR`` into a checkpoint folder (None: start fresh)."""
-    if not resume:
-        return None
+    """Turn ``--resume latest|DIR`` into a checkpoint folder (None: start fresh).
+
+    Refuses to start where the run's folder already holds later checkpoints than the starting point: their step
+    numbers would collide with the new run's saves, and pruning would keep the old ones instead of the new.
+    """
     if resume == "latest":
         path = latest_checkpoint(output_dir)
         if path is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting from scratch", checkpoints_root(output_dir))
         return path
-    path = Path(resume)
-    if not (path / TRAINER_STATE).is_file() or not (path / STATE_DIR).is_dir():
+    path = Path(resume) if resume else None
+    if path is not None and (not (path / TRAINER_STATE).is_file() or not (path / STATE_DIR).is_dir()):
         raise FileNotFoundError(
             f"--resume {resume}: not a checkpoint folder (expected {TRAINER_STATE} and {STATE_DIR}/ inside, "
             f"e.g. {checkpoints_root(output_dir) / 'step_000100'})"
+        )
+    start = int(read_trainer_state(path)["step"]) if path is not None else 0
+    later = [p.name for step, p in list_checkpoints(output_dir) if step > start]
+    if later:
+        raise ValueError(
+            f"{checkpoints_root(output_dir)} already holds checkpoints after step {start} ({', '.join(later)}); "
+            "continue with --resume latest, or move them away, or set another train.output_dir"
         )
     return path
 
@@ -108,6 +117,17 @@ def _full_model(accelerator, model):
     return full
 
 
+def _fsync_tree(root: Path, recursive: bool = True) -> None:
+    """Flush a folder (and with recursive, every file and folder under it) to disk."""
+    paths = sorted(root.rglob("*")) if recursive else []
+    for path in [*paths, root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def save_checkpoint(accelerator, model, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
     """Save model, accelerate state and trainer state for ``step`` atomically; every process must call this."""
     root = checkpoints_root(output_dir)
@@ -127,7 +147,9 @@ def save_checkpoint(accelerator, model, output_dir: str | Path, step: int, train
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _fsync_tree(tmp)  # a crash right after the rename must not find truncated files under the new name
         os.replace(tmp, final)  # the atomic step: before it the old checkpoints are the newest complete ones
+        _fsync_tree(root, recursive=False)
         deleted = prune_checkpoints(output_dir, keep_last)
         logger.info("saved checkpoint %s%s", final, f" (removed {len(deleted)} old)" if deleted else "")
     accelerator.wait_for_everyone()

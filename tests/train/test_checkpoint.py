@@ -49,6 +49,28 @@ def test_layout_keep_last_and_latest(tmp_path):
         ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoints"))
 
 
+def test_starting_before_existing_checkpoints_is_refused(tmp_path):
+    accelerator, model = _prepared(tmp_path)
+    for step in (2, 4):
+        _save(accelerator, model, tmp_path, step, keep_last=0)
+    older = tmp_path / "checkpoints" / "step_000002"
+    with pytest.raises(ValueError, match=r"already holds checkpoints after step 2 \(step_000004\).*--resume latest"):
+        ckpt.resolve_resume(tmp_path, str(older))
+    with pytest.raises(ValueError, match=r"after step 0 \(step_000002, step_000004\)"):
+        ckpt.resolve_resume(tmp_path, None)
+    assert ckpt.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoints" / "step_000004"
+
+
+def test_files_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    accelerator, model = _prepared(tmp_path)
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    _save(accelerator, model, tmp_path, 1)
+    tmp = tmp_path / "checkpoints" / ".tmp_step_000001"
+    assert str(tmp / "model" / "model.safetensors") in synced and str(tmp / "trainer_state.json") in synced
+    assert synced[-1] == str(tmp_path / "checkpoints")  # the rename itself, flushed
+
+
 def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     accelerator, model = _prepared(tmp_path)
     good = _save(accelerator, model, tmp_path, 5)
