@@ -167,8 +167,8 @@ def _at(obj: SceneObject) -> str:
     return f"at the {obj.position}"
 
 
-def _relation(a: SceneObject, b: SceneObject, rng: random.Random) -> str:
-    """A true spatial relation between two objects in different cells."""
+def _relations(a: SceneObject, b: SceneObject) -> list[str]:
+    """Every true spatial relation between two objects in different cells."""
     options = []
     if a.col != b.col:
         left, right = (a, b) if a.col < b.col else (b, a)
@@ -178,13 +178,22 @@ def _relation(a: SceneObject, b: SceneObject, rng: random.Random) -> str:
         top, bottom = (a, b) if a.row < b.row else (b, a)
         options += [f"the {top.phrase(size=False)} is above the {bottom.phrase(size=False)}"]
         options += [f"the {bottom.phrase(size=False)} is below the {top.phrase(size=False)}"]
-    return rng.choice(options)
+    return options
 
 
-def make_captions(objects: list[SceneObject], rng: random.Random) -> list[str]:
-    """Five different captions: the full description first, then four partial ones drawn from varied templates."""
+def _relation(a: SceneObject, b: SceneObject, rng: random.Random) -> str:
+    """A true spatial relation between two objects in different cells."""
+    return rng.choice(_relations(a, b))
+
+
+def _full_caption(objects: list[SceneObject]) -> str:
+    """The caption naming every object's size, colour, shape and cell."""
+    return _join([f"{_a(o.phrase())} {_at(o)}" for o in objects])
+
+
+def _templates(objects: list[SceneObject]) -> list[str]:
+    """The partial captions that need no random choice (relations are drawn separately)."""
     n = len(objects)
-    full = _join([f"{_a(o.phrase())} {_at(o)}" for o in objects])
     noun = "object" if n == 1 else "objects"
     pool = [
         f"{NUMBERS[n]} {noun}: " + _join([_a(o.phrase(size=False)) for o in objects]),
@@ -195,16 +204,57 @@ def make_captions(objects: list[SceneObject], rng: random.Random) -> list[str]:
         f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} {'shape' if n == 1 else 'shapes'}: "
         + _join([f"{_a(o.phrase(size=False))} {_at(o)}" for o in objects]),
     ]
-    if n > 1:
-        pool += [_relation(*rng.sample(objects, 2), rng) for _ in range(3)]
-    else:
+    if n == 1:
         pool += [f"a single {objects[0].phrase()}", f"only one {objects[0].phrase(size=False)} {_at(objects[0])}"]
+    return pool
+
+
+def make_captions(objects: list[SceneObject], rng: random.Random) -> list[str]:
+    """Five different captions: the full description first, then four partial ones drawn from varied templates."""
+    pool = _templates(objects)
+    if len(objects) > 1:
+        pool += [_relation(*rng.sample(objects, 2), rng) for _ in range(3)]
     rng.shuffle(pool)
-    captions = [full]
+    captions = [_full_caption(objects)]
     for text in pool:
         if text not in captions and len(captions) < 5:
             captions.append(text)
     return [c + "." for c in captions]
+
+
+def possible_captions(objects: list[SceneObject]) -> set[str]:
+    """Every caption :func:`make_captions` can write for these objects, whatever its random draws."""
+    texts = {_full_caption(objects), *_templates(objects)}
+    for a in objects:
+        for b in objects:
+            if a is not b:
+                texts.update(_relations(a, b))
+    return {t + "." for t in texts}
+
+
+def text_to_image_ceiling(captions: dict[int, list[str]], scenes: dict[int, list[SceneObject]]) -> float:
+    """Best expected text→image R@1 (%): a caption that fits k images is ranked first with probability 1/k.
+
+    A partial caption such as "a large red circle." fits every image whose scene could have produced it, so even
+    a model that reads every scene perfectly has to guess among those images.
+    """
+    possible = {image_id: possible_captions(objects) for image_id, objects in scenes.items()}
+    scores = []
+    for texts in captions.values():
+        for text in texts:
+            scores.append(1.0 / sum(text in fits for fits in possible.values()))
+    return 100.0 * sum(scores) / len(scores)
+
+
+def split_ceiling(out: str | Path, split: str) -> float:
+    """:func:`text_to_image_ceiling` of one split of a folder written by :func:`generate` (scenes re-drawn)."""
+    data = json.loads((Path(out) / f"captions_{split}.json").read_text())
+    seed, holdout = data["info"]["seed"], bool(data["info"]["holdout"])
+    captions: dict[int, list[str]] = {image["id"]: [] for image in data["images"]}
+    for ann in data["annotations"]:
+        captions[ann["image_id"]].append(ann["caption"])
+    scenes = {i: sample_scene(random.Random(f"mlm-synth:{seed}:{i}"), split, holdout)[0] for i in captions}
+    return text_to_image_ceiling(captions, scenes)
 
 
 def _answers(answer: str, variants: list[str], rng: random.Random) -> list[dict]:
