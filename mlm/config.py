@@ -21,6 +21,7 @@ LEVELS = ("local", "regional", "global")
 SHARING = ("full", "norms", "ffn")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
+IMAGE_POS_EMBED = ("sincos", "learned", "none")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     image_size: int = 64
     patch_size: int = 8
+    conv_stem: int = 0  # stride-2 3x3 convolutions before the patch projection (early convolutions); 0 = linear
+    image_pos_embed: str = "sincos"  # absolute patch positions added to the embeddings: sincos | learned | none
     in_chans: int = 3
     vocab_size: int = 1000  # replaced by the tokenizer's size when a run starts
     max_text_len: int = 32
@@ -244,6 +247,7 @@ def _validate(cfg: Config) -> None:
     choices = {
         "model.attention": (m.attention, ATTENTION_KINDS),
         "model.sharing": (m.sharing, SHARING),
+        "model.image_pos_embed": (m.image_pos_embed, IMAGE_POS_EMBED),
         "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
         "train.contrastive_loss": (cfg.train.contrastive_loss, CONTRASTIVE_LOSSES),
         "eval.vqa_mode": (cfg.eval.vqa_mode, ("generative", "rank")),
@@ -256,6 +260,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(LEVELS)}")
     if len(m.levels) != m.n_layers:
         raise ConfigError(f"model.levels has {len(m.levels)} entries but model.n_layers={m.n_layers}")
+    if m.conv_stem < 0 or m.patch_size % 2**m.conv_stem:
+        raise ConfigError(
+            f"model.conv_stem={m.conv_stem}: need conv_stem >= 0 and 2**conv_stem dividing "
+            f"model.patch_size={m.patch_size}"
+        )
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:

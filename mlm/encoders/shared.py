@@ -1,10 +1,13 @@
 """The shared-weight encoder: one stack of attention blocks reads image patches and text tokens.
 
-Images enter through timm's ``PatchEmbed`` and text through a token embedding; a learned modality embedding is
-added to both. Positions are RoPE only: 2-D axial for patches, 1-D for text. Every block attends at its configured
-level (local window → regional → global); images use the full level mask and text the causal one, so a single text
-pass serves both the contrastive embedding and the caption decoder (CoCa, Yu et al., 2022). The normalised output of
-the last block of each level is kept for hierarchical pooling.
+Images enter through timm's ``PatchEmbed`` (optionally after a convolutional stem) and text through a token
+embedding; a learned modality embedding is added to both. Attention sees positions through RoPE: 2-D axial for
+patches, 1-D for text. Patches also get an absolute position table (2-D sin-cos by default, as in MAE; or learned):
+RoPE only tells a query where a key lies relative to it, so without the table pooled image vectors and the
+decoder's cross-attention (no RoPE across modalities) cannot tell "top left" from "bottom right". Every block
+attends at its configured level (local window → regional → global); images use the full level mask and text the
+causal one, so a single text pass serves both the contrastive embedding and the caption decoder (CoCa, Yu et al.,
+2022). The normalised output of the last block of each level is kept for hierarchical pooling.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mlm.config import ModelConfig
 from mlm.encoders.block import EncoderBlock
+from mlm.encoders.patches import build_patch_embed
 from mlm.encoders.sharing import ModalityEmbedding, PerModality, separate_modules
 from mlm.fusion.hierarchical import last_block_of_level
 from mlm.layers.masks import level_mask
@@ -32,15 +37,31 @@ class EncoderOutput:
     levels: dict[str, Tensor]  # level -> (B, T, C) normalised output of that level's last block
 
 
+def image_pos_table(kind: str, grid: tuple[int, int], dim: int) -> Tensor | None:
+    """Initial absolute patch positions (1, N, C): 2-D sin-cos, learned (trunc-normal init) or None."""
+    if kind == "none":
+        return None
+    if kind == "sincos":
+        if dim % 4:
+            raise ValueError(f"model.dim={dim} must be a multiple of 4 for model.image_pos_embed=sincos")
+        return build_sincos2d_pos_embed(list(grid), dim)[None]
+    if kind == "learned":
+        return trunc_normal_(torch.zeros(1, grid[0] * grid[1], dim), std=0.02)
+    raise ValueError(f"model.image_pos_embed={kind!r} is not one of sincos, learned, none")
+
+
 class SharedEncoder(nn.Module):
     """Patch and token embeddings, a modality embedding and the shared blocks with their level masks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(
-            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.dim
-        )
+        self.patch_embed = build_patch_embed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.conv_stem)
+        table = image_pos_table(cfg.image_pos_embed, tuple(self.patch_embed.grid_size), cfg.dim)
+        if cfg.image_pos_embed == "learned":
+            self.pos_embed = nn.Parameter(table)
+        else:  # fixed: rebuilt from the config, so not stored in checkpoints
+            self.register_buffer("pos_embed", table, persistent=False)
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         self.modality_embed = ModalityEmbedding(cfg.dim)
@@ -122,6 +143,8 @@ class SharedEncoder(nn.Module):
                 f"{cfg.image_size}, {cfg.image_size}) (model.in_chans, model.image_size)"
             )
         x = self.modality_embed(self.patch_embed(images), "image")  # (B, N, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
         rope = rope_2d(*self.grid, cfg.mla.qk_rope_head_dim, cfg.mla.rope_theta, device=x.device)
         masks = {level: self.image_mask(level, x.device) for level in self.level_outputs}
         return self.run_blocks(x, "image", rope=rope, masks=masks)

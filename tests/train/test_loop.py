@@ -110,8 +110,8 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(synth_dir, 
 
 
 def test_a_short_run_clearly_lowers_every_loss(synth_dir, tmp_path):
-    """60 steps: the decoder losses fall steadily; the contrastive loss falls from its badly calibrated start
-    (about 5.8) to near chance (ln 8 = 2.08 for 8 caption rows) -- going below chance takes longer (the slow test)."""
+    """60 steps: the decoder losses fall steadily; the contrastive loss falls below chance (ln 8 = 2.08 for 8
+    caption rows a batch)."""
     config = tiny_config(synth_dir, tmp_path, "train.max_steps=60", "train.batch_size=16", "train.lr=5e-3",
                          "train.warmup_steps=10")  # fmt: skip
     summary = _trainer(config).fit()
@@ -122,9 +122,9 @@ def test_a_short_run_clearly_lowers_every_loss(synth_dir, tmp_path):
         values = [v for _, v in series[f"loss/{name}"]]
         return sum(values[:3]) / 3, sum(values[-5:]) / 5
 
-    # Measured at about 5.8 -> 1.9 (contrastive, 8 caption rows a batch), 5.3 -> 3.6 (caption), 5.3 -> 2.6 (VQA).
+    # Measured: contrastive about 3.0 -> 1.7 (with the image position table; 5.8 -> 1.9 before it).
     contrastive, caption, vqa = start_end("contrastive"), start_end("caption"), start_end("vqa")
-    assert contrastive[1] < 0.5 * contrastive[0]
+    assert contrastive[1] < min(0.7 * contrastive[0], math.log(8))
     assert caption[1] < 0.8 * caption[0]
     assert vqa[1] < 0.7 * vqa[0]
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "summary.json").is_file()

@@ -1,0 +1,49 @@
+"""Patch embeddings: timm's linear ``PatchEmbed``, optionally after a convolutional stem.
+
+A stem of stride-2 3x3 convolutions before the patch projection ("early convolutions", Xiao et al., 2021) gives
+each patch token local, non-linear features such as edges and corners: a linear projection of raw pixels mixes an
+object's colour and outline multiplicatively, which the shared blocks then have to untangle. The norm is LayerNorm
+over channels, so a sample's tokens never depend on the rest of its batch (unlike BatchNorm).
+"""
+
+from __future__ import annotations
+
+from timm.layers import ConvNormAct, LayerNorm2d, PatchEmbed
+from torch import Tensor, nn
+
+
+class ConvStemPatchEmbed(nn.Module):
+    """``n_convs`` stride-2 conv-norm-GELU layers, then a linear patch projection to (B, N, dim)."""
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, n_convs: int):
+        super().__init__()
+        factor = 2**n_convs
+        if patch_size % factor or image_size % factor:
+            raise ValueError(
+                f"model.conv_stem={n_convs} downsamples by {factor}, which must divide model.patch_size={patch_size} "
+                f"and model.image_size={image_size}"
+            )
+        chans = [in_chans] + [max(dim >> (n_convs - i), 8) for i in range(n_convs)]  # e.g. 3 -> 32 -> 64 for dim 128
+        self.stem = nn.Sequential(
+            *(
+                ConvNormAct(chans[i], chans[i + 1], 3, stride=2, norm_layer=LayerNorm2d, act_layer=nn.GELU)
+                for i in range(n_convs)
+            )
+        )
+        self.proj = PatchEmbed(
+            img_size=image_size // factor, patch_size=patch_size // factor, in_chans=chans[-1], embed_dim=dim
+        )
+        self.grid_size = self.proj.grid_size
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> patch tokens (B, N, dim)."""
+        return self.proj(self.stem(images))
+
+
+def build_patch_embed(image_size: int, patch_size: int, in_chans: int, dim: int, conv_stem: int = 0) -> nn.Module:
+    """timm's ``PatchEmbed`` when conv_stem is 0, else a :class:`ConvStemPatchEmbed` with that many convolutions."""
+    if conv_stem < 0:
+        raise ValueError(f"model.conv_stem={conv_stem} must be >= 0")
+    if conv_stem == 0:
+        return PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim)
+    return ConvStemPatchEmbed(image_size, patch_size, in_chans, dim, conv_stem)

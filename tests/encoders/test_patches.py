@@ -1,0 +1,64 @@
+"""Patch embeddings: the optional convolutional stem and the absolute image position table."""
+
+import pytest
+import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+from mlm.config import ConfigError, load_config
+from mlm.encoders import SharedEncoder
+from mlm.encoders.patches import ConvStemPatchEmbed, build_patch_embed
+from tests.encoders.test_shared import tiny
+
+
+def test_conv_stem_downsamples_then_patchifies_to_the_configured_grid():
+    stem = build_patch_embed(60, 20, 3, 32, conv_stem=2)
+    assert isinstance(stem, ConvStemPatchEmbed)
+    assert tuple(stem.grid_size) == (3, 3)  # 60 -> 30 -> 15 -> 5x5 patches -> 3x3
+    assert stem(torch.randn(2, 3, 60, 60)).shape == (2, 9, 32)
+
+
+def test_conv_stem_output_of_a_sample_does_not_depend_on_its_batch():
+    stem = build_patch_embed(32, 8, 3, 32, conv_stem=2).train()
+    images = torch.randn(4, 3, 32, 32)
+    together = stem(images)
+    alone = torch.cat([stem(images[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_stem_that_does_not_divide_the_patch_is_refused():
+    with pytest.raises(ValueError, match="conv_stem=2 downsamples by 4"):
+        build_patch_embed(60, 10, 3, 32, conv_stem=2)
+    with pytest.raises(ConfigError, match="model.conv_stem=3"):
+        load_config(None, ["model.conv_stem=3", "model.patch_size=4", "model.image_size=16"])
+
+
+def test_sincos_positions_are_timm_table_rebuilt_not_stored():
+    enc = SharedEncoder(tiny("model.image_pos_embed=sincos"))
+    expected = build_sincos2d_pos_embed([4, 4], 32)[None]
+    torch.testing.assert_close(enc.pos_embed, expected)
+    assert "pos_embed" not in enc.state_dict()
+    assert not any(name == "pos_embed" for name, _ in enc.named_parameters())
+
+
+def test_learned_positions_are_a_parameter_that_trains():
+    enc = SharedEncoder(tiny("model.image_pos_embed=learned"))
+    assert "pos_embed" in dict(enc.named_parameters())
+    enc.encode_image(torch.randn(2, 3, 16, 16)).tokens.sum().backward()
+    assert enc.pos_embed.grad is not None and enc.pos_embed.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["none", "sincos", "learned"])
+def test_tokens_of_a_uniform_image_know_where_they_are_only_with_a_position_table(kind):
+    # Each patch attends only to itself (1x1 local window), so RoPE cannot tell positions apart: only the
+    # absolute table makes the states of identical patches differ.
+    cfg = tiny(f"model.image_pos_embed={kind}", "model.levels=[local, local, local]", "model.local_window_2d=1")
+    enc = SharedEncoder(cfg).eval()
+    with torch.no_grad():
+        tokens = enc.encode_image(torch.full((1, 3, 16, 16), 0.5)).tokens[0]  # (16, C)
+    spread = (tokens - tokens[:1]).abs().max()
+    assert (spread > 1e-4) == (kind != "none")
+
+
+def test_unknown_position_kind_is_refused():
+    with pytest.raises(ConfigError, match="model.image_pos_embed='rope'"):
+        load_config(None, ["model.image_pos_embed=rope"])
