@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 # synthesize -> train (resumes, so a finished run is not retrained) -> evaluate -> caption a few test images
 demo: $(VENV)/.installed
-	$(MLM) data synth --out $(DEMO_DATA) --images 2000 --size 64 --seed 0
+	$(MLM) data synth --out $(DEMO_DATA) --images 2000 --size 60 --seed 0
 	$(MLM) data check $(DEMO_DATA) --split train
 	$(MLM) train --config configs/tiny-synthetic.yaml --resume latest
 	$(MLM) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --split test --task all --out $(DEMO_RUN)/eval-test --markdown
