@@ -41,7 +41,8 @@ def run_synth(args: argparse.Namespace) -> int:
     """Write the benchmark and print the split sizes."""
     import time
 
-    from mlm.data.synthetic import generate, split_ceiling
+    from mlm.data.synthetic import generate
+    from mlm.data.synthetic_ceiling import split_ceiling
 
     start = time.perf_counter()
     sizes = generate(args.out, args.images, args.size, args.seed, args.holdout, args.workers)

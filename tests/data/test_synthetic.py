@@ -184,31 +184,3 @@ def test_shape_counts_use_english_plurals(synth):
     assert counted - {"objects", "shapes"}, "no shape-count question was generated"
     assert counted <= {"objects", "shapes"} | {S._plural(s) for s in S.SHAPES}
     assert S._plural("cross") == "crosses" and S._plural("star") == "stars"
-
-
-def test_every_written_caption_is_among_the_possible_ones(synth):
-    out, _ = synth
-    data = json.loads((out / "captions_test.json").read_text())
-    for image in data["images"]:
-        objects, _ = S.sample_scene(random.Random(f"mlm-synth:3:{image['id']}"), "test", True)
-        written = [a["caption"] for a in data["annotations"] if a["image_id"] == image["id"]]
-        assert set(written) <= S.possible_captions(objects)
-
-
-def test_text_to_image_ceiling_on_a_hand_built_case():
-    here = [S.SceneObject("circle", "red", "large", 0, 0)]
-    there = [S.SceneObject("circle", "red", "large", 2, 2)]
-    other = [S.SceneObject("star", "blue", "small", 1, 1)]
-    captions = {
-        1: ["a large red circle at the top left.", "a large red circle."],  # the second also fits image 2
-        2: ["a large red circle at the bottom right."],
-        3: ["a small blue star."],
-    }
-    # (1 + 1/2 + 1 + 1) / 4 captions
-    assert S.text_to_image_ceiling(captions, {1: here, 2: there, 3: other}) == pytest.approx(100 * 3.5 / 4)
-
-
-def test_split_ceiling_reads_the_scenes_back(synth):
-    out, _ = synth
-    ceiling = S.split_ceiling(out, "test")
-    assert 50.0 < ceiling <= 100.0
