@@ -4,9 +4,12 @@ Layout of one checkpoint, ``<output_dir>/checkpoints/step_000123/``:
 
 - ``model/``   -- ``MLMModel.save_pretrained`` (config.json, model.safetensors, tokenizer.json): a model you can load
   with ``MLMModel.from_pretrained`` and no other file;
-- ``state/``   -- ``accelerator.save_state``: optimizer, scheduler, grad scaler, RNG states of every process and the
-  registered trainer state (step, data position, skip counters);
-- ``trainer_state.json`` -- the same trainer state, readable.
+- ``state/``   -- ``accelerator.save_state``: optimizer, scheduler, grad scaler and RNG states of every process;
+- ``trainer_state.json`` -- the trainer's own state (step, time, skip counters) and the run config;
+- ``trainer_tensors.safetensors`` -- the trainer's tensors, when it has any (the hard-negative sampler's embeddings).
+
+Nothing in a checkpoint needs code to load: before resuming, every pickle-based file under ``state/`` is checked to
+load with ``weights_only=True`` (:mod:`mlm.train.safe_load`) and a file that would not is refused by name.
 
 A save is written into ``.tmp_step_000123/`` and renamed into place only when complete, so a process killed while
 saving leaves the previous checkpoint intact; leftover temporary folders are removed by the next save.
@@ -19,7 +22,13 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mlm.train.safe_load import check_state_folder
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +37,8 @@ _TMP_PREFIX = ".tmp_"
 MODEL_DIR = "model"
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_tensors.safetensors"
+_LEGACY_CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # trainer state as a pickle, written before 0.2
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:
@@ -128,8 +139,17 @@ def _fsync_tree(root: Path, recursive: bool = True) -> None:
             os.close(fd)
 
 
-def save_checkpoint(accelerator, model, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """Save model, accelerate state and trainer state for ``step`` atomically; every process must call this."""
+def save_checkpoint(
+    accelerator,
+    model,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict,
+    keep_last: int,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save model, accelerate state, trainer state (JSON) and trainer tensors (safetensors) for ``step``
+    atomically; every process must call this."""
     root = checkpoints_root(output_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"{_TMP_PREFIX}{final.name}"
@@ -145,6 +165,8 @@ def save_checkpoint(accelerator, model, output_dir: str | Path, step: int, train
     if accelerator.is_main_process:
         pretrained.save_pretrained(tmp / MODEL_DIR)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TRAINER_TENSORS))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)  # a crash right after the rename must not find truncated files under the new name
@@ -156,9 +178,36 @@ def save_checkpoint(accelerator, model, output_dir: str | Path, step: int, train
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: str | Path) -> dict:
-    """Restore the accelerate state (model, optimizer, scheduler, scaler, RNG, registered objects); return the
-    readable trainer state."""
+def _legacy_tensors(state: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a trainer state pickled by an older mlm (already checked to load with weights_only=True)."""
+    from accelerate.utils import load
+
+    found = {}
+    for path in sorted(p for p in state.iterdir() if _LEGACY_CUSTOM.match(p.name)):
+        found.update({k: v for k, v in load(path, map_location="cpu", weights_only=True).items()
+                      if isinstance(v, torch.Tensor)})  # fmt: skip
+    return found
+
+
+def load_checkpoint(accelerator, checkpoint: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore the accelerate state (model, optimizer, scheduler, scaler, RNG) after checking that no file needs
+    code to load; return the trainer state and the trainer tensors."""
+    from safetensors.torch import load_file
+
     checkpoint = Path(checkpoint)
-    accelerator.load_state(str(checkpoint / STATE_DIR))
-    return read_trainer_state(checkpoint)
+    state = checkpoint / STATE_DIR
+    check_state_folder(state)
+    trainer_state = read_trainer_state(checkpoint)
+    tensors_file = checkpoint / TRAINER_TENSORS
+    tensors = load_file(str(tensors_file)) if tensors_file.is_file() else _legacy_tensors(state)
+    legacy = [p for p in state.iterdir() if _LEGACY_CUSTOM.match(p.name)]
+    if not legacy:
+        accelerator.load_state(str(state))
+        return trainer_state, tensors
+    # accelerate would load the old pickle itself, with weights_only=False: give it a view of the folder without it
+    with tempfile.TemporaryDirectory(prefix="mlm-resume-") as view:
+        for path in state.iterdir():
+            if path not in legacy:
+                os.symlink(path.resolve(), Path(view) / path.name)
+        accelerator.load_state(view)
+    return trainer_state, tensors

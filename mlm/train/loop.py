@@ -43,22 +43,27 @@ PARTS = ("loss", "contrastive", "caption", "vqa")
 
 @dataclass
 class TrainerState:
-    """What a checkpoint must hold beyond model/optimizer/scheduler/RNG: progress and guard counters."""
+    """What a checkpoint must hold beyond model/optimizer/scheduler/RNG: progress and guard counters (saved as
+    JSON) and the hard-negative sampler's embeddings (saved as safetensors)."""
 
     step: int = 0  # optimizer steps taken, skipped ones included (each consumes grad_accum_steps micro-batches)
     elapsed_s: float = 0.0  # training time of earlier sessions of this run
     nonfinite: dict = field(default_factory=lambda: {"skipped": 0, "consecutive": 0})
     grouping: torch.Tensor | None = None  # (N, E) text embeddings the hard-negative sampler groups this epoch by
 
-    def state_dict(self) -> dict:
-        """For ``accelerator.register_for_checkpointing``."""
-        return {"step": self.step, "elapsed_s": self.elapsed_s, "nonfinite": dict(self.nonfinite),
-                "grouping": self.grouping}  # fmt: skip
+    def progress(self) -> dict:
+        """The JSON part."""
+        return {"step": self.step, "elapsed_s": self.elapsed_s, "nonfinite": dict(self.nonfinite)}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from a checkpoint."""
-        self.step, self.elapsed_s, self.nonfinite = int(state["step"]), float(state["elapsed_s"]), state["nonfinite"]
-        self.grouping = state.get("grouping")
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The safetensors part."""
+        return {} if self.grouping is None else {"grouping": self.grouping}
+
+    def restore(self, progress: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore from a checkpoint's trainer state and tensors."""
+        self.step, self.elapsed_s = int(progress["step"]), float(progress["elapsed_s"])
+        self.nonfinite = dict(progress["nonfinite"])
+        self.grouping = tensors.get("grouping")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -87,9 +92,8 @@ class Trainer:
         self._build_model()
         self.state = TrainerState()
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
-        accel.register_for_checkpointing(self.state)
         if self.checkpoint is not None:
-            ckpt.load_checkpoint(accel, self.checkpoint)
+            self.state.restore(*ckpt.load_checkpoint(accel, self.checkpoint))
             self.guard.load_state_dict(self.state.nonfinite)
             logger.info("resumed from %s at step %d", self.checkpoint, self.state.step)
         self.last_checkpoint = str(self.checkpoint) if self.checkpoint else None
@@ -243,11 +247,9 @@ class Trainer:
         """Write a checkpoint for the current step (every process calls this)."""
         self.state.nonfinite = self.guard.state_dict()
         self.state.elapsed_s = self._elapsed()
-        progress = {k: v for k, v in self.state.state_dict().items() if k != "grouping"}
-        readable = {**progress, "samples": self.samples_seen, "config": self.config.to_dict()}
-        path = ckpt.save_checkpoint(
-            self.accelerator, self.model, self.output_dir, self.state.step, readable, self.config.train.keep_last
-        )
+        readable = {**self.state.progress(), "samples": self.samples_seen, "config": self.config.to_dict()}
+        path = ckpt.save_checkpoint(self.accelerator, self.model, self.output_dir, self.state.step, readable,
+                                    self.config.train.keep_last, self.state.tensors())  # fmt: skip
         self.last_checkpoint = str(path)
         return self.last_checkpoint
 
@@ -309,6 +311,7 @@ class Trainer:
         if accel.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.output_dir / "config.yaml")
+        setup.start_trackers(accel, self.config)
         self._elapsed_before, self._started = self.state.elapsed_s, time.perf_counter()
         status, self._last, self._metrics = "completed", {}, {}
         batches = self._micro_batches()

@@ -63,7 +63,7 @@ def _flat_config(config: Config) -> dict:
 def build_accelerator(config: Config):
     """The Accelerator for this run: precision, trackers (``csv`` and any accelerate tracker name), run folder."""
     from accelerate import Accelerator
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import ProjectConfiguration
 
     from mlm.train.tracking import CSVTracker
@@ -72,7 +72,12 @@ def build_accelerator(config: Config):
     # A multi-process launch (torchrun, `accelerate launch --multi_gpu`) on a machine without CUDA runs DDP on CPU
     # over gloo; accelerate needs to be told, or each process would train alone.
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    device_type = PartialState(cpu=cpu).device.type
+    state = PartialState(cpu=cpu)
+    if state.num_processes == 1 and AcceleratorState._shared_state:
+        # accelerate keeps one global state per process; a second run in the same process (a notebook, the tests)
+        # with other settings would be refused, and with one process there is nothing shared to keep.
+        AcceleratorState._reset_state()
+    device_type = state.device.type
     output_dir = Path(t.output_dir)
     trackers = [CSVTracker("run", output_dir) if name == "csv" else name for name in t.trackers]
     accelerator = Accelerator(
@@ -83,9 +88,14 @@ def build_accelerator(config: Config):
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
         dynamo_backend="inductor" if t.compile else None,  # None: accelerate's own config/env decides
     )
-    if trackers:
-        accelerator.init_trackers("tensorboard", config=_flat_config(config))
     return accelerator
+
+
+def start_trackers(accelerator, config: Config) -> None:
+    """Open the run's trackers (metrics.csv, TensorBoard logs/); called when training starts, so a run that fails
+    during set-up leaves no log files behind."""
+    if config.train.trackers:
+        accelerator.init_trackers("tensorboard", config=_flat_config(config))
 
 
 def build_tokenizer(config: Config, source, accelerator, checkpoint: Path | None):

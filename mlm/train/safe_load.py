@@ -1,0 +1,103 @@
+"""Checking a checkpoint's state folder before anything in it is loaded: no file may need code to load.
+
+accelerate writes the optimizer, scheduler, grad scaler and RNG states with ``torch.save`` (pickle). A pickle can
+name any Python callable, so loading one that came from elsewhere can run code. Every such file must load with
+``torch.load(weights_only=True)`` (tensors, numbers, strings and containers only, plus numpy arrays for the RNG
+states, as accelerate allows); a file that does not is refused by name before ``accelerator.load_state`` opens it.
+The ``.metadata`` file of a sharded (torch.distributed.checkpoint) save is a plain pickle of dataclasses that torch
+reads with ``pickle.load``; it is checked with an unpickler that admits only those dataclasses.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import torch
+
+SAFE_SUFFIXES = {".safetensors", ".json"}  # formats that hold data only
+DCP_DATA_SUFFIX = ".distcp"  # shards torch.distributed.checkpoint itself reads with weights_only=True
+_DCP_MODULES = ("torch.distributed.checkpoint.", "torch.distributed.tensor.")
+_DCP_BUILTINS = {"set", "frozenset", "slice", "complex"}
+# a tensor layout looked up by name; paths rebuilt from strings
+_DCP_HELPERS = {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}  # fmt: skip
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that would run code (or that cannot be read at all) when loaded."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits the dataclasses of a distributed-checkpoint ``.metadata`` file, ``torch.Size`` and dtypes only."""
+
+    def find_class(self, module: str, name: str):
+        """Resolve a global only when it is plain data, else refuse."""
+        if module == "builtins" and name in _DCP_BUILTINS:
+            return super().find_class(module, name)
+        if module == "collections" and name == "OrderedDict":
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if (module, name) in _DCP_HELPERS:
+            return super().find_class(module, name)
+        if module.startswith(_DCP_MODULES):
+            found = super().find_class(module, name)
+            if isinstance(found, type) and (hasattr(found, "__dataclass_fields__") or issubclass(found, tuple)):
+                return found
+            if isinstance(found, type) and found.__module__.startswith(_DCP_MODULES) and hasattr(found, "_member_map_"):
+                return found  # an enum of the checkpoint module
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _check_torch_pickle(path: Path) -> None:
+    """Load a torch.save file with weights_only=True (accelerate's numpy allowance included)."""
+    from accelerate.utils import load
+
+    load(path, map_location="cpu", weights_only=True)
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of a loader's error (torch puts its generic advice first)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return (useful or lines or [type(err).__name__])[-1 if useful else 0][:200]
+
+
+def _needs_code(err: Exception) -> bool:
+    """True when a weights_only load failed on a global (a callable or class): the pickle wants to run code."""
+    text = str(err)
+    return isinstance(err, pickle.UnpicklingError) and ("GLOBAL" in text or "global" in text)
+
+
+def check_file(path: str | Path) -> None:
+    """Raise UnsafeCheckpointError naming the file when loading it would need code (or it is unreadable)."""
+    path = Path(path)
+    if path.suffix in SAFE_SUFFIXES or path.suffix == DCP_DATA_SUFFIX:
+        return
+    try:
+        if path.name == ".metadata":
+            _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        else:
+            _check_torch_pickle(path)
+    except Exception as err:  # noqa: BLE001 - a crafted, truncated or random file: name it, never a traceback
+        if _needs_code(err):
+            raise UnsafeCheckpointError(
+                f"{path}: refused: loading it would run code ({_reason(err)}); "
+                "only plain data (weights_only=True) is loaded from a checkpoint"
+            ) from None
+        raise UnsafeCheckpointError(f"{path}: not a readable checkpoint file ({_reason(err)})") from None
+
+
+def check_state_folder(folder: str | Path) -> list[Path]:
+    """Check every file under a state folder (see :func:`check_file`); return the files checked, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint state folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    for path in files:
+        if path.is_symlink() and not path.exists():
+            raise UnsafeCheckpointError(f"{path}: a dangling symbolic link in a checkpoint")
+        check_file(path)
+    return files
