@@ -1,9 +1,10 @@
-"""Text tokenizer: a WordPiece vocabulary trained with HF ``tokenizers``, any ``tokenizer.json``, or open_clip's BPE.
+"""Text tokenizer: a WordPiece vocabulary learned from the texts, any ``tokenizer.json``, or open_clip's BPE.
 
 All three are one ``tokenizers.Tokenizer`` underneath, so saving and loading is always ``tokenizer.json``. Every
 sequence is framed as ``[BOS] tokens [EOS]`` and padded with ``[PAD]``; VQA records use the text
 ``question: <q> answer: <a>`` (see :func:`vqa_prompt`), and the prompt part is never a training target.
-WordPiece follows BERT (Devlin et al., 2019); the BPE is CLIP's (Radford et al., 2021) as open_clip ships it.
+WordPiece follows BERT (Devlin et al., 2019) and is learned by :mod:`mlm.data.wordpiece`, the same texts always
+giving the same vocabulary; the BPE is CLIP's (Radford et al., 2021) as open_clip ships it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from mlm.data.wordpiece import PREFIX, count_words, learn_vocab
 
 PAD, UNK, BOS, EOS, SEP = "[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, SEP]
@@ -74,16 +77,27 @@ class MLMTokenizer:
 
     @classmethod
     def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 1) -> MLMTokenizer:
-        """Train a lower-cased BERT-style WordPiece vocabulary on the given texts (plus the VQA prompt words)."""
-        tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True, strip_accents=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
-        )
+        """Train a lower-cased BERT-style WordPiece vocabulary on the given texts (plus the VQA prompt words).
+
+        vocab_size counts every token, special ones included; texts with fewer possible merges give fewer tokens.
+        """
+        normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True, strip_accents=True)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         # the prompt words ("question", "answer", ":") frame every VQA text, so they must be whole tokens
-        tok.train_from_iterator(itertools.chain(texts, [vqa_text("", "")] * 100), trainer=trainer)
+        words = count_words(itertools.chain(texts, [vqa_text("", "")] * 100), normalizer, pre_tokenizer)
+        vocab = learn_vocab(words, vocab_size, min_frequency, special_tokens=SPECIAL_TOKENS)
+        tok = Tokenizer(
+            models.WordPiece(
+                vocab={token: i for i, token in enumerate(vocab)},
+                unk_token=UNK,
+                max_input_chars_per_word=100,
+                continuing_subword_prefix=PREFIX,
+            )
+        )
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizer
+        tok.decoder = decoders.WordPiece(prefix=PREFIX)
+        tok.add_special_tokens(SPECIAL_TOKENS)  # already ids 0..4 in the vocabulary; this marks them special
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A {EOS}",
             pair=f"{BOS} $A {SEP} $B {EOS}",
