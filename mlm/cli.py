@@ -1,6 +1,8 @@
 """The ``mlm`` command: one sub-command per job, each defined in ``mlm.commands.<name>``.
 
-Command modules import heavy libraries inside their ``run`` functions so that ``mlm --help`` stays fast.
+Command modules import heavy libraries inside their ``run`` functions so that ``mlm --help`` stays fast. Logging is
+quiet by default: our own messages at INFO, other libraries' at WARNING and their Python warnings hidden; ``-v``
+shows everything at DEBUG.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from mlm.config import ConfigError
@@ -25,10 +28,52 @@ COMMAND_MODULES = [
 ]
 
 
+EXIT_CODES = """exit codes:
+  0  done
+  1  the command ran but some inputs failed (e.g. bad image files among many), or the job failed
+     (training diverged or ran out of memory; a --strict data check found a problem)
+  2  nothing was done: a bad argument, config value or input file (the message names it)
+  130  interrupted"""
+
+# Messages of other libraries that say nothing a user can act on.
+_NOISE = ("Removed shared tensor",)  # accelerate, for the LM head tied to the token embedding
+
+
+class _DropNoise(logging.Filter):
+    """Drops library log records that hold a known uninformative text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the records to drop."""
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our messages at INFO (DEBUG with -v), one line each; libraries at WARNING and their warnings hidden."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+        force=True,
+    )
+    logging.getLogger("mlm").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)
+    if not verbose:
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_DropNoise())
+        for variable in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_VERBOSITY"):
+            os.environ.setdefault(variable, "error")  # read when those libraries are imported, after this
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(prog="mlm", description="Shared-weight MLA vision-language model.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser = argparse.ArgumentParser(
+        prog="mlm",
+        description="Shared-weight MLA vision-language model.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages and library logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -39,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``mlm`` command line; user mistakes print one line and exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.verbose)
     try:
         code = args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:

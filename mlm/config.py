@@ -6,6 +6,7 @@ with no other file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -314,21 +315,44 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _blame(path: Path | None, data: dict[str, Any], overrides: list[str]) -> str:
+    """Where a failing config goes wrong: the file itself, or the first ``--set`` after which it fails."""
+    try:
+        config_from_dict(copy.deepcopy(data))
+    except ConfigError:
+        return str(path) if path is not None else "config"
+    for n in range(1, len(overrides) + 1):
+        try:
+            config_from_dict(apply_overrides(copy.deepcopy(data), overrides[:n]))
+        except ConfigError:
+            return f"--set {overrides[n - 1]}"
+    return "--set " + " --set ".join(overrides)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when path is None) and apply ``--set`` overrides."""
+    """Load a YAML config (or the defaults when path is None) and apply ``--set`` overrides.
+
+    An error names its source: the file when the file alone is wrong, else the first ``--set`` that makes it wrong.
+    """
     data: dict[str, Any] = {}
+    overrides = list(overrides or [])
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
+    final = copy.deepcopy(data)
+    for item in overrides:
+        try:
+            apply_overrides(final, [item])  # checks the key path
+        except ConfigError as err:
+            raise ConfigError(f"--set {item}: {err}") from err
     try:
-        return config_from_dict(data)
+        return config_from_dict(final)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from err
+        raise ConfigError(f"{_blame(path, data, overrides)}: {err}") from err

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Upper bounds on decoding settings: caches and masks are sized by them before the first step.
+MAX_NEW_TOKENS = 512
+MAX_BEAMS = 32
+
 
 @dataclass
 class DecodingCache:

@@ -22,12 +22,12 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from mlm.config import Config, config_from_dict
+from mlm.config import Config, ConfigError, config_from_dict
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.hierarchical import HierarchicalPooling
-from mlm.generation import DecodingCache, generate_from_prompts
+from mlm.generation import MAX_BEAMS, MAX_NEW_TOKENS, DecodingCache, generate_from_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +191,10 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         max_new_tokens = ev.max_new_tokens if max_new_tokens is None else max_new_tokens
         num_beams = ev.num_beams if num_beams is None else num_beams
         top_p = ev.top_p if top_p is None else top_p
-        if max_new_tokens < 1 or num_beams < 1 or not 0.0 <= top_p <= 1.0:
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS or not 1 <= num_beams <= MAX_BEAMS or not 0.0 <= top_p <= 1.0:
             raise ValueError(
-                f"need max_new_tokens >= 1, num_beams >= 1, 0 <= top_p <= 1; got {max_new_tokens}, {num_beams}, {top_p}"
+                f"need 1 <= max_new_tokens <= {MAX_NEW_TOKENS}, 1 <= num_beams <= {MAX_BEAMS}, 0 <= top_p <= 1; "
+                f"got {max_new_tokens}, {num_beams}, {top_p}"
             )
         if num_beams > 1 and top_p > 0:
             raise ValueError(
@@ -334,19 +335,44 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             token=token,
         )
         if config is None:
-            config = json.loads(Path(_resolve(model_id, constants.CONFIG_NAME, hub_kwargs)).read_text())
-        if not isinstance(config, Config):
-            config = config_from_dict(config)
+            config = read_config(Path(_resolve(model_id, constants.CONFIG_NAME, hub_kwargs)))
+        elif not isinstance(config, Config):
+            where = Path(model_id) / constants.CONFIG_NAME if os.path.isdir(model_id) else f"{model_id} config"
+            try:
+                config = config_from_dict(config)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
         tokenizer = model_kwargs.pop("tokenizer", None)
         tokenizer_file = _resolve(model_id, TOKENIZER_FILE, hub_kwargs, required=False)
         if tokenizer is None and tokenizer_file is not None:
             tokenizer = MLMTokenizer.from_file(tokenizer_file)
         model = cls(config, tokenizer=tokenizer, **model_kwargs)
         weights = _resolve(model_id, constants.SAFETENSORS_SINGLE_FILE, hub_kwargs)
-        load_model(model, weights, strict=strict, device=str(map_location))
+        try:
+            load_model(model, weights, strict=strict, device=str(map_location))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            raise ValueError(
+                f"{weights}: not a usable model.safetensors for this config.json ({lines[0][:300]})"
+            ) from None
         model.eval()
         logger.info("loaded %s from %s", cls.__name__, model_id)
         return model
+
+
+def read_config(path: str | Path) -> Config:
+    """A model's config.json; a broken or invalid one is named in the error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _resolve(model_id: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:

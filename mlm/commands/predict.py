@@ -6,6 +6,8 @@
 - ``mlm explain IMAGE ["caption"]``: a PNG of the pooling weights and each caption word's cross-attention.
 
 Every command takes ``--checkpoint`` (a model, checkpoint or run folder; default: the run ``make demo`` trains).
+Exit codes: 0 done; 1 some images failed (each named on stderr, the others still processed); 2 nothing was done
+(a bad argument, question or checkpoint, named in one line).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = "runs/tiny-synthetic"  # the run `make demo` trains
+MAX_BATCH = 1024
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     add_model_args(caption)
     _add_decoding(caption)
-    caption.add_argument("--batch-size", type=int, default=16)
+    caption.add_argument("--batch-size", type=int, default=16, help=f"images per batch, 1-{MAX_BATCH} (default: 16)")
     caption.set_defaults(func=run_caption)
 
     ask = sub.add_parser("ask", help="answer a question about an image")
@@ -74,14 +77,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _decoding(args: argparse.Namespace) -> dict:
-    """generate() keyword arguments from the decoding options."""
+    """generate() keyword arguments from the decoding options, each checked against its bounds."""
     import torch
 
-    if args.beams < 1 or not 0.0 <= args.top_p <= 1.0 or (args.max_tokens is not None and args.max_tokens < 1):
-        raise ValueError(
-            "need --beams >= 1, 0 <= --top-p <= 1, --max-tokens >= 1; "
-            f"got --beams {args.beams}, --top-p {args.top_p}, --max-tokens {args.max_tokens}"
-        )
+    from mlm.generation import MAX_BEAMS, MAX_NEW_TOKENS
+
+    if not 1 <= args.beams <= MAX_BEAMS:
+        raise ValueError(f"--beams {args.beams}: must be between 1 and {MAX_BEAMS}")
+    if not 0.0 <= args.top_p <= 1.0:
+        raise ValueError(f"--top-p {args.top_p}: must be between 0 and 1")
+    if args.max_tokens is not None and not 1 <= args.max_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-tokens {args.max_tokens}: must be between 1 and {MAX_NEW_TOKENS}")
+    if args.min_tokens < 0 or (args.max_tokens is not None and args.min_tokens > args.max_tokens):
+        raise ValueError(f"--min-tokens {args.min_tokens}: must be between 0 and --max-tokens")
     generator = torch.Generator().manual_seed(args.seed) if args.top_p > 0 else None
     return {
         "num_beams": args.beams,
@@ -104,14 +112,20 @@ def _generator_on(model, kwargs: dict) -> dict:
 
 def run_caption(args: argparse.Namespace) -> int:
     """Caption every image; bad files are reported and the rest still captioned (exit 1 if any failed)."""
+    from tqdm.auto import tqdm
+
     from mlm.eval.inference import image_batches, image_transform, load_model
 
     kwargs = _decoding(args)
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
     model = load_model(args.checkpoint, args.device)
     kwargs = _generator_on(model, kwargs)
     errors: dict[int, str] = {}
     captions: dict[int, str] = {}
-    for index, pixels in image_batches(args.images, image_transform(model), args.batch_size, errors=errors):
+    batches = image_batches(args.images, image_transform(model), args.batch_size, errors=errors)
+    total = -(-len(args.images) // args.batch_size)
+    for index, pixels in tqdm(batches, total=total, desc="caption", unit="batch", disable=None, leave=False):
         texts = model.generate(pixels, **kwargs)
         captions.update(zip(index, texts, strict=True))
     rows = []
@@ -147,15 +161,17 @@ def _one_image(model, path: str):
 
 def run_ask(args: argparse.Namespace) -> int:
     """Answer each question about the image."""
-    from mlm.eval.inference import load_model
+    from mlm.data.text import check_text
+    from mlm.eval.inference import check_question, load_model
 
     kwargs = _decoding(args)
+    questions = [check_text(q, f"question {i + 1}") for i, q in enumerate(args.questions)]
     model = load_model(args.checkpoint, args.device)
+    for i, question in enumerate(questions):
+        check_question(model, question, f"question {i + 1}")
     pixels, _ = _one_image(model, args.image)
-    answers = model.answer(
-        pixels.expand(len(args.questions), -1, -1, -1), args.questions, **_generator_on(model, kwargs)
-    )
-    rows = [{"image": args.image, "question": q, "answer": a} for q, a in zip(args.questions, answers, strict=True)]
+    answers = model.answer(pixels.expand(len(questions), -1, -1, -1), questions, **_generator_on(model, kwargs))
+    rows = [{"image": args.image, "question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
@@ -166,20 +182,23 @@ def run_ask(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     """Print the best matching images of the folder for the text."""
+    from mlm.data.text import check_text
     from mlm.eval.image_index import ImageIndex
     from mlm.eval.inference import checkpoint_id, load_model
 
     if args.top_k < 1:
         raise ValueError(f"-k/--top-k must be >= 1, got {args.top_k}")
+    text = check_text(args.text, "search text")
     model = load_model(args.checkpoint, args.device)
     index = ImageIndex(args.images, model, checkpoint_id(args.checkpoint), args.cache_dir)
     counts = index.refresh()
-    hits = index.search(args.text, args.top_k)
+    hits = index.search(text, args.top_k)
     if args.json:
         rows = [{"image": str(hit.path), "score": hit.score} for hit in hits]
-        print(json.dumps({"query": args.text, "index": counts, "results": rows}, indent=2, ensure_ascii=False))
+        print(json.dumps({"query": text, "index": counts, "results": rows}, indent=2, ensure_ascii=False))
         return 0
-    print(f"# {counts['images']} images ({counts['encoded']} encoded now, {counts['reused']} from the cache)")
+    skipped = f", {counts['bad']} skipped: not readable images" if counts["bad"] else ""
+    print(f"# {counts['images']} images ({counts['encoded']} encoded now, {counts['reused']} from the cache{skipped})")
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank}\t{hit.score:.4f}\t{hit.path}")
     return 0
@@ -187,12 +206,14 @@ def run_search(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     """Write the attention-map PNG for the image and caption (the model's own caption when none is given)."""
+    from mlm.data.text import check_text
     from mlm.eval.attention_maps import attention_maps, plot_attention_maps
     from mlm.eval.inference import load_model
 
+    given = check_text(args.caption, "caption") if args.caption and args.caption.strip() else None
     model = load_model(args.checkpoint, args.device)
     pixels, image = _one_image(model, args.image)
-    caption = args.caption if args.caption and args.caption.strip() else model.generate(pixels, min_new_tokens=1)[0]
+    caption = given or model.generate(pixels, min_new_tokens=1)[0]
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}.explain.png")
     plot_attention_maps(image, attention_maps(model, pixels, caption), out)
     print(f"{caption}\nwrote {out}")

@@ -333,7 +333,7 @@ def generate(
     dataset = {"dataset": "synth", "holdout": [list(p) for p in HOLDOUT] if holdout else [],
                "images": karpathy["images"]}  # fmt: skip
     (out / "dataset_synth.json").write_text(json.dumps(dataset, separators=(",", ":")))
-    logger.info("wrote %d synthetic images to %s: %s", n_images, out, sizes)
+    logger.debug("wrote %d synthetic images to %s: %s", n_images, out, sizes)
     return sizes
 
 

@@ -12,9 +12,13 @@ or underscore becomes a space, split on whitespace) and report METEOR as missing
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,27 @@ def tokenize_captions(captions: Mapping[Any, Sequence[str]], tokenizer: str = "p
 
     # The PTB tokenizer reads one caption per line, so a newline inside a caption would shift every later one.
     wrapped = {key: [{"caption": " ".join(c.split())} for c in texts] for key, texts in captions.items()}
-    return PTBTokenizer().tokenize(wrapped)
+    with _java_stderr_logged():
+        return PTBTokenizer().tokenize(wrapped)
+
+
+@contextlib.contextmanager
+def _java_stderr_logged():
+    """Route what the PTB tokenizer's Java process writes to the inherited stderr into our log: its "tokenized N
+    tokens" progress line at DEBUG, anything else (a Java error) as a warning."""
+    with tempfile.TemporaryFile() as buffer:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(buffer.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buffer.seek(0)
+            for line in buffer.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    (logger.debug if "tokenized" in line else logger.warning)("PTB tokenizer: %s", line.strip())
 
 
 def _check_captions(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]]) -> None:

@@ -91,22 +91,24 @@ class ImageIndex:
 
     def refresh(self, batch_size: int = 32) -> dict[str, int]:
         """Bring the index up to date with the folder; returns counts of images reused, encoded and bad."""
-        from mlm.data.sources import read_image_files
 
-        files = [Path(r.image) for r in read_image_files(self.folder, SkipStats())]
-        keys = [file_key(self.folder, path) for path in files]
+        from tqdm.auto import tqdm
+
+        files, keys, unreadable = self._scan()
         cached, bad = self._load_cache()
         todo = [i for i, key in enumerate(keys) if key not in cached and key not in bad]
         errors: dict[int, str] = {}
         fresh: dict[str, torch.Tensor] = {}
         transform = infer.image_transform(self.model)
         batches = infer.image_batches([files[i] for i in todo], transform, batch_size, errors=errors)
-        for index, pixels in batches:
+        total = -(-len(todo) // batch_size)
+        for index, pixels in tqdm(batches, total=total, desc="index", unit="batch", disable=None, leave=False):
             for j, embed in zip(index, infer.embed_images(self.model, pixels), strict=True):
                 fresh[keys[todo[j]]] = embed
         present = set(keys)
         self.bad = {key: why for key, why in bad.items() if key in present}
         self.bad.update({keys[todo[j]]: why for j, why in errors.items()})
+        self.bad.update(unreadable)
         found = {**cached, **fresh}
         rows = [i for i, key in enumerate(keys) if key in found]
         self.paths = [files[i] for i in rows]
@@ -115,8 +117,24 @@ class ImageIndex:
         if changed:
             self._save_cache([keys[i] for i in rows])
         counts = {"images": len(rows), "reused": len(rows) - len(fresh), "encoded": len(fresh), "bad": len(self.bad)}
-        logger.info("search index of %s: %s", self.folder, counts)
+        logger.debug("search index of %s: %s", self.folder, counts)
         return counts
+
+    def _scan(self) -> tuple[list[Path], list[str], dict[str, str]]:
+        """The folder's image files and their keys, and {key: reason} for names that cannot be read (a dangling
+        link, a file removed or made unreadable while scanning)."""
+        from mlm.data.sources import read_image_files
+
+        files, keys, unreadable = [], [], {}
+        for record in read_image_files(self.folder, SkipStats()):
+            path = Path(record.image)
+            try:
+                keys.append(file_key(self.folder, path))
+                files.append(path)
+            except OSError as err:
+                why = "a dangling symbolic link" if path.is_symlink() else f"unreadable ({err.strerror})"
+                unreadable[f"{path.relative_to(self.folder).as_posix()}|unreadable"] = f"{path}: {why}"
+        return files, keys, unreadable
 
     def search(self, text: str, k: int = 5) -> list[SearchHit]:
         """The k images most similar to the text, best first (call :meth:`refresh` first)."""

@@ -58,8 +58,11 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def load_model(path: str | Path, device: str | None = None) -> MLMModel:
     """Load a model with its tokenizer from a model, checkpoint or run folder (see :func:`resolve_checkpoint`)."""
+    from mlm.model import read_config
+
     folder = resolve_checkpoint(path)
-    model = MLMModel.from_pretrained(str(folder)).to(pick_device(device)).eval()
+    config = read_config(folder / "config.json")  # read here so that a broken file is named
+    model = MLMModel.from_pretrained(str(folder), config=config).to(pick_device(device)).eval()
     if model.tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer.json; captions and questions need the model's tokenizer")
     return model
@@ -109,11 +112,24 @@ def image_batches(
                 pixels.append(transform(decode_any(images[i], max_pixels)))
                 kept.append(i)
             except DataError as err:
-                logger.warning("skipped an image: %s", err)
-                if errors is not None:
-                    errors[i] = str(err)
+                if errors is None:
+                    logger.warning("skipped an image: %s", err)
+                else:
+                    errors[i] = str(err)  # the caller reports it, once
         if kept:
             yield kept, torch.stack(pixels)
+
+
+def check_question(model: MLMModel, question: str, what: str = "question") -> None:
+    """Raise ValueError naming the question when its prompt leaves no room for an answer in the model's text
+    length (``model.max_text_len`` tokens: BOS, the prompt, at least one answer token, EOS)."""
+    limit = model.config.model.max_text_len
+    tokens = 1 + len(model.tokenizer.tokenize(vqa_prompt(question.strip()))) + 2
+    if tokens > limit:
+        raise ValueError(
+            f"{what}: {tokens} tokens with the prompt and an answer; this model reads at most {limit} "
+            "(model.max_text_len): shorten the question"
+        )
 
 
 @torch.no_grad()
