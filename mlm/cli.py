@@ -48,19 +48,34 @@ class _DropNoise(logging.Filter):
         return not any(noise in message for noise in _NOISE)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (test capture and redirections replace it)."""
+
+    @property
+    def stream(self):
+        """The current standard error."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        """Ignored: the stream is always the current standard error."""
+
+
 def setup_logging(verbose: bool) -> None:
     """Our messages at INFO (DEBUG with -v), one line each; libraries at WARNING and their warnings hidden."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
-        force=True,
-    )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)  # a second main() in one process replaces the first one's handler
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    if not verbose:
+        handler.addFilter(_DropNoise())
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("mlm").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
     if not verbose:
-        logging.getLogger("py.warnings").setLevel(logging.ERROR)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_DropNoise())
         for variable in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_VERBOSITY"):
             os.environ.setdefault(variable, "error")  # read when those libraries are imported, after this
 

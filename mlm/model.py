@@ -351,12 +351,10 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         try:
             load_model(model, weights, strict=strict, device=str(map_location))
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-            raise ValueError(
-                f"{weights}: not a usable model.safetensors for this config.json ({lines[0][:300]})"
-            ) from None
+            first = ([line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[0]
+            raise ValueError(f"{weights}: not usable weights for this config.json ({first[:300]})") from None
         model.eval()
-        logger.info("loaded %s from %s", cls.__name__, model_id)
+        logger.debug("loaded %s from %s", cls.__name__, model_id)
         return model
 
 

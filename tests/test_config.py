@@ -88,3 +88,19 @@ def test_float_field_accepts_exponent_string_but_not_words():
     assert load_config(None, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
     with pytest.raises(ConfigError, match=r"train.lr: expected a number, got 'fast'"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_errors_name_the_file_or_the_set_argument_that_caused_them(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("model:\n  n_layers: 2\n  levels: [local, global]\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=r"^--set train.lr=abc: train.lr: expected a number, got 'abc'$"):
+        load_config(good, ["train.lr=abc"])
+    with pytest.raises(ConfigError, match=r"^--set model.n_layers=3: model.levels has 2 entries"):
+        load_config(good, ["train.lr=1", "model.n_layers=3"])
+    with pytest.raises(ConfigError, match=rf"^{bad}: train.lr: expected a number"):
+        load_config(bad)
+    assert load_config(bad, ["train.lr=0.5"]).train.lr == 0.5  # an override may repair the file
+    with pytest.raises(ConfigError, match=r"^--set train.lrr=1: unknown config key 'train.lrr'"):
+        load_config(good, ["train.lrr=1"])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import signal
+import threading
 
 from mlm.commands.predict import add_model_args
 
@@ -19,12 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _interrupt(signum, frame) -> None:
+    """Treat SIGTERM (``kill``, ``docker stop``) as Ctrl+C, so that Gradio stops and the temporary folder goes."""
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the model, index the folder and serve until interrupted."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError as err:
-        raise ValueError('the demo needs gradio: pip install -e ".[demo]"') from err
+    """Load the model, index the folder and serve until interrupted; the demo's temporary files go with it."""
+    # Only looked for, not imported: the service points GRADIO_TEMP_DIR at its own folder first, and some gradio
+    # modules read that variable when imported.
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError('the demo needs gradio: pip install -e ".[demo]"')
     from mlm.demo.app import build_app, launch
     from mlm.demo.service import DemoService
     from mlm.eval.inference import checkpoint_id, load_model
@@ -32,7 +40,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
     model = load_model(args.checkpoint, args.device)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     service = DemoService(model, checkpoint_id(args.checkpoint), args.images, args.max_upload_mb, args.cache_dir)
-    print(f"mlm demo on http://{args.host}:{args.port} (Ctrl+C stops it)")
-    launch(build_app(service), service, args.host, args.port, args.max_upload_mb)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        with service:
+            print(f"mlm demo on http://{args.host}:{args.port} (Ctrl+C stops it)")
+            launch(build_app(service), service, args.host, args.port, args.max_upload_mb)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0

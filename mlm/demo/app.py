@@ -1,6 +1,7 @@
 """The Gradio web app of ``mlm demo``: upload an image to caption it, ask about it and see its attention maps, or
 type a text to search an image folder. Each button calls a :class:`~mlm.demo.service.DemoService` method; refused
-uploads and empty inputs show their reason as a Gradio error message.
+uploads and empty inputs show their reason as a Gradio error message, and log one line on the server (no
+traceback). Gradio's cache of uploads and outputs is swept while the app runs, and emptied when it stops.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from mlm.demo.service import DemoService
 logger = logging.getLogger(__name__)
 
 TITLE = "mlm: shared-weight MLA vision-language model"
+CACHE_SWEEP_S = 600  # how often Gradio deletes the cached uploads and outputs ...
+CACHE_MAX_AGE_S = 3600  # ... that are older than this (a page left open longer must upload its image again)
 
 
 def _gradio():
@@ -25,14 +28,19 @@ def _gradio():
 
 
 def guarded(fn: Callable) -> Callable:
-    """Wrap a service call so that a ValueError (refused upload, empty input) becomes a Gradio error message."""
+    """Wrap a service call so that a ValueError (refused upload, empty input) shows as a Gradio error message."""
     gr = _gradio()
 
     def call(*args):
         try:
             return fn(*args)
         except ValueError as err:
-            raise gr.Error(str(err)) from err
+            logger.info("refused: %s", err)
+            error = gr.Error(str(err))
+            # The user's mistake, not the server's: Gradio prints a full traceback for every gr.Error unless told
+            # not to. Set as an attribute because gradio before 5.9 has no print_exception argument (it always prints).
+            error.print_exception = False
+            raise error from err
 
     call.__name__ = getattr(fn, "__name__", "call")
     return call
@@ -89,7 +97,8 @@ def _search_tab(gr, service: DemoService) -> None:
 def build_app(service: DemoService):
     """The Gradio Blocks app around a service."""
     gr = _gradio()
-    with gr.Blocks(title="mlm demo", analytics_enabled=False) as app:
+    sweep = (CACHE_SWEEP_S, CACHE_MAX_AGE_S)  # also makes Gradio delete this app's cached files when it stops
+    with gr.Blocks(title="mlm demo", analytics_enabled=False, delete_cache=sweep) as app:
         gr.Markdown(f"# {TITLE}\nUpload an image (at most {service.max_upload_mb:g} MB).")
         with gr.Tab("Image"):
             _image_tab(gr, service)

@@ -47,3 +47,4 @@ def test_uploading_a_photo_shows_its_caption_and_a_bad_file_its_reason(tiny_mode
             browser.close()
     finally:
         app.close()
+        service.close()

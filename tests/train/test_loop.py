@@ -44,8 +44,7 @@ def _trainer(config, hook=None, resume=None):
     from mlm.data.tokenizer import MLMTokenizer
 
     source = open_split(config, config.data.train, "train")
-    # One vocabulary per data folder: runs compared with each other must share it (WordPiece training ties are
-    # broken differently from one training to the next).
+    # One vocabulary per data folder, trained once: a test compares several runs and need not retrain it each time.
     if config.data.train not in _TOKENIZERS:
         _TOKENIZERS[config.data.train] = MLMTokenizer.train_wordpiece(source.texts(), config.data.vocab_size)
     dataset = build_dataset(source, _TOKENIZERS[config.data.train], config, train=True)
