@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from mlm.data.records import DataError
+from mlm.data.text import check_text
 from mlm.eval import inference as infer
 from mlm.model import MLMModel
 
@@ -139,8 +140,10 @@ class DemoService:
         """The model's answer to a question about an uploaded image."""
         if not question or not question.strip():
             raise UploadError("type a question first")
+        question = check_text(question, "question")
+        infer.check_question(self.model, question)
         _, pixels = self.load_upload(path)
-        return self.model.answer(pixels, [question.strip()], min_new_tokens=1)[0]
+        return self.model.answer(pixels, [question], min_new_tokens=1)[0]
 
     def explain(self, path: str | Path | None, caption: str = "") -> tuple[str, Path]:
         """The caption explained (the model's own when empty) and the PNG of its attention maps."""
@@ -162,4 +165,5 @@ class DemoService:
             raise UploadError("no image folder to search: start the demo with --images DIR")
         if not text or not text.strip():
             raise UploadError("type a text to search for")
-        return [(str(hit.path), f"{hit.score:.3f} · {hit.path.name}") for hit in self.index.search(text, int(k))]
+        hits = self.index.search(check_text(text, "search text"), int(k))
+        return [(str(hit.path), f"{hit.score:.3f} · {hit.path.name}") for hit in hits]
