@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         code = args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, OSError) as err:  # OSError: missing, unreadable, a file where a folder belongs
         print(f"mlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"mlm {args.command}: error: an input file is nested too deeply to read", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,10 @@ import yaml
 
 ATTENTION_KINDS = ("mla", "mha", "gqa")
 LEVELS = ("local", "regional", "global")
-SHARING = ("full", "norms", "ffn")
+SHARING = ("full", "norms", "ffn", "none")
+POOLING = ("hierarchical", "mean")
+LEVEL_WEIGHT_INIT = ("ramp", "uniform")
+VQA_MODES = ("generative", "rank", "embedding")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
 IMAGE_POS_EMBED = ("sincos", "learned", "none")
@@ -56,7 +60,9 @@ class ModelConfig:
     region_size: int = 4  # text tokens per region
     region_size_2d: int = 2  # side of a square patch region
     top_k: int = 0  # keys kept per query in global blocks; 0 = dense
-    sharing: str = "full"  # full | norms (per-modality norms) | ffn (per-modality FFN experts)
+    sharing: str = "full"  # full | norms (per-modality norms) | ffn (per-modality FFN experts) | none (two towers)
+    pooling: str = "hierarchical"  # hierarchical (per-level attention pooling) | mean (mean of the last block)
+    level_weight_init: str = "ramp"  # ramp (0.1 lowest level -> 1.0 highest) | uniform (all 1.0)
     mlp_ratio: float = 4.0
     image_size: int = 64
     patch_size: int = 8
@@ -141,7 +147,7 @@ class EvalConfig:
     max_new_tokens: int = 20
     num_beams: int = 1
     top_p: float = 0.0  # > 0 switches decoding to nucleus sampling
-    vqa_mode: str = "generative"  # generative | rank
+    vqa_mode: str = "generative"  # generative | rank | embedding (no fusion: pooled image vs "question answer" text)
     max_samples: int = 0  # 0 = all
 
 
@@ -178,13 +184,26 @@ def _closest(name: str, valid: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+MAX_LIST = 1000  # config lists are short (levels, betas, trackers); longer ones are refused, never walked
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """repr of a value, cut to limit characters (a YAML alias bomb must not become a 30 MB message)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 6, 6, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_value(value: Any, tp: Any, where: str) -> Any:
     """Return value converted to type tp, or raise ConfigError naming the field."""
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+        if len(value) > MAX_LIST:
+            raise ConfigError(f"{where}: a list of {len(value):,} items; the limit is {MAX_LIST:,}")
         return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -192,19 +211,19 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
                 return _check_value(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+        raise ConfigError(f"{where}: {_show(value)} does not match {tp}")
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{where}: expected null, got {value!r}")
+        raise ConfigError(f"{where}: expected null, got {_show(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -213,20 +232,20 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {_show(value)}")
     raise AssertionError(f"unsupported config type {tp} at {where}")
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     """Build dataclass cls from a dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -242,16 +261,48 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+# (section.field, smallest, largest): sizes are bounded so that a typo cannot ask for terabytes
+_RANGES = [
+    ("model.dim", 4, 16384), ("model.n_layers", 1, 256), ("model.local_window", 0, 1 << 20),
+    ("model.local_window_2d", 1, 1023), ("model.region_size", 1, 1 << 20), ("model.region_size_2d", 1, 1023),
+    ("model.top_k", 0, 1 << 20), ("model.mlp_ratio", 0.25, 64), ("model.image_size", 1, 8192),
+    ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.in_chans", 1, 64),
+    ("model.vocab_size", 1, 1 << 21), ("model.max_text_len", 4, 1 << 16), ("model.embed_dim", 1, 16384),
+    ("model.pool_hidden_dim", 1, 16384), ("model.decoder_layers", 0, 256), ("model.dropout", 0.0, 1.0),
+    ("model.mla.n_heads", 1, 1024), ("model.mla.q_lora_rank", 0, 16384), ("model.mla.kv_lora_rank", 1, 16384),
+    ("model.mla.qk_nope_head_dim", 1, 4096), ("model.mla.qk_rope_head_dim", 4, 4096),
+    ("model.mla.v_head_dim", 1, 4096), ("model.mla.n_kv_heads", 1, 1024),
+    ("train.batch_size", 1, 1 << 20), ("train.max_steps", 1, 1 << 40), ("train.grad_accum_steps", 1, 1 << 16),
+    ("train.log_every", 1, 1 << 40), ("train.save_every", 0, 1 << 40), ("train.keep_last", 0, 1 << 20),
+    ("train.eval_every", 0, 1 << 40), ("train.lr", 0.0, 10.0), ("train.max_time_s", 0.0, 1e9),
+    ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
+]  # fmt: skip
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every bounded size within its range, named with its value."""
+    for name, low, high in _RANGES:
+        section, *path = name.split(".")
+        value = getattr(cfg, section)
+        for part in path:
+            value = getattr(value, part)
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: {low} to {high}")
+
+
 def _validate(cfg: Config) -> None:
     """Check cross-field rules, naming the field, the value and what is allowed."""
+    _check_ranges(cfg)
     m = cfg.model
     choices = {
         "model.attention": (m.attention, ATTENTION_KINDS),
         "model.sharing": (m.sharing, SHARING),
+        "model.pooling": (m.pooling, POOLING),
+        "model.level_weight_init": (m.level_weight_init, LEVEL_WEIGHT_INIT),
         "model.image_pos_embed": (m.image_pos_embed, IMAGE_POS_EMBED),
         "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
         "train.contrastive_loss": (cfg.train.contrastive_loss, CONTRASTIVE_LOSSES),
-        "eval.vqa_mode": (cfg.eval.vqa_mode, ("generative", "rank")),
+        "eval.vqa_mode": (cfg.eval.vqa_mode, VQA_MODES),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -296,7 +347,8 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         tp = typing.get_type_hints(cls)[key]
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"'{where}' is a section; set one of its keys, e.g. {where}.{valid[0]}")
+                first = dataclasses.fields(tp)[0].name
+                raise ConfigError(f"'{where}' is a section; set one of its keys, e.g. {where}.{first}")
             node[key] = value
             return
         if not dataclasses.is_dataclass(tp):
@@ -305,13 +357,23 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         cls = tp
 
 
+def _parse_value(raw: str) -> Any:
+    """A ``--set`` value read as YAML (numbers, lists, true/false); text that is not YAML stays the text itself."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError):
+        return raw  # e.g. data.train=*.json (a YAML alias) or data.train=@list
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` strings (values parsed as YAML) to a nested dict."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_path(data, key.strip(), _parse_value(raw))
     return data
 
 

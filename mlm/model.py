@@ -26,7 +26,7 @@ from mlm.config import Config, ConfigError, config_from_dict
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
-from mlm.fusion.hierarchical import HierarchicalPooling
+from mlm.fusion.hierarchical import POOLING
 from mlm.generation import MAX_BEAMS, MAX_NEW_TOKENS, DecodingCache, generate_from_prompts
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         self.config = config
         m = config.model
         self.encoder = SharedEncoder(m)
-        self.pooler = HierarchicalPooling(m.dim, m.levels, m.pool_hidden_dim, m.embed_dim)
+        self.pooler = POOLING[m.pooling](m.dim, m.levels, m.pool_hidden_dim, m.embed_dim, m.level_weight_init)
         self.decoder = MultimodalDecoder(m, self.encoder.token_embed)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))

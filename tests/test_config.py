@@ -104,3 +104,23 @@ def test_errors_name_the_file_or_the_set_argument_that_caused_them(tmp_path):
     assert load_config(bad, ["train.lr=0.5"]).train.lr == 0.5  # an override may repair the file
     with pytest.raises(ConfigError, match=r"^--set train.lrr=1: unknown config key 'train.lrr'"):
         load_config(good, ["train.lrr=1"])
+
+
+def test_hostile_values_give_short_messages_naming_the_field(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    nested = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    bomb.write_text(f"train: {{lr: [{', '.join(nested)}]}}\n")  # 10^7 numbers from a few hundred bytes
+    with pytest.raises(ConfigError) as err:
+        load_config(bomb)
+    assert len(str(err.value)) < 400
+    with pytest.raises(ConfigError, match=r"--set train.lr=\[1: train.lr: expected a number, got '\[1'"):
+        load_config(None, ["train.lr=[1"])  # not YAML: taken as the text itself
+    assert load_config(None, ["data.train=*.json"]).data.train == "*.json"
+    with pytest.raises(ConfigError, match=r"--set model.patch_size=0: model.patch_size=0 is out of range"):
+        load_config(None, ["model.patch_size=0"])
+    with pytest.raises(ConfigError, match=r"model.mla.n_kv_heads=0 is out of range"):
+        load_config(None, ["model.attention=gqa", "model.mla.n_kv_heads=0"])
+    with pytest.raises(ConfigError, match=r"train.log_every=0 is out of range"):
+        load_config(None, ["train.log_every=0"])
+    with pytest.raises(ConfigError, match=r"'train' is a section; set one of its keys, e.g. train.output_dir"):
+        load_config(None, ["train=5"])

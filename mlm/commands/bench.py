@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 BENCHES = {
+    "ablate": ("mlm.bench.ablate", "one row per design switch at one budget: Δ retrieval, VQA, shape accuracy"),
     "data": ("mlm.bench.data", "data loading throughput (samples/s) for 0, 1, 2 workers"),
     "mla": ("mlm.bench.mla", "MHA vs GQA vs MLA: parameters, KV-cache bytes, prefill and decode speed"),
+    "train": ("mlm.bench.train", "training samples/s, FLOPs and GEMM share: ours vs open_clip CoCa, same batches"),
 }
 
 

@@ -60,6 +60,10 @@ def _data_config(args: argparse.Namespace):
 
     cfg = load_config(args.config, args.overrides).data if (args.config or args.overrides) else DataConfig()
     if args.format:
+        from mlm.data.sources import FORMATS
+
+        if args.format not in FORMATS:
+            raise ValueError(f"--format {args.format}: not a data format; choose one of {', '.join(FORMATS)}")
         cfg.format = args.format
     cfg.strict = cfg.strict or args.strict
     return cfg
@@ -87,6 +91,8 @@ def check_source(spec: str, fmt: str | None, cfg, split: str | None, images: boo
         return _check_source(spec, fmt, cfg, split, images)
     except (DataError, ValueError, FileNotFoundError):
         raise
+    except OSError as err:  # unreadable file or folder: a property of the data, not of mlm
+        return spec, None, f"cannot read: {err}"
     except Exception as err:  # noqa: BLE001 - a checker reports what it cannot read instead of dying on it
         logging.getLogger(__name__).debug("unexpected error checking %s", spec, exc_info=True)
         return spec, None, f"unexpected {type(err).__name__}: {err} (a bug in mlm; run with -v for the traceback)"

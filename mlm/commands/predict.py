@@ -211,10 +211,14 @@ def run_explain(args: argparse.Namespace) -> int:
     from mlm.eval.inference import load_model
 
     given = check_text(args.caption, "caption") if args.caption and args.caption.strip() else None
+    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}.explain.png")
+    if out.is_dir():
+        out = out / f"{Path(args.image).stem}.explain.png"
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: the attention maps are a PNG; give a file name ending in .png")
     model = load_model(args.checkpoint, args.device)
     pixels, image = _one_image(model, args.image)
     caption = given or model.generate(pixels, min_new_tokens=1)[0]
-    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}.explain.png")
     plot_attention_maps(image, attention_maps(model, pixels, caption), out)
     print(f"{caption}\nwrote {out}")
     return 0

@@ -29,6 +29,10 @@ from mlm.data.records import (
 )
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default for Image.MAX_IMAGE_PIXELS
+MAX_FILE_BYTES = 256 * 2**20  # an encoded image larger than this is refused before it is read
+# Formats PIL decodes by itself. Others (EPS/PS through Ghostscript, and the rarer plugins) are refused whatever the
+# file's name: EPS hands the file to an external interpreter.
+SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "ICO", "TGA", "DIB", "AVIF")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 EXIF_ORIENTATION = 0x0112
 MAX_ASPECT = 20  # longest side / shortest side
@@ -52,6 +56,7 @@ def read_image_bytes(image: str | Path | bytes | FileSlice | None, origin: str =
     else:
         path = Path(image)
         try:
+            _check_regular_file(path)
             data = path.read_bytes()
         except FileNotFoundError as err:
             raise DataError(MISSING_IMAGE, origin or str(path), f"no such file: {path}") from err
@@ -64,10 +69,29 @@ def read_image_bytes(image: str | Path | bytes | FileSlice | None, origin: str =
     return data
 
 
+def _check_regular_file(path: Path) -> None:
+    """Refuse what would block or exhaust memory when read: FIFOs, devices, and files over MAX_FILE_BYTES."""
+    import stat
+
+    info = path.stat()  # follows links, so a link to a FIFO is refused too
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(NOT_AN_IMAGE, str(path), "not a regular file (a FIFO, socket or device)")
+    if info.st_size > MAX_FILE_BYTES:
+        raise DataError(IMAGE_TOO_LARGE, str(path), f"{info.st_size:,} bytes > max {MAX_FILE_BYTES:,}")
+
+
+def _available_formats() -> list[str]:
+    """The safe formats this Pillow build can open (AVIF needs a plugin that not every build has)."""
+    Image.init()
+    return [name for name in SAFE_FORMATS if name in Image.OPEN]
+
+
 def _open(data: bytes, max_pixels: int, origin: str) -> Image.Image:
     """Open (header only) and check the pixel count before decoding anything."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_available_formats())
     except Image.DecompressionBombError as err:
         raise DataError(IMAGE_TOO_LARGE, origin, str(err)) from err
     except UnidentifiedImageError as err:

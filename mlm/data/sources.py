@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mlm.config import DataConfig
 from mlm.data import records as R
-from mlm.data.images import IMAGE_SUFFIXES
+from mlm.data.images import IMAGE_SUFFIXES, SAFE_FORMATS
 from mlm.data.records import DataError, Record, SkipStats
 from mlm.data.sources_files import (
     ConcatSource,
@@ -49,7 +49,8 @@ def read_image_files(folder: Path, stats: SkipStats) -> list[Record]:
     from PIL import Image
 
     Image.init()
-    suffixes = set(IMAGE_SUFFIXES + EXTRA_IMAGE_SUFFIXES) | set(Image.registered_extensions())
+    safe = {ext for ext, fmt in Image.registered_extensions().items() if fmt in SAFE_FORMATS}
+    suffixes = set(IMAGE_SUFFIXES + EXTRA_IMAGE_SUFFIXES) | safe
     records = []
     for path in sorted(folder.rglob("*")):
         hidden = any(p.startswith(".") for p in path.relative_to(folder).parts)

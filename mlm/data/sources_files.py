@@ -295,10 +295,25 @@ def read_imagefolder(folder: Path, caption_key: str, split: str | None, stats: S
     raise FileNotFoundError(f"{folder}: an imagefolder needs metadata.jsonl or metadata.csv beside the images")
 
 
+MAX_SHARDS = 100_000  # a brace pattern naming more shards than this is refused before it is expanded
+
+
+def _brace_count(spec: str) -> int:
+    """How many names a brace pattern expands to, computed without expanding it."""
+    total = 1
+    for body in re.findall(r"\{([^{}]*)\}", spec):
+        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        total *= max(0, int(numeric.group(2)) - int(numeric.group(1)) + 1) if numeric else len(body.split(","))
+    return total
+
+
 def expand_shards(spec: str) -> list[str]:
     """Shard paths from a brace pattern ("shard-{000..009}.tar", "{a,b}.tar"), a glob, or a folder of .tar."""
     match = re.search(r"\{([^{}]*)\}", spec)
     if match:
+        count = _brace_count(spec)
+        if count > MAX_SHARDS:
+            raise ValueError(f"{spec}: the brace pattern names {count:,} shards; the limit is {MAX_SHARDS:,}")
         body = match.group(1)
         numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
         if numeric:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mlm.config import ModelConfig
-from mlm.encoders.sharing import PerModality, separate_modules
+from mlm.encoders.sharing import PerModality, check_modality, separate_attention, separate_modules
 from mlm.layers.mla import build_attention
 from mlm.layers.mlp import SwiGLU
 
@@ -33,9 +33,18 @@ class EncoderBlock(nn.Module):
         self.level = level
         self.top_k = cfg.top_k if level == "global" else 0
         self.attn_norm = PerModality(lambda: nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), separate_norms)
-        self.attn = build_attention(cfg.dim, cfg.mla, cfg.attention, norm_eps=cfg.norm_eps)
+        self.attn = build_attention(cfg.dim, cfg.mla, cfg.attention, norm_eps=cfg.norm_eps)  # text (and images)
+        # Two towers (sharing=none): images get attention weights of their own; the text cache stays on self.attn.
+        separate = separate_attention(cfg.sharing)
+        self.image_attn = build_attention(cfg.dim, cfg.mla, cfg.attention, norm_eps=cfg.norm_eps) if separate else None
         self.ffn_norm = PerModality(lambda: nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), separate_norms)
         self.ffn = PerModality(lambda: SwiGLU(cfg.dim, ffn_hidden_dim(cfg), cfg.dropout), separate_ffn)
+
+    def attention(self, modality: str) -> nn.Module:
+        """The attention module that serves this modality."""
+        if check_modality(modality) == "image" and self.image_attn is not None:
+            return self.image_attn
+        return self.attn
 
     def forward(
         self,
@@ -49,5 +58,5 @@ class EncoderBlock(nn.Module):
     ) -> Tensor:
         """Return x (B, T, C) after attention (with an optional KV cache) and the feed-forward."""
         h = self.attn_norm(x, modality)
-        x = x + self.attn(h, rope=rope, mask=mask, cache=cache, absorbed=absorbed, top_k=self.top_k)
+        x = x + self.attention(modality)(h, rope=rope, mask=mask, cache=cache, absorbed=absorbed, top_k=self.top_k)
         return x + self.ffn(self.ffn_norm(x, modality), modality)

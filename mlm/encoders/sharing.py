@@ -2,8 +2,9 @@
 
 ``sharing`` in the model config picks what is per modality (see :func:`separate_modules`): ``full`` shares every
 weight (one transformer for text and patches), ``norms`` gives each modality its own normalisation layers as in
-MS-CLIP (You et al., 2022), and ``ffn`` additionally gives each modality its own feed-forward expert, as in VLMo's
-mixture-of-modality-experts (Bao et al., 2022). Attention weights are always shared.
+MS-CLIP (You et al., 2022), ``ffn`` additionally gives each modality its own feed-forward expert, as in VLMo's
+mixture-of-modality-experts (Bao et al., 2022), and ``none`` separates the attention too: two towers of the same
+shape, the baseline the shared design is measured against.
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ from torch import Tensor, nn
 MODALITIES = ("image", "text")
 
 
+_SEPARATE = {"full": (False, False, False), "norms": (True, False, False), "ffn": (True, True, False),
+             "none": (True, True, True)}  # fmt: skip
+
+
+def _separate(sharing: str) -> tuple[bool, bool, bool]:
+    if sharing not in _SEPARATE:
+        raise ValueError(f"model.sharing={sharing!r} is not allowed; choose one of {', '.join(_SEPARATE)}")
+    return _SEPARATE[sharing]
+
+
 def separate_modules(sharing: str) -> tuple[bool, bool]:
     """Return (separate_norms, separate_ffn) for a ``model.sharing`` value."""
-    table = {"full": (False, False), "norms": (True, False), "ffn": (True, True)}
-    if sharing not in table:
-        raise ValueError(f"model.sharing={sharing!r} is not allowed; choose one of {', '.join(table)}")
-    return table[sharing]
+    return _separate(sharing)[:2]
+
+
+def separate_attention(sharing: str) -> bool:
+    """Whether each modality has its own attention weights (``model.sharing=none``)."""
+    return _separate(sharing)[2]
 
 
 def check_modality(modality: str) -> str:

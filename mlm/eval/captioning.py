@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlm.eval.report import read_json, read_results
+from mlm.eval.report import is_id, read_json, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +164,9 @@ def load_coco_captions(path: str | Path) -> dict[Any, list[str]]:
         raise ValueError(f"{path}: expected an object with an 'annotations' list (COCO captions format)")
     references: dict[Any, list[str]] = {}
     for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ValueError(f"{path}: annotations[{i}] must have 'image_id' and a string 'caption', got {ann!r}")
+        if not isinstance(ann, dict) or not is_id(ann.get("image_id")) or not isinstance(ann.get("caption"), str):
+            raise ValueError(f"{path}: annotations[{i}] must have a number or string 'image_id' and a string "
+                             f"'caption', got {ann!r:.200}")  # fmt: skip
         references.setdefault(ann["image_id"], []).append(ann["caption"])
     return references
 

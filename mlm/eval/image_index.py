@@ -73,8 +73,18 @@ class ImageIndex:
                 keys = json.loads(meta["keys"])
                 embeds = f.get_tensor("embeds")
                 bad = json.loads(meta.get("bad", "{}"))
-        except Exception as err:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
-            logger.warning("ignoring unreadable search cache %s: %s", self.cache_file, err)
+            dim = self.model.config.model.embed_dim
+            if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys) and isinstance(bad, dict)):
+                raise ValueError("keys or bad files of the wrong type")
+            if embeds.dtype != torch.float32 or tuple(embeds.shape) != (len(keys), dim):
+                raise ValueError(
+                    f"embeddings {embeds.dtype} {tuple(embeds.shape)}, expected float32 ({len(keys)}, {dim})"
+                )
+            if not bool(torch.isfinite(embeds).all()):
+                raise ValueError("non-finite embeddings")
+            bad = {str(k): str(v) for k, v in bad.items()}
+        except Exception as err:  # noqa: BLE001 - a broken or tampered cache is rebuilt, never fatal
+            logger.warning("rebuilding the search cache %s: %s", self.cache_file, err)
             return {}, {}
         return dict(zip(keys, embeds, strict=True)), bad
 

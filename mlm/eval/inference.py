@@ -50,10 +50,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """The device to run on: the one named, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to run on: the one named (cpu, cuda, cuda:N, mps), else CUDA when available, else CPU."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name; use cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: use cpu, cuda, cuda:N or mps")
+    return chosen
 
 
 def load_model(path: str | Path, device: str | None = None) -> MLMModel:

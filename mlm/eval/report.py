@@ -26,6 +26,15 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+
+
+def is_id(value: Any) -> bool:
+    """Whether a JSON value can be an image or question id (a number or a string, as in the official files)."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
 def read_results(path: str | Path, id_key: str, value_key: str) -> dict[Any, str]:
@@ -36,8 +45,10 @@ def read_results(path: str | Path, id_key: str, value_key: str) -> dict[Any, str
         raise ValueError(f"{path}: expected a JSON list of {{'{id_key}', '{value_key}'}} objects, got a {kind}")
     values: dict[Any, str] = {}
     for i, item in enumerate(results):
-        if not isinstance(item, dict) or id_key not in item or not isinstance(item.get(value_key), str):
-            raise ValueError(f"{path}: entry {i} must have '{id_key}' and a string '{value_key}', got {item!r}")
+        if not isinstance(item, dict) or not is_id(item.get(id_key)) or not isinstance(item.get(value_key), str):
+            shown = repr(item) if len(repr(item)) <= 200 else repr(item)[:197] + "..."
+            raise ValueError(f"{path}: entry {i} must have a number or string '{id_key}' and a string "
+                             f"'{value_key}', got {shown}")  # fmt: skip
         if item[id_key] in values:
             raise ValueError(f"{path}: entry {i} repeats {id_key} {item[id_key]!r} (one {value_key} per {id_key})")
         values[item[id_key]] = item[value_key]

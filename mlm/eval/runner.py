@@ -198,6 +198,18 @@ def _rank_batch(model: MLMModel, pixels: torch.Tensor, questions: list[str], can
     return rank_answers(list(range(len(questions))), candidates, score, batch_size=len(questions))
 
 
+def _embedding_batch(
+    model: MLMModel, pixels: torch.Tensor, questions: list[str], candidates: Sequence[str]
+) -> list[str]:
+    """No fusion: the candidate whose pooled text ``question: q answer: a`` lies closest to the pooled image."""
+    from mlm.data.tokenizer import vqa_text
+
+    images = infer.embed_images(model, pixels)  # (b, E)
+    texts = infer.embed_texts(model, [vqa_text(q, c) for q in questions for c in candidates])  # (b*C, E)
+    scores = torch.einsum("be,bce->bc", images, texts.view(len(questions), len(candidates), -1))  # (b, C)
+    return [candidates[int(i)] for i in scores.argmax(dim=-1)]
+
+
 def evaluate_vqa(
     model: MLMModel,
     records: Sequence[Record],
@@ -205,13 +217,14 @@ def evaluate_vqa(
     out_dir: Path | None,
     candidates: Sequence[str] | None = None,
 ) -> dict:
-    """Official VQAv2 accuracy of generated (``eval.vqa_mode=generative``) or ranked (``rank``) answers."""
+    """Official VQAv2 accuracy of generated (``eval.vqa_mode=generative``), ranked (``rank``) or, without the
+    cross-modal decoder, embedding-matched (``embedding``) answers."""
     questions = _limit([r for r in records if r.is_vqa], ev)
     if not questions:
         raise ValueError("VQA needs question records (a VQAv2 questions file or a synth folder); the data has none")
-    if ev.vqa_mode == "rank":
+    if ev.vqa_mode in ("rank", "embedding"):
         candidates = list(candidates) if candidates else candidate_list(questions)
-        logger.info("rank mode: %d candidate answers", len(candidates))
+        logger.info("%s mode: %d candidate answers", ev.vqa_mode, len(candidates))
     errors: dict[int, str] = {}
     batches = infer.image_batches(
         [r.image for r in questions], infer.image_transform(model), ev.batch_size, errors=errors
@@ -222,6 +235,8 @@ def evaluate_vqa(
         texts = [questions[i].question for i in index]
         if ev.vqa_mode == "rank":
             answers = _rank_batch(model, pixels, texts, candidates)
+        elif ev.vqa_mode == "embedding":
+            answers = _embedding_batch(model, pixels, texts, candidates)
         else:
             answers = model.answer(pixels, texts, **_decoding(model, ev))
         for i, answer in zip(index, answers, strict=True):
@@ -232,7 +247,7 @@ def evaluate_vqa(
         raise ValueError(f"no image could be decoded, e.g. {next(iter(errors.values()), '')}")
     metrics = vqa_accuracy(predictions, annotations)
     metrics.update(mode=ev.vqa_mode, num_skipped=len(errors))
-    if ev.vqa_mode == "rank":
+    if ev.vqa_mode != "generative":
         metrics["num_candidates"] = len(candidates)
     if out_dir is not None:
         from mlm.eval.report import plot_vqa_types

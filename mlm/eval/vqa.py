@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mlm.eval.report import read_json, read_results
+from mlm.eval.report import is_id, read_json, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +197,10 @@ def load_vqa_annotations(annotations_path: str | Path, questions_path: str | Pat
     if not isinstance(annotations, list):
         raise ValueError(f"{annotations_path}: expected an object with an 'annotations' list (official VQAv2 format)")
     for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or "question_id" not in ann:
-            raise ValueError(f"{annotations_path}: annotations[{i}] has no 'question_id': {ann!r}")
+        if not isinstance(ann, dict) or not is_id(ann.get("question_id")):
+            raise ValueError(
+                f"{annotations_path}: annotations[{i}] has no number or string 'question_id': {ann!r:.200}"
+            )
         _answers_of(ann, f"{annotations_path}: annotations[{i}]")
     if questions_path is None:
         return annotations
@@ -206,7 +208,7 @@ def load_vqa_annotations(annotations_path: str | Path, questions_path: str | Pat
     questions = data.get("questions") if isinstance(data, dict) else None
     if not isinstance(questions, list):
         raise ValueError(f"{questions_path}: expected an object with a 'questions' list (official VQAv2 format)")
-    by_id = {q.get("question_id"): q for q in questions if isinstance(q, dict)}
+    by_id = {q.get("question_id"): q for q in questions if isinstance(q, dict) and is_id(q.get("question_id"))}
     unmatched = [ann["question_id"] for ann in annotations if ann["question_id"] not in by_id]
     if unmatched or len(by_id) != len(annotations):
         raise ValueError(

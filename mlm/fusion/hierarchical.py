@@ -5,7 +5,8 @@ rates every position, a softmax over the positions turns the ratings into weight
 states is that level's vector (attention pooling as in Set Transformer's PMA / Ilse et al., 2018). Learned level
 weights, initialised from 0.1 for the lowest present level to 1.0 for the highest, mix the level vectors; one
 projection shared by both modalities maps the mix into the common space, followed by L2 normalisation (CLIP).
-The per-position softmax weights are returned so that they can be drawn over an image.
+The per-position softmax weights are returned so that they can be drawn over an image. :class:`MeanPooling` (the
+mean of the last block's states through the same kind of projection) is the baseline the ablation compares against.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlm.config import LEVELS
+from mlm.config import LEVEL_WEIGHT_INIT, LEVELS
 
 
 @dataclass
@@ -44,8 +45,10 @@ def last_block_of_level(levels: list[str]) -> dict[str, int]:
 class HierarchicalPooling(nn.Module):
     """Per-level attention pooling, learned level weights, shared projection and L2 normalisation."""
 
-    def __init__(self, dim: int, levels: list[str], hidden_dim: int, embed_dim: int):
+    def __init__(self, dim: int, levels: list[str], hidden_dim: int, embed_dim: int, level_weight_init: str = "ramp"):
         super().__init__()
+        if level_weight_init not in LEVEL_WEIGHT_INIT:
+            raise ValueError(f"level_weight_init={level_weight_init!r} is not one of {', '.join(LEVEL_WEIGHT_INIT)}")
         self.levels = present_levels(levels)
         if not self.levels:
             raise ValueError("hierarchical pooling needs at least one level")
@@ -56,8 +59,8 @@ class HierarchicalPooling(nn.Module):
             }
         )
         n = len(self.levels)
-        init = torch.linspace(0.1, 1.0, n) if n > 1 else torch.ones(1)
-        self.level_weights = nn.Parameter(init)  # (L,) low level 0.1 → high level 1.0
+        init = torch.linspace(0.1, 1.0, n) if n > 1 and level_weight_init == "ramp" else torch.ones(n)
+        self.level_weights = nn.Parameter(init)  # (L,) ramp: low level 0.1 → high level 1.0
         self.proj = nn.Linear(dim, embed_dim, bias=False)
 
     def pool_level(self, level: str, states: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -83,3 +86,26 @@ class HierarchicalPooling(nn.Module):
             pooled.append(vector)
         mixed = torch.einsum("l,lbc->bc", self.level_weights.to(pooled[0].dtype), torch.stack(pooled))  # (B, C)
         return PooledOutput(embeds=F.normalize(self.proj(mixed), dim=-1), pooled=mixed, weights=weights)
+
+
+class MeanPooling(nn.Module):
+    """Masked mean of the highest level's states, the shared projection and L2 normalisation (no level weights)."""
+
+    def __init__(self, dim: int, levels: list[str], hidden_dim: int, embed_dim: int, level_weight_init: str = "ramp"):
+        super().__init__()
+        self.levels = present_levels(levels)[-1:]  # the last block's level; hidden_dim and the init are unused
+        self.proj = nn.Linear(dim, embed_dim, bias=False)
+
+    def forward(self, states: dict[str, Tensor], mask: Tensor | None = None) -> PooledOutput:
+        """Pool {level: (B, T, C)} by the mean over real positions of the highest level."""
+        level = self.levels[0]
+        x = states[level]  # (B, T, C)
+        keep = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)
+        if not bool((keep.sum(dim=-1) > 0).all()):
+            raise ValueError("every row needs at least one real (mask=True) position to pool")
+        weights = keep / keep.sum(dim=-1, keepdim=True)  # (B, T)
+        mixed = torch.einsum("bt,btc->bc", weights, x)
+        return PooledOutput(embeds=F.normalize(self.proj(mixed), dim=-1), pooled=mixed, weights={level: weights})
+
+
+POOLING = {"hierarchical": HierarchicalPooling, "mean": MeanPooling}

@@ -54,7 +54,8 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
+        # real folders only: a link could point anywhere, and pruning would have to delete through it
+        if match and path.is_dir() and not path.is_symlink() and (path / TRAINER_STATE).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -93,8 +94,25 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict:
-    """The readable trainer state of a checkpoint."""
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    """The readable trainer state of a checkpoint, checked: step, time and counters of the right types."""
+    path = Path(checkpoint) / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    step, elapsed, nonfinite = state.get("step"), state.get("elapsed_s", 0.0), state.get("nonfinite", {})
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{path}: 'step' must be a non-negative integer, got {step!r}")
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not 0 <= elapsed < float("inf"):
+        raise ValueError(f"{path}: 'elapsed_s' must be a non-negative number, got {elapsed!r}")
+    counts = nonfinite.values() if isinstance(nonfinite, dict) else [None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+        raise ValueError(f"{path}: 'nonfinite' must map counter names to non-negative integers, got {nonfinite!r}")
+    if "config" in state and not (isinstance(state["config"], dict) and isinstance(state["config"].get("model"), dict)):
+        raise ValueError(f"{path}: 'config' must be an object with a 'model' section")
+    return state
 
 
 def _remove_stale_temporaries(root: Path) -> None:
@@ -199,15 +217,27 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> tuple[dict, dict[str
     check_state_folder(state)
     trainer_state = read_trainer_state(checkpoint)
     tensors_file = checkpoint / TRAINER_TENSORS
-    tensors = load_file(str(tensors_file)) if tensors_file.is_file() else _legacy_tensors(state)
+    try:
+        tensors = load_file(str(tensors_file)) if tensors_file.exists() else _legacy_tensors(state)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types on a broken file
+        raise ValueError(f"{tensors_file}: not a readable safetensors file ({err})") from None
     legacy = [p for p in state.iterdir() if _LEGACY_CUSTOM.match(p.name)]
     if not legacy:
-        accelerator.load_state(str(state))
+        _load_state(accelerator, state, state)
         return trainer_state, tensors
     # accelerate would load the old pickle itself, with weights_only=False: give it a view of the folder without it
     with tempfile.TemporaryDirectory(prefix="mlm-resume-") as view:
         for path in state.iterdir():
             if path not in legacy:
                 os.symlink(path.resolve(), Path(view) / path.name)
-        accelerator.load_state(view)
+        _load_state(accelerator, Path(view), state)
     return trainer_state, tensors
+
+
+def _load_state(accelerator, folder: Path, shown: Path) -> None:
+    """accelerator.load_state, with a broken or mismatched state reported in one line naming the folder."""
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types on a file that does not fit
+        first = ([line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[0]
+        raise ValueError(f"{shown}: cannot restore the training state ({first[:300]})") from None

@@ -88,7 +88,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         self._build_data(train_dataset, val_source)
         if self.checkpoint is not None:
-            self._check_same_model(ckpt.read_trainer_state(self.checkpoint)["config"]["model"])
+            saved = ckpt.read_trainer_state(self.checkpoint)
+            if "config" not in saved:
+                raise ValueError(f"{self.checkpoint / ckpt.TRAINER_STATE}: no 'config' section to check the model by")
+            self._check_same_model(saved["config"]["model"])
         self._build_model()
         self.state = TrainerState()
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
@@ -131,8 +134,10 @@ class Trainer:
 
     def _check_same_model(self, saved: dict) -> None:
         """Refuse to resume into a model of another shape (the weights would not fit)."""
-        current = asdict(self.config.model)
-        changed = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+        current, defaults = asdict(self.config.model), asdict(type(self.config.model)())
+        # a setting added after the checkpoint was written counts as its default there
+        changed = [f"model.{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in current.items()
+                   if saved.get(k, defaults[k]) != v]  # fmt: skip
         if changed:
             raise ConfigError(f"--resume {self.checkpoint}: the model settings differ from the checkpoint's: "
                               + "; ".join(changed))  # fmt: skip

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 SAFE_SUFFIXES = {".safetensors", ".json"}  # formats that hold data only
+_FILE_SUFFIXES = {".safetensors", ".json", ".bin", ".pkl", ".pt", ".pth", ".distcp"}
 DCP_DATA_SUFFIX = ".distcp"  # shards torch.distributed.checkpoint itself reads with weights_only=True
 _DCP_MODULES = ("torch.distributed.checkpoint.", "torch.distributed.tensor.")
 _DCP_BUILTINS = {"set", "frozenset", "slice", "complex"}
@@ -44,10 +45,12 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module.startswith(_DCP_MODULES):
             found = super().find_class(module, name)
-            if isinstance(found, type) and (hasattr(found, "__dataclass_fields__") or issubclass(found, tuple)):
-                return found
-            if isinstance(found, type) and found.__module__.startswith(_DCP_MODULES) and hasattr(found, "_member_map_"):
-                return found  # an enum of the checkpoint module
+            # classes defined by the checkpoint modules themselves, not anything they happen to import
+            own = isinstance(found, type) and found.__module__.startswith(_DCP_MODULES)
+            if own and (
+                hasattr(found, "__dataclass_fields__") or issubclass(found, tuple) or hasattr(found, "_member_map_")
+            ):
+                return found  # a dataclass, named tuple or enum
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
@@ -95,9 +98,16 @@ def check_state_folder(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint state folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
-    for path in files:
+    files = []
+    for path in sorted(folder.rglob("*")):
         if path.is_symlink() and not path.exists():
             raise UnsafeCheckpointError(f"{path}: a dangling symbolic link in a checkpoint")
+        if path.is_dir() and path.suffix in _FILE_SUFFIXES:
+            raise UnsafeCheckpointError(f"{path}: a folder where a checkpoint file belongs")
+        if path.is_dir():
+            continue
+        if not path.is_file():  # a FIFO or device would block or never end when read
+            raise UnsafeCheckpointError(f"{path}: not a regular file (a FIFO, socket or device)")
         check_file(path)
+        files.append(path)
     return files

@@ -3,6 +3,7 @@ exit code (2: nothing done; 1: some inputs failed, the rest processed), never a 
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,60 @@ def test_search_skips_a_dangling_link_and_searches_the_rest(tiny_run, tmp_path, 
     assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["index"]["images"] == 3 and result["index"]["bad"] == 1 and len(result["results"]) == 3
+
+
+def test_a_tampered_search_cache_is_rebuilt(tiny_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    argv = ["search", "a red circle", "--images", str(tiny_run[1] / "images"), "--checkpoint", str(tiny_run[0])]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    cache = next((tmp_path / "cache").glob("*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+    save_file({"embeds": load_file(str(cache))["embeds"][:, :7].contiguous()}, str(cache), metadata=meta)
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["results"] == first["results"] and again["index"]["encoded"] == first["index"]["images"]
+
+
+def test_os_errors_devices_and_outputs_are_one_line(tiny_run, tmp_path, capsys):
+    image, checkpoint = _image(tiny_run), ["--checkpoint", str(tiny_run[0])]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    argv = ["search", "a red circle", "--images", str(tiny_run[1] / "images"), "--cache-dir", str(a_file)]
+    assert main([*argv, *checkpoint]) == 2
+    assert "File exists" in _err(capsys) or "Not a directory" in _err(capsys)
+    assert main(["caption", image, "--device", "foo", *checkpoint]) == 2
+    assert "--device foo: not a device name" in _err(capsys)
+    assert main(["caption", image, "--device", "meta", *checkpoint]) == 2
+    assert "--device meta: use cpu, cuda, cuda:N or mps" in _err(capsys)
+    assert main(["explain", image, "a red circle", "--out", str(tmp_path / "maps.jpg"), *checkpoint]) == 2
+    assert "--out" in _err(capsys) and not (tmp_path / "maps.jpg").exists()
+    assert main(["explain", image, "a red circle", "--out", str(tmp_path), *checkpoint]) == 0
+    assert (tmp_path / f"{Path(image).stem}.explain.png").is_file()
+    capsys.readouterr()
+
+
+def test_prediction_files_with_unusable_ids_are_named(tmp_path, capsys):
+    predictions = tmp_path / "results.json"
+    predictions.write_text('[{"question_id": [1], "answer": "a"}]')
+    questions, annotations = tmp_path / "q.json", tmp_path / "a.json"
+    questions.write_text('{"questions": [{"question_id": 1, "image_id": 1, "question": "what?"}]}')
+    annotations.write_text('{"annotations": [{"question_id": 1, "answers": [{"answer": "a"}]}]}')
+    argv = ["eval", "vqa", "--predictions", str(predictions), "--questions", str(questions)]
+    assert main([*argv, "--annotations", str(annotations)]) == 2
+    assert "entry 0 must have a number or string 'question_id'" in _err(capsys)
+    predictions.write_text("[" * 100_000)
+    captions = tmp_path / "captions.json"
+    captions.write_text('{"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a red circle"}]}')
+    assert main(["eval", "caption", "--predictions", str(predictions), "--annotations", str(captions)]) == 2
+    assert "nested too deeply" in _err(capsys)
+
+
+def test_data_check_refuses_an_unknown_format(tiny_run, capsys):
+    assert main(["data", "check", str(tiny_run[1]), "--format", "bogus"]) == 2
+    assert "--format bogus: not a data format" in _err(capsys)

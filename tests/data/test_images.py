@@ -184,3 +184,36 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_postscript_behind_an_image_name_never_reaches_ghostscript(tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(subprocess, "check_output", lambda *a, **k: calls.append(a) or b"10.0")
+    path = tmp_path / "eps.png"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto showpage\n")
+    with pytest.raises(DataError) as err:
+        decode_image(path)
+    assert err.value.reason == R.NOT_AN_IMAGE and not calls
+
+
+def test_fifos_and_oversized_files_are_refused_without_reading(tmp_path, monkeypatch):
+    import os
+
+    from mlm.data import images
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "link.png").symlink_to(fifo)
+    for path in (fifo, tmp_path / "link.png"):  # opening either would block forever
+        with pytest.raises(DataError, match="not a regular file"):
+            decode_image(path)
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(2048)  # sparse: nothing is written
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 1024)
+    with pytest.raises(DataError) as err:
+        decode_image(big)
+    assert err.value.reason == R.IMAGE_TOO_LARGE and "2,048 bytes > max 1,024" in str(err.value)

@@ -299,3 +299,12 @@ def test_random_annotation_content_never_crashes(tmp_path, kind, first, second):
     assert src.stats.kept == len(src)
     for record in src:
         assert record.captions or record.question
+
+
+def test_a_brace_pattern_is_counted_before_it_is_expanded():
+    from mlm.data.sources_files import expand_shards
+
+    assert expand_shards("s-{00..02}-{a,b}.tar") == ["s-00-a.tar", "s-00-b.tar", "s-01-a.tar", "s-01-b.tar",
+                                                     "s-02-a.tar", "s-02-b.tar"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"names 100,000,000,000 shards; the limit is 100,000"):
+        expand_shards("x{0..99999999999}.tar")

@@ -92,3 +92,50 @@ def test_an_old_checkpoint_with_a_plain_trainer_pickle_still_resumes(synth_dir, 
     trainer = Trainer(config, resume="latest")
     assert trainer.state.step == 2 and torch.equal(trainer.state.grouping, grouping)
     assert (latest / "state" / "custom_checkpoint_0.pkl").is_file()  # the user's files are left as they were
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("not json", "not valid JSON"),
+    ("[]", "expected a JSON object"),
+    ('{"step": -100, "elapsed_s": 1.0, "nonfinite": {}}', "'step' must be a non-negative integer"),
+    ('{"step": 2, "elapsed_s": null, "nonfinite": {}}', "'elapsed_s' must be a non-negative number"),
+    ('{"step": 2, "elapsed_s": 1.0, "nonfinite": "x"}', "'nonfinite' must map counter names"),
+    ('{"step": 2, "elapsed_s": 1.0, "nonfinite": {}, "config": {"model": "x"}}', "'config' must be an object"),
+])  # fmt: skip
+def test_a_broken_trainer_state_is_named(synth_dir, tmp_path, content, message):
+    config, latest = _saved_run(synth_dir, tmp_path / "run")
+    (latest / "trainer_state.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"step_000002/trainer_state.json: {message}"):
+        Trainer(config, resume=str(latest))
+
+
+def test_broken_tensors_fifos_and_folders_in_a_checkpoint_are_named(synth_dir, tmp_path):
+    config, latest = _saved_run(synth_dir, tmp_path / "run")
+    (latest / "trainer_tensors.safetensors").write_bytes(os.urandom(100))
+    with pytest.raises(ValueError, match=r"trainer_tensors.safetensors: not a readable safetensors file"):
+        Trainer(config, resume="latest")
+    (latest / "trainer_tensors.safetensors").unlink()
+    optimizer = latest / "state" / "optimizer.bin"
+    optimizer.unlink()
+    os.mkfifo(optimizer)  # would block accelerate's read forever
+    with pytest.raises(UnsafeCheckpointError, match=r"optimizer.bin: not a regular file"):
+        Trainer(config, resume="latest")
+    optimizer.unlink()
+    optimizer.mkdir()
+    with pytest.raises(UnsafeCheckpointError, match=r"optimizer.bin: a folder where a checkpoint file belongs"):
+        Trainer(config, resume="latest")
+    optimizer.rmdir()
+    weights = latest / "state" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"step_000002/state: cannot restore the training state"):
+        Trainer(config, resume="latest")
+
+
+def test_a_linked_checkpoint_folder_is_not_a_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "trainer_state.json").write_text('{"step": 1}')
+    root.mkdir()
+    (root / "step_000001").symlink_to(tmp_path / "elsewhere")
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert ckpt.prune_checkpoints(tmp_path, 1) == [] and (tmp_path / "elsewhere").is_dir()
