@@ -97,6 +97,7 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = True
     max_image_pixels: int = 89_478_485  # decompression-bomb guard, PIL's default
+    swap_groups: list[list[str]] = field(default_factory=list)  # interchangeable words for train.swap_negatives
     synth_images: int = 2000
     synth_size: int = 64
     synth_seed: int = 0
@@ -128,6 +129,7 @@ class TrainConfig:
     vqa_weight: float = 1.0
     hard_negative_strength: float = 0.0
     hard_negative_sampler: bool = False
+    swap_negatives: int = 0  # captions per caption row with one word swapped (data.swap_groups), as extra negatives
     vqa_fraction: float = 0.5  # share of VQA records in every batch when the data has both kinds; -1 = as they come
     local_loss: bool = False
     save_every: int = 500
@@ -274,7 +276,8 @@ _RANGES = [
     ("model.mla.v_head_dim", 1, 4096), ("model.mla.n_kv_heads", 1, 1024),
     ("train.batch_size", 1, 1 << 20), ("train.max_steps", 1, 1 << 40), ("train.grad_accum_steps", 1, 1 << 16),
     ("train.log_every", 1, 1 << 40), ("train.save_every", 0, 1 << 40), ("train.keep_last", 0, 1 << 20),
-    ("train.eval_every", 0, 1 << 40), ("train.lr", 0.0, 10.0), ("train.max_time_s", 0.0, 1e9),
+    ("train.eval_every", 0, 1 << 40), ("train.swap_negatives", 0, 64), ("train.lr", 0.0, 10.0),
+    ("train.max_time_s", 0.0, 1e9),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
 ]  # fmt: skip
 

@@ -46,6 +46,7 @@ class MLMOutput:
     logit_bias: Tensor | None = None  # scalar, for the SigLIP loss
     logits: Tensor | None = None  # (B, T, V): position t predicts token t + 1
     image_tokens: Tensor | None = None  # (B, N, C) final image states read by the decoder
+    negative_embeds: Tensor | None = None  # (M, E) L2-normalised swapped-word negative captions, when given
 
 
 @dataclass
@@ -138,8 +139,16 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         states = self.encoder.encode_text(text_ids).tokens  # (B, T, C)
         return self._decode(states, start=0, total_len=text_ids.shape[1], context=image_tokens)
 
-    def forward(self, images: Tensor, text_ids: Tensor, text_mask: Tensor | None = None) -> MLMOutput:
-        """Return image/text embeddings, logit scale and bias, and LM logits for a batch of image-text pairs."""
+    def forward(
+        self,
+        images: Tensor,
+        text_ids: Tensor,
+        text_mask: Tensor | None = None,
+        negative_ids: Tensor | None = None,
+        negative_mask: Tensor | None = None,
+    ) -> MLMOutput:
+        """Return image/text embeddings, logit scale and bias, and LM logits for a batch of image-text pairs;
+        negative_ids (M, T') are extra captions embedded for the contrastive loss only."""
         image = self.image_features(images)
         mask = check_text_mask(text_ids, text_mask)
         text_out = self.encoder.encode_text(text_ids)  # one causal pass feeds pooling and the decoder
@@ -152,6 +161,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             logit_bias=self.logit_bias,
             logits=logits,
             image_tokens=image.tokens,
+            negative_embeds=self.encode_text(negative_ids, negative_mask) if negative_ids is not None else None,
         )
 
     def start_decoding(self, image_tokens: Tensor, total_len: int) -> DecodingCache:

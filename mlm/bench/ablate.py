@@ -29,6 +29,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "top-k": (["model.top_k=8"], "global blocks keep the 8 best keys per query"),
     "no-fusion": (["eval.vqa_mode=embedding"], "VQA answered from pooled embeddings, not the cross-modal decoder"),
     "conv-stem": (["model.conv_stem=1"], "a stride-2 conv layer before the patch projection (early convolutions)"),
+    "swap-negatives": (["train.swap_negatives=4"], "4 captions with one word swapped (data.swap_groups) as negatives"),
 }
 QUICK = [  # a model and schedule small enough for the test suite
     "model.dim=32", "model.n_layers=2", "model.levels=[local, global]", "model.image_size=32", "model.patch_size=8",
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="applied to every row")  # fmt: skip
     parser.add_argument("--rows", default="all", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--row", dest="custom", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
+                        help="an extra row of your own switches (repeatable)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=120.0, help="training seconds per row (default: 120)")
     parser.add_argument("--data", help="data source (default: the config's data.train; val/test from data.val)")
     parser.add_argument("--split", default="val", help="split scored (default: val)")
@@ -52,9 +55,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny data, a few steps (for tests)")
 
 
-def _rows(spec: str) -> list[str]:
-    names = list(ROWS) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
+def _custom_rows(items: list[str]) -> dict[str, tuple[list[str], str]]:
+    """``NAME=KEY=VALUE[;KEY=VALUE]`` rows of the user's own switches."""
+    rows = {}
+    for item in items:
+        name, _, switches = item.partition("=")
+        sets = [s.strip() for s in switches.split(";") if s.strip()]
+        if not name.strip() or not sets or any("=" not in s for s in sets) or name.strip() in ROWS:
+            raise ValueError(f"--row {item}: expected a new NAME=KEY=VALUE[;KEY=VALUE...]")
+        rows[name.strip()] = (sets, "custom")
+    return rows
+
+
+def _rows(spec: str, custom: dict) -> list[str]:
+    if spec == "all":
+        return [*ROWS, *custom]
+    names = [n.strip() for n in spec.split(",") if n.strip()] + [n for n in custom if n not in spec.split(",")]
+    unknown = [n for n in names if n not in ROWS and n not in custom]
     if unknown or not names:
         raise ValueError(f"--rows {spec}: unknown rows {', '.join(unknown) or '(none)'}; choose from {', '.join(ROWS)}")
     return names if names[0] == "baseline" else ["baseline", *[n for n in names if n != "baseline"]]
@@ -89,7 +106,7 @@ def _train_row(args, name: str, data: str, out_root: Path):
     """Train one row's switches within the budget; returns (model, summary)."""
     from mlm.train.loop import Trainer
 
-    switches = [s for s in ROWS[name][0] if not s.startswith("eval.")]
+    switches = [s for s in args.table[name][0] if not s.startswith("eval.")]
     steps = _calibrated_steps(args, data, out_root / name, switches)
     config = _config(args, data, out_root / name, switches,
                      [f"train.max_steps={steps}", f"train.max_time_s={args.budget_s}"])  # fmt: skip
@@ -105,14 +122,14 @@ def _score(args, name: str, model, summary: dict, data: str) -> dict:
     from mlm.eval.runner import evaluate
 
     ev = copy.deepcopy(model.config.eval)
-    for item in ROWS[name][0]:
+    for item in args.table[name][0]:
         if item.startswith("eval."):
             key, value = item.split("=", 1)
             setattr(ev, key.split(".", 1)[1], value)
     results = evaluate(model, data, ["retrieval", "vqa"], ev, split=args.split)
     retrieval, vqa = results["retrieval"], results["vqa"]
     return {
-        "switches": ROWS[name][0],
+        "switches": args.table[name][0],
         "params": sum(p.numel() for p in model.parameters()),
         "step_s": round(summary["time_s"] / max(1, summary["steps"]), 4),
         "steps": summary["steps"],
@@ -130,7 +147,7 @@ def _all_rows(args, names: list[str], data: str, out_root: Path) -> dict[str, di
     baseline = _train_row(args, "baseline", data, out_root)
     rows = {}
     for name in names:
-        eval_only = all(s.startswith("eval.") for s in ROWS[name][0])
+        eval_only = all(s.startswith("eval.") for s in args.table[name][0])
         model, summary = baseline if eval_only else _train_row(args, name, data, out_root)
         rows[name] = _score(args, name, model, summary, data)
     return rows
@@ -140,7 +157,9 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     """Train and score each row; return the report and a Markdown table of differences to the baseline."""
     from mlm.data.synthetic import generate
 
-    names = _rows(args.rows)
+    custom = _custom_rows(args.custom)
+    args.table = {**ROWS, **custom}  # the rows this run knows: the built-in ones and the user's
+    names = _rows(args.rows, custom)
     if args.budget_s <= 0:
         raise ValueError(f"--budget-s {args.budget_s}: must be positive")
     with tempfile.TemporaryDirectory(prefix="mlm-bench-ablate-") as tmp:
@@ -153,7 +172,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
             data = load_config(args.config, args.overrides).data.train
         for name in names:  # every row's config is checked before any row trains
-            _config(args, data, Path(tmp), [s for s in ROWS[name][0] if not s.startswith("eval.")], [])
+            _config(args, data, Path(tmp), [s for s in args.table[name][0] if not s.startswith("eval.")], [])
         rows = _all_rows(args, names, data, Path(args.out) if args.out else Path(tmp) / "runs")
     report = {"config": args.config, "overrides": args.overrides, "budget_s": args.budget_s, "split": args.split,
               "data": args.data or "config", "rows": rows}  # fmt: skip

@@ -27,7 +27,11 @@ def build_coca(cfg: ModelConfig, vocab_size: int, pad_id: int) -> nn.Module:
               "attn_pooler_heads": heads, "output_tokens": True}  # fmt: skip
     multimodal = {"context_length": cfg.max_text_len, "vocab_size": vocab_size, "width": cfg.dim, "heads": heads,
                   "layers": cfg.decoder_layers, "mlp_ratio": cfg.mlp_ratio, "attn_pooler_heads": heads}  # fmt: skip
-    return CoCa(cfg.embed_dim, multimodal, text, vision, pad_id=pad_id)
+    coca = CoCa(cfg.embed_dim, multimodal, text, vision, pad_id=pad_id)
+    # open_clip creates the decoder's output projection with torch.empty and never runs the init that would fill it
+    # (MultimodalTransformer.init_parameters is not called), so it holds whatever memory held: NaN at times.
+    nn.init.normal_(coca.text_decoder.text_projection, std=cfg.dim**-0.5)
+    return coca
 
 
 class CoCaTrainer:

@@ -14,8 +14,6 @@ import statistics
 import tempfile
 import time
 
-import torch
-
 DEFAULT_CONFIG = "configs/tiny-synthetic.yaml"
 
 
@@ -34,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def gemm_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
     """fp32 GFLOP/s of a size^3 matmul on this machine now (the best of a few runs)."""
+    import torch
+
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")
@@ -78,8 +78,11 @@ def _ours(config, tokenizer):
     return model, step, forward_backward
 
 
-def _batches(config, spec: str | None, batch_size: int, tmp: str):
-    """The tokenizer and an endless iterator of training batches (caption and VQA records mixed as in training)."""
+def _batches(config, spec: str | None, batch_size: int, tmp: str, tokenizer=None):
+    """The tokenizer (trained on the data unless given) and an endless iterator of training batches (caption and
+    VQA records mixed as in training)."""
+    import torch
+
     from mlm.data.collate import Collate, build_dataset
     from mlm.data.sources import open_source
     from mlm.data.synthetic import generate
@@ -90,7 +93,8 @@ def _batches(config, spec: str | None, batch_size: int, tmp: str):
         generate(tmp, n_images=400, size=config.model.image_size, seed=0, holdout=False)
         spec = tmp
     source = open_source(spec, config.data, "train")
-    tokenizer = MLMTokenizer.from_config(config.data.tokenizer, source.texts(), config.data.vocab_size)
+    if tokenizer is None:
+        tokenizer = MLMTokenizer.from_config(config.data.tokenizer, source.texts(), config.data.vocab_size)
     config.model.vocab_size = tokenizer.vocab_size
     dataset = build_dataset(source, tokenizer, config, train=True)
     is_vqa = torch.tensor([r.is_vqa for r in source])
@@ -123,6 +127,8 @@ def _measure(steps: dict, batches, n_steps: int, warmup: int) -> dict[str, list[
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
     """Measure samples/s, step time, FLOPs and GEMM share for ours and CoCa; return the report and a table."""
+    import torch
+
     from mlm.bench.coca import CoCaTrainer, build_coca
     from mlm.config import load_config
 

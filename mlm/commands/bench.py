@@ -15,6 +15,8 @@ BENCHES = {
     "ablate": ("mlm.bench.ablate", "one row per design switch at one budget: Δ retrieval, VQA, shape accuracy"),
     "data": ("mlm.bench.data", "data loading throughput (samples/s) for 0, 1, 2 workers"),
     "mla": ("mlm.bench.mla", "MHA vs GQA vs MLA: parameters, KV-cache bytes, prefill and decode speed"),
+    "probe": ("mlm.bench.probe", "linear probes: how much of each object's shape the image states hold"),
+    "quality": ("mlm.bench.quality", "ours vs open_clip CoCa at one wall-clock budget: retrieval, CIDEr, VQA"),
     "train": ("mlm.bench.train", "training samples/s, FLOPs and GEMM share: ours vs open_clip CoCa, same batches"),
 }
 

@@ -7,7 +7,10 @@ The batch dict (the contract with ``MLMModel.forward`` and the training loop):
 - ``text_mask``: BoolTensor (B, T), True at real tokens;
 - ``labels``: LongTensor (B, T), ``text_ids`` with -100 at pads and, for VQA rows, at every prompt token up to and
   including "answer:" (the model shifts them: logits at t predict labels at t+1);
-- ``is_vqa``: BoolTensor (B,); ``image_ids``: list of image ids.
+- ``is_vqa``: BoolTensor (B,); ``image_ids``: list of image ids;
+- with swapped-word hard negatives (``train.swap_negatives``, :mod:`mlm.data.negatives`): ``negative_ids`` and
+  ``negative_mask`` (M, T') for the M negative captions of the batch and ``negative_owner`` (M,), the row each
+  belongs to.
 
 A record whose image turns out bad when loaded (truncated, corrupt, too large...) is counted in ``dataset.stats``,
 logged, and replaced by the next record, so batches keep their size; with ``strict`` it raises instead.
@@ -25,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlm.data import records as R
 from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
+from mlm.data.negatives import check_groups, swap_negatives
 from mlm.data.records import DataError, Record, SkipStats
 from mlm.data.tokenizer import MLMTokenizer
 
@@ -47,6 +51,8 @@ class MLMDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         strict: bool = False,
         max_retries: int = 16,
+        swap_groups: list[list[str]] | None = None,
+        swap_negatives: int = 0,
     ):
         if len(source) == 0:
             raise ValueError(f"data source {getattr(source, 'name', '')!r} has no usable record")
@@ -58,6 +64,10 @@ class MLMDataset(Dataset):
         self.max_pixels = max_pixels
         self.max_retries = max_retries
         self.stats = SkipStats(strict=strict)
+        self.swap_negatives = swap_negatives if train else 0
+        self.swap_index = check_groups(swap_groups or []) if self.swap_negatives else {}
+        if self.swap_negatives and not self.swap_index:
+            raise ValueError(f"train.swap_negatives={swap_negatives} needs data.swap_groups (groups of words to swap)")
 
     def __len__(self) -> int:
         return len(self.source)
@@ -78,7 +88,12 @@ class MLMDataset(Dataset):
         else:
             caption = random.choice(record.captions) if self.train else record.captions[0]
             ids, n_prompt = self.tokenizer.frame(self.tokenizer.tokenize(caption), self.max_len), 0
-        return {"image": pixels, "ids": ids, "n_prompt": n_prompt, "is_vqa": record.is_vqa, "image_id": record.image_id}
+        sample = {"image": pixels, "ids": ids, "n_prompt": n_prompt, "is_vqa": record.is_vqa,
+                  "image_id": record.image_id}  # fmt: skip
+        if self.swap_negatives:
+            texts = [] if record.is_vqa else swap_negatives(caption, self.swap_index, self.swap_negatives, random)
+            sample["negatives"] = [self.tokenizer.frame(self.tokenizer.tokenize(t), self.max_len) for t in texts]
+        return sample
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(self.max_retries + 1):
@@ -112,7 +127,7 @@ class Collate:
         labels = text_ids.masked_fill(~text_mask, IGNORE_INDEX)  # (B, T)
         for row, s in enumerate(samples):
             labels[row, : s["n_prompt"]] = IGNORE_INDEX  # the question is context, not a target
-        return {
+        batch = {
             "images": images,
             "text_ids": text_ids,
             "text_mask": text_mask,
@@ -120,6 +135,16 @@ class Collate:
             "is_vqa": torch.tensor([s["is_vqa"] for s in samples], dtype=torch.bool),  # (B,)
             "image_ids": [s["image_id"] for s in samples],
         }
+        if any("negatives" in s for s in samples):
+            negatives = [(row, ids) for row, s in enumerate(samples) for ids in s.get("negatives", [])]
+            longest = max((len(ids) for _, ids in negatives), default=1)
+            batch["negative_ids"] = torch.full((len(negatives), longest), self.pad_id, dtype=torch.long)  # (M, T')
+            batch["negative_mask"] = torch.zeros(batch["negative_ids"].shape, dtype=torch.bool)  # (M, T')
+            for m, (_, ids) in enumerate(negatives):
+                batch["negative_ids"][m, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                batch["negative_mask"][m, : len(ids)] = True
+            batch["negative_owner"] = torch.tensor([row for row, _ in negatives], dtype=torch.long)  # (M,)
+        return batch
 
 
 def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool) -> MLMDataset:
@@ -134,6 +159,8 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
         train=train,
         max_pixels=cfg.data.max_image_pixels,
         strict=cfg.data.strict,
+        swap_groups=cfg.data.swap_groups,
+        swap_negatives=cfg.train.swap_negatives,
     )
 
 

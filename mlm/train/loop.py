@@ -214,7 +214,8 @@ class Trainer:
         accel = self.accelerator
         with contextlib.nullcontext() if sync else accel.no_sync(self.model):
             with accel.autocast():
-                out = self.model(batch["images"], batch["text_ids"], batch["text_mask"])
+                out = self.model(batch["images"], batch["text_ids"], batch["text_mask"],
+                                 batch.get("negative_ids"), batch.get("negative_mask"))  # fmt: skip
                 loss, parts = self.loss_fn(out, batch)
             if self._any(not bool(torch.isfinite(loss.detach())))[0]:
                 return None

@@ -105,8 +105,14 @@ class ContrastiveLoss(_GlobalBatch):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         valid: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        owners: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss of (B, E) image/text features; ``valid`` (B,) bool picks the rows that take part (default all)."""
+        """Loss of (B, E) image/text features; ``valid`` (B,) bool picks the rows that take part (default all).
+
+        ``negatives`` (M, E) are swapped-word captions of the rows ``owners`` (M,); they add
+        :meth:`swapped_word_loss`.
+        """
         if valid is None:
             valid = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
         (all_img, all_txt), offset, total = self._columns(valid, image_features, text_features)
@@ -126,7 +132,28 @@ class ContrastiveLoss(_GlobalBatch):
         logits_per_text = logit_scale * txt_rows @ all_img.T  # (R, N)
         beta = self.hard_negative_strength
         summed = hn_nce_rows(logits_per_image, labels, beta).sum() + hn_nce_rows(logits_per_text, labels, beta).sum()
-        return factor * summed / (2 * total) + anchor
+        loss = factor * summed / (2 * total) + anchor
+        if negatives is not None:
+            loss = loss + self.swapped_word_loss(image_features, text_features, logit_scale, valid, negatives, owners)
+        return loss
+
+    def swapped_word_loss(self, image, text, logit_scale, valid, negatives, owners) -> torch.Tensor:
+        """Mean over caption rows with negatives of -log softmax of the true caption among the row's own
+        swapped-word captions (NegCLIP's hard negatives), normalised by the global count of such rows."""
+        anchor = 0.0 * negatives.sum()
+        has = torch.zeros_like(valid).index_fill_(0, owners, True) & valid if owners.numel() else valid & False
+        total = int(gather_counts(has.sum().long().reshape(1), self.world_size).sum())
+        if total == 0:
+            return anchor
+        keep = has[owners]  # (M,) negatives of rows that take part
+        owners, negatives = owners[keep], negatives[keep]
+        positive = logit_scale * (image * text).sum(-1)  # (B,)
+        negative = logit_scale * (image[owners] * negatives).sum(-1)  # (M,)
+        # log-sum-exp over {positive_i} and the negatives owned by row i, done per row with scatter ops
+        top = positive.detach().clone().scatter_reduce_(0, owners, negative.detach(), reduce="amax")  # (B,)
+        exp_sum = torch.exp(positive - top).index_add(0, owners, torch.exp(negative - top[owners]))  # (B,)
+        per_row = torch.log(exp_sum) + top - positive  # (B,)
+        return self.world_size * per_row[has].sum() / total + anchor
 
 
 class SigLipLoss(_GlobalBatch):
@@ -192,6 +219,10 @@ class MLMLoss(nn.Module):
     def from_config(cls, train: TrainConfig, rank: int = 0, world_size: int = 1) -> MLMLoss:
         """Build the loss named by ``train.contrastive_loss`` with the config's weights."""
         if train.contrastive_loss == "siglip":
+            if train.swap_negatives:
+                raise ConfigError(
+                    f"train.swap_negatives={train.swap_negatives} only applies to train.contrastive_loss=infonce"
+                )
             if train.hard_negative_strength:
                 raise ConfigError(
                     f"train.hard_negative_strength={train.hard_negative_strength} only applies to "
@@ -211,7 +242,12 @@ class MLMLoss(nn.Module):
                 output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias, caption_rows
             )
         else:
-            contrastive = self.contrastive(output.image_embeds, output.text_embeds, output.logit_scale, caption_rows)
+            owners = batch.get("negative_owner")
+            contrastive = self.contrastive(
+                output.image_embeds, output.text_embeds, output.logit_scale, caption_rows,
+                getattr(output, "negative_embeds", None),
+                None if owners is None else owners.to(output.logits.device),
+            )  # fmt: skip
         parts = {
             "contrastive": contrastive,
             "caption": self.token_ce(output.logits, batch["labels"], caption_rows),

@@ -157,3 +157,22 @@ def test_mlm_loss_routes_rows_and_weights_parts():
 def test_siglip_with_hard_negative_strength_is_a_config_error():
     with pytest.raises(ConfigError, match="hard_negative_strength"):
         MLMLoss.from_config(TrainConfig(contrastive_loss="siglip", hard_negative_strength=0.5))
+
+
+def test_swapped_word_negatives_add_the_per_row_cross_entropy():
+    import torch.nn.functional as F
+
+    from mlm.train.losses import ContrastiveLoss
+
+    torch.manual_seed(0)
+    image, text, negatives = (F.normalize(torch.randn(n, 8), dim=-1) for n in (4, 4, 5))
+    owners = torch.tensor([0, 0, 2, 3, 3])
+    valid = torch.tensor([True, True, True, False])  # row 3 is a VQA row: its negatives do not count
+    scale = torch.tensor(10.0)
+    loss = ContrastiveLoss()
+    extra = loss(image, text, scale, valid, negatives, owners) - loss(image, text, scale, valid)
+    by_hand = []
+    for row in (0, 2):
+        logits = scale * torch.cat([(image[row] * text[row]).sum()[None], negatives[owners == row] @ image[row]])
+        by_hand.append(-torch.log_softmax(logits, dim=0)[0])
+    torch.testing.assert_close(extra, torch.stack(by_hand).mean())

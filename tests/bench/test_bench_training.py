@@ -1,0 +1,62 @@
+"""Smoke tests of the training benches at tiny sizes: the JSON keys they promise (no timing asserts)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mlm.cli import main
+
+TINY = [f"--set={s}" for s in ("model.dim=32", "model.n_layers=2", "model.levels=[local, global]",
+                               "model.image_size=32", "model.patch_size=8", "model.max_text_len=24",
+                               "model.embed_dim=32", "model.pool_hidden_dim=16", "model.decoder_layers=1",
+                               "model.mla.n_heads=2", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=8",
+                               "model.mla.qk_rope_head_dim=4", "model.mla.v_head_dim=8", "data.vocab_size=200")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["train", "ablate", "quality", "probe"])
+def test_add_arguments_imports_no_torch(name):
+    code = f"import sys, argparse, mlm.bench.{name} as m; m.add_arguments(argparse.ArgumentParser()); "
+    code += "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_bench_train_compares_ours_with_open_clip_coca(tmp_path, capsys):
+    from open_clip.coca_model import CoCa
+
+    import mlm.bench.coca as peer
+
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", *TINY, "--batch-size", "8", "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("ours", "coca"):
+        assert set(report[name]) >= {"samples_per_s", "step_s", "flops_per_sample", "params", "peak_share"}
+        assert report[name]["flops_per_sample"] > 0
+    assert report["ratio"] == pytest.approx(report["ours"]["samples_per_s"] / report["coca"]["samples_per_s"], 1e-2)
+    assert "open_clip CoCa" in capsys.readouterr().out
+    assert peer.build_coca.__module__ == "mlm.bench.coca" and CoCa.__module__ == "open_clip.coca_model"
+
+
+def test_bench_ablate_quick_rows_and_deltas(tmp_path):
+    out = tmp_path / "ablate.json"
+    argv = ["bench", "ablate", "--quick", "--budget-s", "1", "--rows", "baseline,mean-pool,no-fusion",
+            "--row", "mine=train.lr=1e-3", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["baseline", "mean-pool", "no-fusion", "mine"]
+    for row in rows.values():
+        assert set(row) >= {"t2i_R@1", "i2t_R@1", "vqa", "shape", "params", "step_s", "steps"}
+    assert rows["no-fusion"]["steps"] == rows["baseline"]["steps"]  # an evaluation switch re-scores the baseline
+    assert rows["mean-pool"]["params"] < rows["baseline"]["params"]  # no per-level scorers
+    assert main(["bench", "ablate", "--quick", "--rows", "nonsense"]) == 2
+
+
+def test_bench_quality_quick_scores_both_models(tmp_path):
+    out = tmp_path / "quality.json"
+    assert main(["bench", "quality", "--quick", "--budget-s", "2", "--split", "val", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["ours"]) >= {"t2i_R@1", "i2t_R@1", "CIDEr", "vqa", "per_question_type"}
+    assert set(report["coca"]) >= {"t2i_R@1", "i2t_R@1", "CIDEr"} and "vqa" not in report["coca"]
+    assert report["ours"]["steps"] >= 2 and report["coca"]["steps"] >= 1
