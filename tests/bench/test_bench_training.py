@@ -5,14 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from tiny_checkpoint import TINY_MODEL  # noqa: E402
 
 from mlm.cli import main
 
-TINY = [f"--set={s}" for s in ("model.dim=32", "model.n_layers=2", "model.levels=[local, global]",
-                               "model.image_size=32", "model.patch_size=8", "model.max_text_len=24",
-                               "model.embed_dim=32", "model.pool_hidden_dim=16", "model.decoder_layers=1",
-                               "model.mla.n_heads=2", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=8",
-                               "model.mla.qk_rope_head_dim=4", "model.mla.v_head_dim=8", "data.vocab_size=200")]  # fmt: skip
+TINY = [f"--set={s}" for s in TINY_MODEL]
 
 
 @pytest.mark.parametrize("name", ["train", "ablate", "quality", "probe"])
@@ -29,7 +26,8 @@ def test_bench_train_compares_ours_with_open_clip_coca(tmp_path, capsys):
     import mlm.bench.coca as peer
 
     out = tmp_path / "train.json"
-    assert main(["bench", "train", *TINY, "--batch-size", "8", "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    argv = ["bench", "train", *TINY, "--batch-size", "8", "--steps", "2", "--warmup", "1", "--json", str(out)]
+    assert main(argv) == 0
     report = json.loads(out.read_text())
     for name in ("ours", "coca"):
         assert set(report[name]) >= {"samples_per_s", "step_s", "flops_per_sample", "params", "peak_share"}
