@@ -117,7 +117,7 @@ def test_results_file_errors_name_the_entry(tmp_path):
     with pytest.raises(ValueError, match=r"results.json: entry 1 repeats question_id 1"):
         load_vqa_results(path)
     path.write_text(json.dumps([{"question_id": 1}]))
-    with pytest.raises(ValueError, match=r"entry 0 must have 'question_id' and a string 'answer'"):
+    with pytest.raises(ValueError, match=r"entry 0 must have a number or string 'question_id' and a string 'answer'"):
         load_vqa_results(path)
 
 
