@@ -82,7 +82,8 @@ class CoCaAdapter(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixels: Tensor, max_new_tokens: int | None = None, **_: object) -> list[str]:
-        """Greedy captions, decoded with our tokenizer (CoCa's own generate needs CLIP's special token ids)."""
+        """Greedy captions, decoded with our tokenizer: a full forward per step through CoCa's own towers
+        (open_clip's ``CoCa.generate`` imports transformers' ``BeamSearchScorer``, which transformers 5 removed)."""
         tok = self.tokenizer
         steps = max_new_tokens or self.config.eval.max_new_tokens
         steps = min(steps, self.config.model.max_text_len - 1)
