@@ -35,6 +35,9 @@ EXIT_CODES = """exit codes:
   2  nothing was done: a bad argument, config value or input file (the message names it)
   130  interrupted"""
 
+# Operating-system errors that mean a path the user gave is wrong: missing, unreadable, a file for a folder.
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
 # Messages of other libraries that say nothing a user can act on.
 _NOISE = ("Removed shared tensor",)  # accelerate, for the LM head tied to the token embedding
 
@@ -102,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         code = args.func(args)
-    except (ConfigError, ValueError, OSError) as err:  # OSError: missing, unreadable, a file where a folder belongs
+    except (ConfigError, ValueError, *USER_OS_ERRORS) as err:
         print(f"mlm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a full disk while saving: the job failed, not the input
+        print(f"mlm {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     except RecursionError:
         print(f"mlm {args.command}: error: an input file is nested too deeply to read", file=sys.stderr)
         return 2

@@ -310,6 +310,11 @@ def _validate(cfg: Config) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    t = cfg.train
+    if t.swap_negatives and not cfg.data.swap_groups:
+        raise ConfigError(f"train.swap_negatives={t.swap_negatives} needs data.swap_groups (groups of words to swap)")
+    if t.swap_negatives and t.contrastive_loss != "infonce":
+        raise ConfigError(f"train.swap_negatives={t.swap_negatives} only applies to train.contrastive_loss=infonce")
     for i, level in enumerate(m.levels):
         if level not in LEVELS:
             raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(LEVELS)}")

@@ -4,7 +4,8 @@ Every row trains the config with its ``--set`` switches for ``--budget-s`` secon
 row's own measured step time (a short calibration), so the cosine schedule ends inside the budget, and
 ``train.max_time_s`` caps it. Then the row is scored by our evaluation code on one split: retrieval both ways, VQA
 overall and per question type. Columns are differences to the first row (the baseline), plus parameters and step
-time. Runs are deterministic (same seed, same data order), so a difference is the switch, not luck of the draw.
+time. Rows share the seed and the data order, but a switch changes how the initialisation draws its random numbers
+and each row's step count comes from its measured step time, so with one seed a gap of a point or two is noise.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row", dest="custom", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
                         help="an extra row of your own switches (repeatable)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=120.0, help="training seconds per row (default: 120)")
-    parser.add_argument("--data", help="data source (default: the config's data.train; val/test from data.val)")
+    parser.add_argument("--data", help="data source for training and scoring (default: the config's data.train, "
+                        "scored on data.val)")  # fmt: skip
     parser.add_argument("--split", default="val", help="split scored (default: val)")
     parser.add_argument("--out", help="keep the rows' run folders here (default: a temporary folder, removed)")
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny data, a few steps (for tests)")
@@ -80,7 +82,8 @@ def _rows(spec: str, custom: dict) -> list[str]:
 def _config(args, data: str, out: Path, switches: list[str], extra: list[str]):
     from mlm.config import load_config
 
-    base = [*(QUICK if args.quick else []), *args.overrides, f"data.train={data}", f"data.val={data}"]
+    given = [f"data.train={data}", f"data.val={data}"] if args.data or args.quick else []
+    base = [*(QUICK if args.quick else []), *args.overrides, *given]
     fixed = ["train.save_every=0", "train.eval_every=0", "train.trackers=[csv]", f"train.output_dir={out}"]
     return load_config(args.config, [*base, *fixed, *switches, *extra])
 
@@ -116,17 +119,11 @@ def _train_row(args, name: str, data: str, out_root: Path):
 
 
 def _score(args, name: str, model, summary: dict, data: str) -> dict:
-    """Retrieval and VQA of a trained row, with its evaluation switches (e.g. the VQA mode) applied."""
-    import copy
-
+    """Retrieval and VQA of a trained row, with its evaluation switches (e.g. the VQA mode) applied, checked."""
     from mlm.eval.runner import evaluate
 
-    ev = copy.deepcopy(model.config.eval)
-    for item in args.table[name][0]:
-        if item.startswith("eval."):
-            key, value = item.split("=", 1)
-            setattr(ev, key.split(".", 1)[1], value)
-    results = evaluate(model, data, ["retrieval", "vqa"], ev, split=args.split)
+    config = _config(args, data, Path("unused"), args.table[name][0], [])
+    results = evaluate(model, config.data.val or data, ["retrieval", "vqa"], config.eval, split=args.split)
     retrieval, vqa = results["retrieval"], results["vqa"]
     return {
         "switches": args.table[name][0],
@@ -171,8 +168,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             from mlm.config import load_config
 
             data = load_config(args.config, args.overrides).data.train
-        for name in names:  # every row's config is checked before any row trains
-            _config(args, data, Path(tmp), [s for s in args.table[name][0] if not s.startswith("eval.")], [])
+        for name in names:  # every row's config, evaluation switches included, is checked before any row trains
+            _config(args, data, Path(tmp), args.table[name][0], [])
         rows = _all_rows(args, names, data, Path(args.out) if args.out else Path(tmp) / "runs")
     report = {"config": args.config, "overrides": args.overrides, "budget_s": args.budget_s, "split": args.split,
               "data": args.data or "config", "rows": rows}  # fmt: skip

@@ -59,21 +59,34 @@ def train_ours(config, budget_s: float) -> tuple[object, dict]:
     return trainer.unwrapped, trainer.fit()
 
 
-def train_coca(config, tokenizer, batches, budget_s: float):
-    """open_clip CoCa at our widths trained for the budget on our batches; returns (model, summary)."""
+def train_coca(config, tokenizer, batches, budget_s: float, device):
+    """open_clip CoCa at our widths trained for the budget on our batches, on our model's device (and, on CUDA,
+    in bf16 autocast as ours); returns (model, summary)."""
+    import torch
+
     from mlm.bench.coca import CoCaTrainer, build_coca
     from mlm.train.schedule import build_scheduler
 
-    coca = build_coca(config.model, tokenizer.vocab_size, tokenizer.pad_id)
-    trainer = CoCaTrainer(coca, tokenizer.pad_id, config.train.lr, config.train.weight_decay)
-    step_s = _timed(lambda: trainer.step(next(batches)), 4)
-    train = type(config.train)(**{**vars(config.train), "max_steps": max(2, int(budget_s / step_s))})
-    scheduler = build_scheduler(trainer.optimizer, train)
-    start, steps = time.perf_counter(), 0
-    while steps < train.max_steps and time.perf_counter() - start < budget_s:
-        trainer.step(next(batches))
-        scheduler.step()
-        steps += 1
+    def fresh():
+        torch.manual_seed(config.train.seed)
+        coca = build_coca(config.model, tokenizer.vocab_size, tokenizer.pad_id).to(device)
+        return coca, CoCaTrainer(coca, tokenizer.pad_id, config.train.lr, config.train.weight_decay)
+
+    def on_device():
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        _, probe = fresh()  # a throwaway copy sizes the schedule, so the scored model starts from step 0
+        step_s = _timed(lambda: probe.step(on_device()), 4)
+        coca, trainer = fresh()
+        train = type(config.train)(**{**vars(config.train), "max_steps": max(2, int(budget_s / step_s))})
+        scheduler = build_scheduler(trainer.optimizer, train)
+        start, steps = time.perf_counter(), 0
+        while steps < train.max_steps and time.perf_counter() - start < budget_s:
+            trainer.step(on_device())
+            scheduler.step()
+            steps += 1
     return coca, {"steps": steps, "time_s": round(time.perf_counter() - start, 2)}
 
 
@@ -102,7 +115,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         data = config.data.val or config.data.train
         tokenizer = ours.tokenizer
         _, batches = _batches(_config(args, tmp), config.data.train, config.train.batch_size, tmp, tokenizer)
-        coca, coca_summary = train_coca(config, tokenizer, batches, args.budget_s)
+        coca, coca_summary = train_coca(config, tokenizer, batches, args.budget_s, ours.device)
         report = {"config": args.config, "overrides": args.overrides, "budget_s": args.budget_s, "split": args.split,
                   "ours": {"params": sum(p.numel() for p in ours.parameters()), "steps": ours_summary["steps"],
                            **_scores(ours, data, args.split, True)},

@@ -39,4 +39,14 @@ def swap_negatives(caption: str, index: dict[str, list[str]], n: int, rng: rando
             if other != word:
                 options.append((match.start(), match.end(), other))
     picked = rng.sample(options, min(n, len(options)))
-    return [caption[:start] + other + caption[end:] for start, end, other in picked]
+    return [_with_article(caption[:start], other) + other + caption[end:] for start, end, other in picked]
+
+
+def _with_article(before: str, word: str) -> str:
+    """The text before a swapped word with a trailing "a"/"an" made to fit it, so the article gives nothing away."""
+    match = re.search(r"\b([Aa]n?) $", before)
+    if not match:
+        return before
+    article = "an" if word[0] in "aeiou" else "a"
+    article = article.capitalize() if match.group(1)[0] == "A" else article
+    return before[: match.start(1)] + article + " "

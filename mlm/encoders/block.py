@@ -1,7 +1,7 @@
 """One block of the shared-weight encoder: pre-norm attention plus a SwiGLU feed-forward, residual around each.
 
-The attention weights always serve both modalities; ``model.sharing`` decides whether the norms (MS-CLIP) and the
-feed-forward (VLMo experts) are per modality (see :mod:`mlm.encoders.sharing`). The block's attention level
+``model.sharing`` decides whether the norms (MS-CLIP), the feed-forward (VLMo experts) and, for two towers
+(``none``), the attention are per modality (see :mod:`mlm.encoders.sharing`). The block's attention level
 (local / regional / global) only changes the mask it is given; top-k key selection applies in global blocks.
 """
 
@@ -25,7 +25,7 @@ def ffn_hidden_dim(cfg: ModelConfig) -> int:
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm attention + SwiGLU block whose weights are shared by image and text tokens."""
+    """Pre-norm attention + SwiGLU block whose weights image and text tokens share (as ``model.sharing`` says)."""
 
     def __init__(self, cfg: ModelConfig, level: str):
         super().__init__()

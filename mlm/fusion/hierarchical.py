@@ -89,15 +89,16 @@ class HierarchicalPooling(nn.Module):
 
 
 class MeanPooling(nn.Module):
-    """Masked mean of the highest level's states, the shared projection and L2 normalisation (no level weights)."""
+    """Masked mean of the last block's states, the shared projection and L2 normalisation (no level weights)."""
 
     def __init__(self, dim: int, levels: list[str], hidden_dim: int, embed_dim: int, level_weight_init: str = "ramp"):
         super().__init__()
-        self.levels = present_levels(levels)[-1:]  # the last block's level; hidden_dim and the init are unused
+        present_levels(levels)  # checks the names
+        self.levels = [levels[-1]]  # the last block's level (it pools that level's last block); hidden_dim unused
         self.proj = nn.Linear(dim, embed_dim, bias=False)
 
     def forward(self, states: dict[str, Tensor], mask: Tensor | None = None) -> PooledOutput:
-        """Pool {level: (B, T, C)} by the mean over real positions of the highest level."""
+        """Pool {level: (B, T, C)} by the mean over real positions of the last block's level."""
         level = self.levels[0]
         x = states[level]  # (B, T, C)
         keep = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)

@@ -61,8 +61,8 @@ class TrainerState:
 
     def restore(self, progress: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Restore from a checkpoint's trainer state and tensors."""
-        self.step, self.elapsed_s = int(progress["step"]), float(progress["elapsed_s"])
-        self.nonfinite = dict(progress["nonfinite"])
+        self.step, self.elapsed_s = int(progress["step"]), float(progress.get("elapsed_s", 0.0))
+        self.nonfinite = {"skipped": 0, "consecutive": 0, **progress.get("nonfinite", {})}
         self.grouping = tensors.get("grouping")
 
 

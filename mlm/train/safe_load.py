@@ -5,7 +5,10 @@ name any Python callable, so loading one that came from elsewhere can run code. 
 ``torch.load(weights_only=True)`` (tensors, numbers, strings and containers only, plus numpy arrays for the RNG
 states, as accelerate allows); a file that does not is refused by name before ``accelerator.load_state`` opens it.
 The ``.metadata`` file of a sharded (torch.distributed.checkpoint) save is a plain pickle of dataclasses that torch
-reads with ``pickle.load``; it is checked with an unpickler that admits only those dataclasses.
+reads with ``pickle.load``; it is checked with an unpickler that admits only those dataclasses. Its shards
+(``.distcp``) hold tensors, which torch reads with ``weights_only=True``, and non-tensor items, which its default
+planner reads with ``weights_only=False``: every such item named by the metadata is checked with
+``weights_only=True`` too. Links to folders are refused (a walk would not follow them, the loader would).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 SAFE_SUFFIXES = {".safetensors", ".json"}  # formats that hold data only
 _FILE_SUFFIXES = {".safetensors", ".json", ".bin", ".pkl", ".pt", ".pth", ".distcp"}
-DCP_DATA_SUFFIX = ".distcp"  # shards torch.distributed.checkpoint itself reads with weights_only=True
+DCP_DATA_SUFFIX = ".distcp"  # shards of torch.distributed.checkpoint, checked item by item through .metadata
+NEVER_LOADED = {"latest"}  # DeepSpeed's plain-text tag file; scripts (*.py) it copies in are never imported
 _DCP_MODULES = ("torch.distributed.checkpoint.", "torch.distributed.tensor.")
 _DCP_BUILTINS = {"set", "frozenset", "slice", "complex"}
 # a tensor layout looked up by name; paths rebuilt from strings
@@ -54,7 +58,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
-def _check_torch_pickle(path: Path) -> None:
+def _check_torch_pickle(path) -> None:
     """Load a torch.save file with weights_only=True (accelerate's numpy allowance included)."""
     from accelerate.utils import load
 
@@ -74,14 +78,37 @@ def _needs_code(err: Exception) -> bool:
     return isinstance(err, pickle.UnpicklingError) and ("GLOBAL" in text or "global" in text)
 
 
+def _check_dcp_items(folder: Path, metadata) -> None:
+    """Load every non-tensor item of a distributed checkpoint with weights_only=True (torch would not)."""
+    import torch.distributed.checkpoint.metadata as dcp
+
+    storage = getattr(metadata, "storage_data", None) or {}
+    for index, info in storage.items():
+        entry = metadata.state_dict_metadata.get(index.fqn)
+        if not isinstance(entry, dcp.BytesStorageMetadata):
+            continue
+        if getattr(info, "transform_descriptors", None):
+            raise pickle.UnpicklingError(f"item {index.fqn!r} is stored with transforms {info.transform_descriptors}")
+        shard = (folder / info.relative_path).resolve()
+        if shard.parent != folder.resolve():
+            raise pickle.UnpicklingError(f"item {index.fqn!r} lives outside the checkpoint ({info.relative_path})")
+        with open(shard, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        _check_torch_pickle(io.BytesIO(data))
+
+
 def check_file(path: str | Path) -> None:
     """Raise UnsafeCheckpointError naming the file when loading it would need code (or it is unreadable)."""
     path = Path(path)
-    if path.suffix in SAFE_SUFFIXES or path.suffix == DCP_DATA_SUFFIX:
+    if path.suffix in SAFE_SUFFIXES or path.suffix == DCP_DATA_SUFFIX or path.suffix == ".py":
+        return
+    if path.name in NEVER_LOADED:
         return
     try:
         if path.name == ".metadata":
-            _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+            _check_dcp_items(path.parent, metadata)
         else:
             _check_torch_pickle(path)
     except Exception as err:  # noqa: BLE001 - a crafted, truncated or random file: name it, never a traceback
@@ -102,6 +129,8 @@ def check_state_folder(folder: str | Path) -> list[Path]:
     for path in sorted(folder.rglob("*")):
         if path.is_symlink() and not path.exists():
             raise UnsafeCheckpointError(f"{path}: a dangling symbolic link in a checkpoint")
+        if path.is_symlink() and path.is_dir():
+            raise UnsafeCheckpointError(f"{path}: a link to a folder in a checkpoint (its files would go unchecked)")
         if path.is_dir() and path.suffix in _FILE_SUFFIXES:
             raise UnsafeCheckpointError(f"{path}: a folder where a checkpoint file belongs")
         if path.is_dir():

@@ -53,3 +53,9 @@ def test_the_dataset_and_collate_carry_negatives(tmp_path):
     assert not batch["is_vqa"][owners].any()
     with pytest.raises(ValueError, match="train.swap_negatives=2 needs data.swap_groups"):
         build_dataset(source, tokenizer, load_config(None, ["train.swap_negatives=2"]), train=True)
+
+
+def test_the_article_follows_the_swapped_word():
+    index = check_groups([["orange", "red"]])
+    assert swap_negatives("an orange star.", index, 1, random.Random(0)) == ["a red star."]
+    assert swap_negatives("A red star and a cube.", index, 1, random.Random(0)) == ["An orange star and a cube."]

@@ -139,3 +139,18 @@ def test_a_linked_checkpoint_folder_is_not_a_checkpoint(tmp_path):
     (root / "step_000001").symlink_to(tmp_path / "elsewhere")
     assert ckpt.list_checkpoints(tmp_path) == []
     assert ckpt.prune_checkpoints(tmp_path, 1) == [] and (tmp_path / "elsewhere").is_dir()
+
+
+def test_a_payload_inside_a_sharded_checkpoint_item_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "pwned"
+    with pytest.warns(UserWarning):
+        dcp.save({"w": torch.randn(2, 2), "extra": _Payload(marker)}, checkpoint_id=str(tmp_path / "bad"))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refused: loading it would run code"):
+        check_state_folder(tmp_path / "bad")
+    assert not marker.exists()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "shards").symlink_to(tmp_path / "bad", target_is_directory=True)
+    with pytest.raises(UnsafeCheckpointError, match="a link to a folder"):
+        check_state_folder(tmp_path / "state")
