@@ -9,7 +9,6 @@ skipped and counted with its line number while the rest of the file still loads.
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 from mlm.data import records as R
 from mlm.data.images import IMAGE_SUFFIXES
 from mlm.data.records import DataError, FileSlice, Record, SkipStats, clean_text
+from mlm.data.shards import expand_shards
 
 IMAGE_KEYS = ("filepath", "image", "image_path", "file_name", "filename", "img", "path", "jpg", "png")
 CAPTION_KEYS = ("title", "caption", "text", "captions", "sentence", "sentences", "txt")
@@ -293,40 +293,6 @@ def read_imagefolder(folder: Path, caption_key: str, split: str | None, stats: S
     if (folder / "metadata.csv").is_file():
         return read_table(folder / "metadata.csv", ",", "file_name", caption_key, folder, stats)
     raise FileNotFoundError(f"{folder}: an imagefolder needs metadata.jsonl or metadata.csv beside the images")
-
-
-MAX_SHARDS = 100_000  # a brace pattern naming more shards than this is refused before it is expanded
-
-
-def _brace_count(spec: str) -> int:
-    """How many names a brace pattern expands to, computed without expanding it."""
-    total = 1
-    for body in re.findall(r"\{([^{}]*)\}", spec):
-        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-        total *= max(0, int(numeric.group(2)) - int(numeric.group(1)) + 1) if numeric else len(body.split(","))
-    return total
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Shard paths from a brace pattern ("shard-{000..009}.tar", "{a,b}.tar"), a glob, or a folder of .tar."""
-    match = re.search(r"\{([^{}]*)\}", spec)
-    if match:
-        count = _brace_count(spec)
-        if count > MAX_SHARDS:
-            raise ValueError(f"{spec}: the brace pattern names {count:,} shards; the limit is {MAX_SHARDS:,}")
-        body = match.group(1)
-        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-        if numeric:
-            lo, hi = numeric.groups()
-            options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-        else:
-            options = body.split(",")
-        return [p for o in options for p in expand_shards(spec[: match.start()] + o + spec[match.end() :])]
-    if Path(spec).is_dir():
-        return sorted(str(p) for p in Path(spec).glob("*.tar"))
-    if any(c in spec for c in "*?["):
-        return sorted(glob.glob(spec))
-    return [spec]
 
 
 def _wds_caption(members: dict, tar: tarfile.TarFile, origin: str, stats: SkipStats) -> list[str]:

@@ -225,7 +225,7 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> tuple[dict, dict[str
     if not legacy:
         _load_state(accelerator, state, state)
         return trainer_state, tensors
-    # accelerate would load the old pickle itself, with weights_only=False: give it a view of the folder without it
+    # accelerate would load the old pickle itself, without the weights-only restriction: give it a view without it
     with tempfile.TemporaryDirectory(prefix="mlm-resume-") as view:
         for path in state.iterdir():
             if path not in legacy:

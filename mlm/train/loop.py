@@ -43,8 +43,7 @@ PARTS = ("loss", "contrastive", "caption", "vqa")
 
 @dataclass
 class TrainerState:
-    """What a checkpoint must hold beyond model/optimizer/scheduler/RNG: progress and guard counters (saved as
-    JSON) and the hard-negative sampler's embeddings (saved as safetensors)."""
+    """Checkpointed beyond model/optimizer/RNG: progress and counters (JSON), sampler embeddings (safetensors)."""
 
     step: int = 0  # optimizer steps taken, skipped ones included (each consumes grad_accum_steps micro-batches)
     elapsed_s: float = 0.0  # training time of earlier sessions of this run
@@ -88,10 +87,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         self._build_data(train_dataset, val_source)
         if self.checkpoint is not None:
-            saved = ckpt.read_trainer_state(self.checkpoint)
-            if "config" not in saved:
-                raise ValueError(f"{self.checkpoint / ckpt.TRAINER_STATE}: no 'config' section to check the model by")
-            self._check_same_model(saved["config"]["model"])
+            self._check_same_model(ckpt.read_trainer_state(self.checkpoint).get("config"))
         self._build_model()
         self.state = TrainerState()
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
@@ -132,8 +128,11 @@ class Trainer:
             val_source = val_source if val_source is not None else setup.open_split(c, c.data.val, "val")
             self.validator = Validator(c, val_source, self.tokenizer)
 
-    def _check_same_model(self, saved: dict) -> None:
+    def _check_same_model(self, config: dict | None) -> None:
         """Refuse to resume into a model of another shape (the weights would not fit)."""
+        if config is None:
+            raise ValueError(f"{self.checkpoint / ckpt.TRAINER_STATE}: no 'config' section to check the model by")
+        saved = config["model"]
         current, defaults = asdict(self.config.model), asdict(type(self.config.model)())
         # a setting added after the checkpoint was written counts as its default there
         changed = [f"model.{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in current.items()

@@ -7,7 +7,7 @@ states, as accelerate allows); a file that does not is refused by name before ``
 The ``.metadata`` file of a sharded (torch.distributed.checkpoint) save is a plain pickle of dataclasses that torch
 reads with ``pickle.load``; it is checked with an unpickler that admits only those dataclasses. Its shards
 (``.distcp``) hold tensors, which torch reads with ``weights_only=True``, and non-tensor items, which its default
-planner reads with ``weights_only=False``: every such item named by the metadata is checked with
+planner reads without the weights-only restriction: every such item named by the metadata is checked with
 ``weights_only=True`` too. Links to folders are refused (a walk would not follow them, the loader would).
 """
 

@@ -302,7 +302,7 @@ def test_random_annotation_content_never_crashes(tmp_path, kind, first, second):
 
 
 def test_a_brace_pattern_is_counted_before_it_is_expanded():
-    from mlm.data.sources_files import expand_shards
+    from mlm.data.shards import expand_shards
 
     assert expand_shards("s-{00..02}-{a,b}.tar") == ["s-00-a.tar", "s-00-b.tar", "s-01-a.tar", "s-01-b.tar",
                                                      "s-02-a.tar", "s-02-b.tar"]  # fmt: skip
