@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from mlm.config import Config, ConfigError, config_from_dict
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.shared import SharedEncoder
+from mlm.errors import first_line
 from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.hierarchical import POOLING
 from mlm.generation import MAX_BEAMS, MAX_NEW_TOKENS, DecodingCache, generate_from_prompts
@@ -361,8 +362,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         try:
             load_model(model, weights, strict=strict, device=str(map_location))
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
-            first = ([line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[0]
-            raise ValueError(f"{weights}: not usable weights for this config.json ({first[:300]})") from None
+            raise ValueError(f"{weights}: not usable weights for this config.json ({first_line(err)})") from None
         model.eval()
         logger.debug("loaded %s from %s", cls.__name__, model_id)
         return model

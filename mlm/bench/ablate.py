@@ -88,21 +88,26 @@ def _config(args, data: str, out: Path, switches: list[str], extra: list[str]):
     return load_config(args.config, [*base, *fixed, *switches, *extra])
 
 
+def steps_within(step, budget_s: float, warmup: int = 3, timed: int = 8) -> int:
+    """How many calls of step() fit the budget, from the median time of ``timed`` calls after ``warmup`` untimed."""
+    times = []
+    for i in range(warmup + timed):
+        start = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return max(2, int(budget_s / sorted(times)[len(times) // 2]))
+
+
 def _calibrated_steps(args, data: str, out: Path, switches: list[str]) -> int:
-    """Steps that fit the budget, from the median of timed steps of this row's model after a warm-up."""
+    """Steps that fit the budget for this row's model, timed on a throwaway trainer."""
     from mlm.train.loop import Trainer
 
     config = _config(args, data, out / "calibrate", switches, ["train.max_steps=1000000", "train.log_every=1000000"])
     trainer = Trainer(config)
     batches = trainer._micro_batches()
     warmup, timed = (1, 2) if args.quick else (3, 8)
-    times = []
-    for i in range(warmup + timed):
-        start = time.perf_counter()
-        trainer.train_step(batches)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return max(2, int(args.budget_s / sorted(times)[len(times) // 2]))
+    return steps_within(lambda: trainer.train_step(batches), args.budget_s, warmup, timed)
 
 
 def _train_row(args, name: str, data: str, out_root: Path):

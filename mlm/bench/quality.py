@@ -36,25 +36,15 @@ def _config(args, tmp: str):
     return load_config(args.config, sets)
 
 
-def _timed(step, n: int) -> float:
-    """Median seconds of n calls of step() after one warm-up call."""
-    times = []
-    for i in range(n + 1):
-        start = time.perf_counter()
-        step()
-        if i:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def train_ours(config, budget_s: float) -> tuple[object, dict]:
     """Our model trained for the budget through the normal training loop; returns (model, summary)."""
+    from mlm.bench.ablate import steps_within
     from mlm.train.loop import Trainer
 
     probe = Trainer(config)
     batches = probe._micro_batches()
-    step_s = _timed(lambda: probe.train_step(batches), 4)
-    config.train.max_steps, config.train.max_time_s = max(2, int(budget_s / step_s)), budget_s
+    config.train.max_steps = steps_within(lambda: probe.train_step(batches), budget_s, warmup=1, timed=4)
+    config.train.max_time_s = budget_s
     trainer = Trainer(config)
     return trainer.unwrapped, trainer.fit()
 
@@ -64,6 +54,7 @@ def train_coca(config, tokenizer, batches, budget_s: float, device):
     in bf16 autocast as ours); returns (model, summary)."""
     import torch
 
+    from mlm.bench.ablate import steps_within
     from mlm.bench.coca import CoCaTrainer, build_coca
     from mlm.train.schedule import build_scheduler
 
@@ -78,9 +69,9 @@ def train_coca(config, tokenizer, batches, budget_s: float, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
         _, probe = fresh()  # a throwaway copy sizes the schedule, so the scored model starts from step 0
-        step_s = _timed(lambda: probe.step(on_device()), 4)
+        steps = steps_within(lambda: probe.step(on_device()), budget_s, warmup=1, timed=4)
         coca, trainer = fresh()
-        train = type(config.train)(**{**vars(config.train), "max_steps": max(2, int(budget_s / step_s))})
+        train = type(config.train)(**{**vars(config.train), "max_steps": steps})
         scheduler = build_scheduler(trainer.optimizer, train)
         start, steps = time.perf_counter(), 0
         while steps < train.max_steps and time.perf_counter() - start < budget_s:
@@ -114,7 +105,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         ours, ours_summary = train_ours(config, args.budget_s)
         data = config.data.val or config.data.train
         tokenizer = ours.tokenizer
-        _, batches = _batches(_config(args, tmp), config.data.train, config.train.batch_size, tmp, tokenizer)
+        _, batches = _batches(config, config.data.train, config.train.batch_size, tmp, tokenizer)
         coca, coca_summary = train_coca(config, tokenizer, batches, args.budget_s, ours.device)
         report = {"config": args.config, "overrides": args.overrides, "budget_s": args.budget_s, "split": args.split,
                   "ours": {"params": sum(p.numel() for p in ours.parameters()), "steps": ours_summary["steps"],

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from mlm.errors import first_line
 from mlm.train.safe_load import check_state_folder
 
 logger = logging.getLogger(__name__)
@@ -239,5 +240,4 @@ def _load_state(accelerator, folder: Path, shown: Path) -> None:
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types on a file that does not fit
-        first = ([line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[0]
-        raise ValueError(f"{shown}: cannot restore the training state ({first[:300]})") from None
+        raise ValueError(f"{shown}: cannot restore the training state ({first_line(err)})") from None
