@@ -76,6 +76,7 @@ class ModelConfig:
     embed_dim: int = 128  # the shared image-text space
     pool_hidden_dim: int = 64
     decoder_layers: int = 2
+    cross_pos_keys: bool = False  # cross-attention keys carry each patch's position in their RoPE dims
     dropout: float = 0.0
     norm_eps: float = 1e-6
     mla: MLAConfig = field(default_factory=MLAConfig)
@@ -132,6 +133,7 @@ class TrainConfig:
     hard_negative_strength: float = 0.0
     hard_negative_sampler: bool = False
     swap_negatives: int = 0  # captions per caption row with one word swapped (data.swap_groups), as extra negatives
+    vqa_turns: int = 1  # questions about the same image packed into one VQA row, as conversation turns
     vqa_fraction: float = 0.5  # share of VQA records in every batch when the data has both kinds; -1 = as they come
     local_loss: bool = False
     save_every: int = 500

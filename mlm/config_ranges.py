@@ -36,7 +36,8 @@ _RANGES = [
     ("model.mla.v_head_dim", 1, 4096), ("model.mla.n_kv_heads", 1, 1024),
     ("train.batch_size", 1, 1 << 20), ("train.max_steps", 1, 1 << 40), ("train.grad_accum_steps", 1, 1 << 16),
     ("train.log_every", 1, 1 << 40), ("train.save_every", 0, 1 << 40), ("train.keep_last", 0, 1 << 20),
-    ("train.eval_every", 0, 1 << 40), ("train.swap_negatives", 0, 64), ("train.lr", 0.0, 10.0),
+    ("train.eval_every", 0, 1 << 40), ("train.swap_negatives", 0, 64),
+    ("train.vqa_turns", 1, 64), ("train.lr", 0.0, 10.0),
     ("train.max_time_s", 0.0, 1e9),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
 ]  # fmt: skip

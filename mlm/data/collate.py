@@ -6,7 +6,8 @@ The batch dict (the contract with ``MLMModel.forward`` and the training loop):
 - ``text_ids``: LongTensor (B, T), ``[BOS] tokens [EOS]`` then ``[PAD]``; VQA rows hold ``question: q answer: a``;
 - ``text_mask``: BoolTensor (B, T), True at real tokens;
 - ``labels``: LongTensor (B, T), ``text_ids`` with -100 at pads and, for VQA rows, at every prompt token up to and
-  including "answer:" (the model shifts them: logits at t predict labels at t+1);
+  including "answer:" (the model shifts them: logits at t predict labels at t+1); with ``train.vqa_turns`` > 1 a
+  VQA row packs several questions about its image (:mod:`mlm.data.turns`) and only answers are targets;
 - ``is_vqa``: BoolTensor (B,); ``image_ids``: list of image ids;
 - with swapped-word hard negatives (``train.swap_negatives``, :mod:`mlm.data.negatives`): ``negative_ids`` and
   ``negative_mask`` (M, T') for the M negative captions of the batch and ``negative_owner`` (M,), the row each
@@ -27,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mlm.data import records as R
+from mlm.data import turns
 from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
 from mlm.data.negatives import check_groups, swap_negatives
 from mlm.data.records import DataError, Record, SkipStats
@@ -53,6 +55,7 @@ class MLMDataset(Dataset):
         max_retries: int = 16,
         swap_groups: list[list[str]] | None = None,
         swap_negatives: int = 0,
+        vqa_turns: int = 1,
     ):
         if len(source) == 0:
             raise ValueError(f"data source {getattr(source, 'name', '')!r} has no usable record")
@@ -68,6 +71,8 @@ class MLMDataset(Dataset):
         self.swap_index = check_groups(swap_groups or []) if self.swap_negatives else {}
         if self.swap_negatives and not self.swap_index:
             raise ValueError(f"train.swap_negatives={swap_negatives} needs data.swap_groups (groups of words to swap)")
+        self.vqa_turns = vqa_turns if train else 1
+        self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
 
     def __len__(self) -> int:
         return len(self.source)
@@ -82,14 +87,19 @@ class MLMDataset(Dataset):
         for note in notes:
             self.stats.fix(note, record.origin)
         pixels = self.transform(image)  # (3, H, W)
-        if record.is_vqa:
-            answer = record.answer or record.answers[0]
-            ids, n_prompt = self.tokenizer.encode_vqa(record.question, answer, self.max_len)
+        targets = None
+        if record.is_vqa and self.vqa_turns > 1:
+            ids, targets = turns.packed_sample(self, index, record, self.vqa_turns)
+            n_prompt = targets.index(True) if True in targets else len(ids)
+        elif record.is_vqa:
+            ids, n_prompt = self.tokenizer.encode_vqa(record.question, turns.answer_of(record), self.max_len)
         else:
             caption = random.choice(record.captions) if self.train else record.captions[0]
             ids, n_prompt = self.tokenizer.frame(self.tokenizer.tokenize(caption), self.max_len), 0
         sample = {"image": pixels, "ids": ids, "n_prompt": n_prompt, "is_vqa": record.is_vqa,
                   "image_id": record.image_id}  # fmt: skip
+        if targets is not None:
+            sample["targets"] = targets
         if self.swap_negatives:
             texts = [] if record.is_vqa else swap_negatives(caption, self.swap_index, self.swap_negatives, random)
             sample["negatives"] = [self.tokenizer.frame(self.tokenizer.tokenize(t), self.max_len) for t in texts]
@@ -127,6 +137,8 @@ class Collate:
         labels = text_ids.masked_fill(~text_mask, IGNORE_INDEX)  # (B, T)
         for row, s in enumerate(samples):
             labels[row, : s["n_prompt"]] = IGNORE_INDEX  # the question is context, not a target
+            if "targets" in s:  # packed turns: every later question is context too
+                labels[row, : len(s["ids"])].masked_fill_(~torch.tensor(s["targets"]), IGNORE_INDEX)
         batch = {
             "images": images,
             "text_ids": text_ids,
@@ -161,6 +173,7 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
         strict=cfg.data.strict,
         swap_groups=cfg.data.swap_groups,
         swap_negatives=cfg.train.swap_negatives,
+        vqa_turns=cfg.train.vqa_turns,
     )
 
 

@@ -43,7 +43,8 @@ def cross_attention(model: MLMModel, image_tokens: Tensor, ids: Tensor) -> Tenso
     captured: list[tuple[Tensor, Tensor]] = []
 
     def keep_inputs(module, args, kwargs):
-        captured.append((args[0], kwargs["context"]))  # normed text states (B, T, C), image tokens (B, N, C)
+        # normed text states (B, T, C), image tokens (B, N, C) and their position features (positional keys)
+        captured.append((args[0], kwargs["context"], kwargs.get("context_pos")))
 
     handles = [layer.cross_attn.register_forward_pre_hook(keep_inputs, with_kwargs=True) for layer in layers]
     try:
@@ -52,7 +53,9 @@ def cross_attention(model: MLMModel, image_tokens: Tensor, ids: Tensor) -> Tenso
         for handle in handles:
             handle.remove()
     pairs = zip(layers, captured, strict=True)
-    return torch.stack([layer.cross_attn.attention_weights(x, context=ctx) for layer, (x, ctx) in pairs])
+    return torch.stack(
+        [layer.cross_attn.attention_weights(x, context=ctx, context_pos=pos) for layer, (x, ctx, pos) in pairs]
+    )
 
 
 def _words(model: MLMModel, caption: str) -> tuple[list[int], list[str], list[int]]:

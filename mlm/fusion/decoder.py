@@ -2,7 +2,9 @@
 
 As in CoCa (Yu et al., 2022) the unimodal text pass of the shared encoder is reused: its final text states go
 through layers that add cross-modal attention over the image tokens, then a final norm and an LM head whose weight
-is the text token embedding (tied, as in GPT-2 / nanoGPT). Logits at position t predict token t + 1.
+is the text token embedding (tied, as in GPT-2 / nanoGPT). Logits at position t predict token t + 1. With
+``model.cross_pos_keys`` the decoder holds the patch grid's 2-D sin-cos table, the position features of the
+cross-attention's positional keys.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mlm.config import ModelConfig
+from mlm.encoders.shared import image_pos_table
 from mlm.fusion.cross_modal import CrossModalBlock
 
 
@@ -25,6 +28,9 @@ class MultimodalDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = token_embed.weight  # tied: one tensor, (V, C)
         self.grad_checkpointing = False
+        grid = (cfg.image_size // cfg.patch_size,) * 2
+        table = image_pos_table("sincos", grid, cfg.dim) if cfg.cross_pos_keys else None  # (1, N, C)
+        self.register_buffer("context_pos", table, persistent=False)  # rebuilt from the config, not saved
 
     def new_caches(self) -> list:
         """Return one empty self-attention cache per layer."""
@@ -32,7 +38,7 @@ class MultimodalDecoder(nn.Module):
 
     def encode_contexts(self, image_tokens: Tensor) -> list:
         """Return every layer's cross-attention cache for image tokens (B, N, C)."""
-        return [layer.encode_context(image_tokens) for layer in self.layers]
+        return [layer.encode_context(image_tokens, self.context_pos) for layer in self.layers]
 
     def forward(
         self,
@@ -56,8 +62,9 @@ class MultimodalDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             ctx = context if contexts is None else contexts[i]
             cache = caches[i] if caches is not None else None
+            pos = self.context_pos if contexts is None else None
             if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, context=ctx, rope=rope, mask=mask, use_reentrant=False)
+                x = checkpoint(layer, x, context=ctx, rope=rope, mask=mask, context_pos=pos, use_reentrant=False)
             else:
-                x = layer(x, context=ctx, rope=rope, mask=mask, cache=cache, absorbed=absorbed)
+                x = layer(x, context=ctx, rope=rope, mask=mask, cache=cache, absorbed=absorbed, context_pos=pos)
         return self.lm_head(self.norm(x))

@@ -44,6 +44,23 @@ def check_sources(module: nn.Module, rope, cache, context) -> None:
         raise ValueError(f"self-attention {name} takes no context=; build it with cross=True for cross-attention")
 
 
+def check_pos_keys(pos_keys: bool, cross: bool) -> None:
+    """Raise ValueError when positional keys are asked of a self-attention module."""
+    if pos_keys and not cross:
+        raise ValueError("pos_keys=True is for cross-attention (keys from a context with positions); set cross=True")
+
+
+def check_positions(positions: Tensor | None, context: Tensor) -> Tensor:
+    """Return the context's position features (1 or B, S, C) if they fit context (B, S, C); raise otherwise."""
+    if positions is None:
+        raise ValueError("this cross-attention has positional keys: give the context's positions (context_pos=)")
+    if positions.dim() != 3 or positions.shape[1:] != context.shape[1:] or positions.shape[0] not in (1, context.shape[0]):
+        raise ValueError(
+            f"context positions of shape {tuple(positions.shape)} do not fit a context of shape {tuple(context.shape)}"
+        )
+    return positions
+
+
 def rope_for_heads(rope: tuple[Tensor, Tensor], n_tokens: int) -> tuple[Tensor, Tensor]:
     """Check cos/sin, (T, d) or (B, T, d), against T and return them broadcastable over a head axis (B, H, T, d)."""
     cos, sin = rope
@@ -103,8 +120,10 @@ class GroupedQueryAttention(nn.Module):
         qk_rope_head_dim: int,
         v_head_dim: int,
         cross: bool = False,
+        pos_keys: bool = False,
     ) -> None:
         super().__init__()
+        check_pos_keys(pos_keys, cross)
         if n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.cross = n_heads, n_kv_heads, cross
@@ -115,16 +134,26 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * self.qk_head_dim, bias=False)
         self.v_proj = nn.Linear(dim, n_kv_heads * v_head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+        # positional keys (cross-attention): a projection of each key's position is added to its RoPE dims
+        self.pos_key = nn.Linear(dim, n_kv_heads * qk_rope_head_dim, bias=False) if pos_keys else None
 
     def new_cache(self) -> KVCache:
         """Return an empty cache for step-by-step decoding."""
         return KVCache.empty()
 
-    def encode_context(self, context: Tensor) -> KVCache:
-        """Project context tokens (B, S, C) to keys and values once, for reuse by every decoding step."""
+    def encode_context(self, context: Tensor, positions: Tensor | None = None) -> KVCache:
+        """Project context tokens (B, S, C) to keys and values once, for reuse by every decoding step.
+
+        ``positions`` (1 or B, S, C) are the context tokens' position features, needed with positional keys.
+        """
         if not self.cross:
             raise ValueError(f"encode_context is for cross-attention; this {type(self).__name__} has cross=False")
-        return KVCache(*self._keys_values(context))
+        k, v = self._keys_values(context)
+        if self.pos_key is not None:
+            pos = self.pos_key(check_positions(positions, context).to(k.dtype))  # (1|B, S, Hk * rope)
+            pos = pos.view(pos.shape[0], pos.shape[1], self.n_kv_heads, self.qk_rope_head_dim).transpose(1, 2)
+            k = torch.cat((k[..., : self.qk_nope_head_dim], k[..., self.qk_nope_head_dim :] + pos), dim=-1)
+        return KVCache(k, v)
 
     def _keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, s, _ = x.shape
@@ -145,6 +174,7 @@ class GroupedQueryAttention(nn.Module):
         mask: Tensor | None = None,
         cache: KVCache | None = None,
         context: Tensor | KVCache | None = None,
+        context_pos: Tensor | None = None,
         absorbed: bool = False,
         top_k: int = 0,
     ) -> Tensor:
@@ -153,7 +183,8 @@ class GroupedQueryAttention(nn.Module):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
         if self.cross:
-            k, v = (context.k, context.v) if isinstance(context, KVCache) else self._keys_values(context)
+            cached = context if isinstance(context, KVCache) else self.encode_context(context, context_pos)
+            k, v = cached.k, cached.v
         else:
             k, v = self._keys_values(x)
             if rope is not None:
@@ -176,5 +207,8 @@ class MultiHeadAttention(GroupedQueryAttention):
         qk_rope_head_dim: int,
         v_head_dim: int,
         cross: bool = False,
+        pos_keys: bool = False,
     ) -> None:
-        super().__init__(dim, n_heads, n_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, cross=cross)
+        super().__init__(
+            dim, n_heads, n_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, cross=cross, pos_keys=pos_keys
+        )

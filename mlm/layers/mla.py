@@ -26,6 +26,8 @@ from mlm.layers.attention import (
     attend,
     attend_scores,
     check_mask,
+    check_pos_keys,
+    check_positions,
     check_sources,
     rope_for_heads,
 )
@@ -60,8 +62,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_lora_rank: int = 0,
         cross: bool = False,
         norm_eps: float = 1e-6,
+        pos_keys: bool = False,
     ) -> None:
         super().__init__()
+        check_pos_keys(pos_keys, cross)
         self.n_heads, self.cross = n_heads, cross
         self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -77,16 +81,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = nn.RMSNorm(kv_lora_rank, eps=norm_eps)
         self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+        # cross-attention with positional keys: the shared decoupled key also gets a projection of the key's position
+        self.pos_key = nn.Linear(dim, qk_rope_head_dim, bias=False) if pos_keys else None
 
     def new_cache(self) -> LatentKVCache:
         """Return an empty latent cache for step-by-step decoding."""
         return LatentKVCache.empty()
 
-    def encode_context(self, context: Tensor) -> LatentKVCache:
-        """Compress context tokens (B, S, C) to their latent once, for reuse by every decoding step."""
+    def encode_context(self, context: Tensor, positions: Tensor | None = None) -> LatentKVCache:
+        """Compress context tokens (B, S, C) to their latent once, for reuse by every decoding step.
+
+        ``positions`` (1 or B, S, C) are the context tokens' position features, needed with positional keys.
+        """
         if not self.cross:
             raise ValueError("encode_context is for cross-attention; this MultiHeadLatentAttention has cross=False")
-        return LatentKVCache(*self._latent(context))
+        c_kv, k_rope = self._latent(context)
+        if self.pos_key is not None:
+            k_rope = k_rope + self.pos_key(check_positions(positions, context).to(k_rope.dtype))  # (B, S, rope)
+        return LatentKVCache(c_kv, k_rope)
 
     def _queries(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return q_nope (B, H, T, nope) and q_rope (B, H, T, rope), before RoPE."""
@@ -131,11 +143,11 @@ class MultiHeadLatentAttention(nn.Module):
             out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
 
-    def _project(self, x: Tensor, rope, cache: LatentKVCache | None, context) -> tuple[Tensor, ...]:
+    def _project(self, x: Tensor, rope, cache: LatentKVCache | None, context, positions=None) -> tuple[Tensor, ...]:
         """Queries of x and the keys' latent: (q_nope, q_rope, c_kv, k_rope), RoPE applied, cache appended."""
         q_nope, q_rope = self._queries(x)
         if self.cross:
-            latent = context if isinstance(context, LatentKVCache) else self.encode_context(context)
+            latent = context if isinstance(context, LatentKVCache) else self.encode_context(context, positions)
             return q_nope, q_rope, latent.c_kv, latent.k_rope
         c_kv, k_rope = self._latent(x)
         if rope is not None:
@@ -153,6 +165,7 @@ class MultiHeadLatentAttention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         context: Tensor | LatentKVCache | None = None,
+        context_pos: Tensor | None = None,
     ) -> Tensor:
         """Softmax attention weights (B, H, T, S) of queries x (B, T, C), computed explicitly (for visualisation).
 
@@ -160,7 +173,7 @@ class MultiHeadLatentAttention(nn.Module):
         values by, so ``o_proj(weights @ V)`` equals ``forward``. Not used by training or decoding.
         """
         check_sources(self, rope, None, context)
-        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, None, context)
+        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, None, context, context_pos)
         w_uk, _ = self._up_weights()
         k_nope = torch.einsum("bsr,hnr->bhsn", c_kv, w_uk)  # (B, H, S, nope)
         scores = q_nope @ k_nope.transpose(-1, -2) + (q_rope @ k_rope[:, None].transpose(-1, -2))  # (B, H, T, S)
@@ -177,17 +190,19 @@ class MultiHeadLatentAttention(nn.Module):
         mask: Tensor | None = None,
         cache: LatentKVCache | None = None,
         context: Tensor | LatentKVCache | None = None,
+        context_pos: Tensor | None = None,
         absorbed: bool = False,
         top_k: int = 0,
     ) -> Tensor:
         """Attend from x (B, T, C) and return (B, T, C).
 
         rope gives the positions of the T new tokens; mask (T, S) or (B, 1, T, S) covers all S keys, cached ones
-        included; a self-attention cache grows in place; cross-attention reads context (tokens or encode_context()).
+        included; a self-attention cache grows in place; cross-attention reads context (tokens or encode_context()),
+        with context_pos (1 or B, S, C), the tokens' position features, when built with positional keys.
         """
         check_sources(self, rope, cache, context)
         b, t, _ = x.shape
-        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, cache, context)
+        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, cache, context, context_pos)
         mask = check_mask(mask, t, c_kv.shape[1])
         path = self._absorbed if absorbed else self._naive
         out = path(q_nope, q_rope, c_kv, k_rope, mask, top_k)  # (B, H, T, v)
@@ -197,15 +212,22 @@ class MultiHeadLatentAttention(nn.Module):
 ATTENTION = {"mla": MultiHeadLatentAttention, "mha": MultiHeadAttention, "gqa": GroupedQueryAttention}
 
 
-def build_attention(dim: int, cfg: MLAConfig, kind: str, cross: bool = False, norm_eps: float = 1e-6) -> nn.Module:
-    """Build the attention module named by kind (mla | mha | gqa) from the attention settings cfg."""
+def build_attention(
+    dim: int, cfg: MLAConfig, kind: str, cross: bool = False, norm_eps: float = 1e-6, pos_keys: bool = False
+) -> nn.Module:
+    """Build the attention module named by kind (mla | mha | gqa) from the attention settings cfg.
+
+    ``pos_keys`` (cross-attention only): keys get a learned projection of the context's position features in their
+    RoPE dims, so a query can select keys by where they are apart from what they hold (as Conditional DETR).
+    """
     if kind not in ATTENTION:
         raise ValueError(f"attention kind {kind!r} is not one of {', '.join(ATTENTION)}")
     heads = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
     if kind == "mla":
         return MultiHeadLatentAttention(
-            dim, cfg.n_heads, cfg.kv_lora_rank, *heads, q_lora_rank=cfg.q_lora_rank, cross=cross, norm_eps=norm_eps
-        )
+            dim, cfg.n_heads, cfg.kv_lora_rank, *heads, q_lora_rank=cfg.q_lora_rank, cross=cross, norm_eps=norm_eps,
+            pos_keys=pos_keys,
+        )  # fmt: skip
     if kind == "gqa":
-        return GroupedQueryAttention(dim, cfg.n_heads, cfg.n_kv_heads, *heads, cross=cross)
-    return MultiHeadAttention(dim, cfg.n_heads, *heads, cross=cross)
+        return GroupedQueryAttention(dim, cfg.n_heads, cfg.n_kv_heads, *heads, cross=cross, pos_keys=pos_keys)
+    return MultiHeadAttention(dim, cfg.n_heads, *heads, cross=cross, pos_keys=pos_keys)

@@ -71,3 +71,22 @@ def test_decoder_needs_exactly_one_kind_of_context():
         run(encoder, decoder, text, image)
     with pytest.raises(ValueError, match="exactly one"):
         run(encoder, decoder, text, image, context=image, contexts=decoder.encode_contexts(image))
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_positional_keys_decoder_paths_agree_and_see_where_patches_are(attention):
+    encoder, decoder = build(f"model.attention={attention}", "model.cross_pos_keys=true")
+    assert decoder.context_pos.shape == (1, 16, 32)  # the 4x4 patch grid's sin-cos table, not a saved tensor
+    assert "context_pos" not in decoder.state_dict()
+    text, image = torch.randn(2, 5, 32), torch.randn(2, 16, 32)
+    naive = run(encoder, decoder, text, image, context=image)
+    cached = run(encoder, decoder, text, image, contexts=decoder.encode_contexts(image), absorbed=True)
+    torch.testing.assert_close(cached, naive, atol=1e-5, rtol=1e-4)
+    # without positional keys the decoder is blind to where a patch lies: permuting patches changes nothing
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(run(encoder, decoder, text, image[:, perm], context=image[:, perm]), naive)
+    _, plain = build(f"model.attention={attention}")
+    torch.testing.assert_close(
+        run(encoder, plain, text, image[:, perm], context=image[:, perm]),
+        run(encoder, plain, text, image, context=image), atol=1e-5, rtol=1e-4,
+    )  # fmt: skip
