@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth = actions.add_parser("synth", help="write the synthetic shapes benchmark (COCO + VQAv2 + Karpathy files)")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--images", type=int, default=2000, help="images in train+val+test (80/10/10)")
+    synth.add_argument("--eval-images", type=int, help="images in val and in test each (default: a tenth of --images)")
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-holdout", dest="holdout", action="store_false",
@@ -45,7 +46,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from mlm.data.synthetic_ceiling import split_ceiling
 
     start = time.perf_counter()
-    sizes = generate(args.out, args.images, args.size, args.seed, args.holdout, args.workers)
+    sizes = generate(args.out, args.images, args.size, args.seed, args.holdout, args.workers, args.eval_images)
     seconds = time.perf_counter() - start
     print(f"wrote {sum(sizes.values())} images to {args.out} in {seconds:.1f} s: "
           + ", ".join(f"{k} {v}" for k, v in sizes.items()))  # fmt: skip

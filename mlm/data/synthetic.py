@@ -228,9 +228,12 @@ def _write_example(args: tuple) -> tuple[list, list]:
     return captions, questions
 
 
-def split_sizes(n_images: int, holdout: bool) -> dict[str, int]:
-    """80/10/10 train/val/test of n_images, plus a compositional split as large as test when holding out."""
-    n_val = n_test = n_images // 10
+def split_sizes(n_images: int, holdout: bool, eval_images: int | None = None) -> dict[str, int]:
+    """train/val/test of n_images (80/10/10, or ``eval_images`` each for val and test), plus a compositional split
+    as large as test when holding out."""
+    n_val = n_test = n_images // 10 if eval_images is None else eval_images
+    if n_images - n_val - n_test < 1:
+        raise ValueError(f"--eval-images={eval_images} leaves no training image out of --images={n_images}")
     sizes = {"train": n_images - n_val - n_test, "val": n_val, "test": n_test}
     if holdout:
         sizes["compositional"] = n_test
@@ -302,9 +305,16 @@ class _SplitWriter:
 
 
 def generate(
-    out: str | Path, n_images: int = 2000, size: int = 64, seed: int = 0, holdout: bool = True, workers: int = 1
+    out: str | Path,
+    n_images: int = 2000,
+    size: int = 64,
+    seed: int = 0,
+    holdout: bool = True,
+    workers: int = 1,
+    eval_images: int | None = None,
 ) -> dict[str, int]:
-    """Write the benchmark into ``out``; returns the number of images per split.
+    """Write the benchmark into ``out``; returns the number of images per split (``eval_images``: val and test
+    size each, default a tenth of n_images).
 
     Files: ``images/{id:012d}.png``, ``captions_{split}.json`` (COCO), ``vqa_questions_{split}.json`` +
     ``vqa_annotations_{split}.json`` (VQAv2) per split, and ``dataset_synth.json`` (Karpathy, all splits).
@@ -313,9 +323,11 @@ def generate(
         raise ValueError(f"--images={n_images}: need at least 10 images for train/val/test splits")
     if size < 16:
         raise ValueError(f"--size={size}: images smaller than 16 pixels cannot show a 3x3 grid of shapes")
+    if eval_images is not None and eval_images < 1:
+        raise ValueError(f"--eval-images={eval_images}: val and test need at least one image each")
+    sizes = split_sizes(n_images, holdout, eval_images)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    sizes = split_sizes(n_images, holdout)
     jobs, image_id = [], 0
     for split, count in sizes.items():
         for _ in range(count):
