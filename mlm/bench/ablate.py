@@ -41,6 +41,7 @@ QUICK = [  # a model and schedule small enough for the test suite
     "model.mla.v_head_dim=8", "data.vocab_size=200", "train.batch_size=8", "train.warmup_steps=2", "eval.batch_size=16",
 ]  # fmt: skip
 SHAPE_TYPE = "what shape is"
+POSITION_TYPE = "where is the"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +143,7 @@ def _score(args, name: str, model, summary: dict, data: str) -> dict:
         "i2t_R@1": retrieval["image_to_text_R@1"],
         "vqa": vqa["overall"],
         "shape": vqa["per_question_type"].get(SHAPE_TYPE),
+        "position": vqa["per_question_type"].get(POSITION_TYPE),
         "per_question_type": vqa["per_question_type"],
     }
 
@@ -189,22 +191,27 @@ def _delta(value, base) -> str:
     return f"{value - base:+.1f}"
 
 
+def _value(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def _table(report: dict) -> str:
     """Differences to the baseline per row."""
     rows, base = report["rows"], report["rows"]["baseline"]
     lines = [
         f"ablation at {report['budget_s']:g} s of training per row, scored on the {report['split']} split; "
         f"baseline: t2i R@1 {base['t2i_R@1']:.1f}, i2t R@1 {base['i2t_R@1']:.1f}, VQA {base['vqa']:.1f}, "
-        f"shape {base['shape'] if base['shape'] is not None else float('nan'):.1f}, "
+        f"shape {_value(base['shape'])}, position {_value(base.get('position'))}, "
         f"{base['params']:,} params, {base['step_s']:.3f} s/step",
-        "| row | switch | Δ t2i R@1 | Δ i2t R@1 | Δ VQA | Δ shape | Δ params | Δ step time | steps |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| row | switch | Δ t2i R@1 | Δ i2t R@1 | Δ VQA | Δ shape | Δ position | Δ params | Δ step time | steps |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in rows.items():
         switch = ", ".join(row["switches"]) or "—"
         step = f"{(row['step_s'] / base['step_s'] - 1) * 100:+.0f}%"
         lines.append(f"| {name} | {switch} | {_delta(row['t2i_R@1'], base['t2i_R@1'])} | "
                      f"{_delta(row['i2t_R@1'], base['i2t_R@1'])} | {_delta(row['vqa'], base['vqa'])} | "
-                     f"{_delta(row['shape'], base['shape'])} | {row['params'] - base['params']:+,} | {step} | "
+                     f"{_delta(row['shape'], base['shape'])} | {_delta(row.get('position'), base.get('position'))} | "
+                     f"{row['params'] - base['params']:+,} | {step} | "
                      f"{row['steps']} |")  # fmt: skip
     return "\n".join(lines)

@@ -54,7 +54,8 @@ def check_positions(positions: Tensor | None, context: Tensor) -> Tensor:
     """Return the context's position features (1 or B, S, C) if they fit context (B, S, C); raise otherwise."""
     if positions is None:
         raise ValueError("this cross-attention has positional keys: give the context's positions (context_pos=)")
-    if positions.dim() != 3 or positions.shape[1:] != context.shape[1:] or positions.shape[0] not in (1, context.shape[0]):
+    batch_ok = positions.dim() == 3 and positions.shape[0] in (1, context.shape[0])
+    if not batch_ok or positions.shape[1:] != context.shape[1:]:
         raise ValueError(
             f"context positions of shape {tuple(positions.shape)} do not fit a context of shape {tuple(context.shape)}"
         )

@@ -45,7 +45,7 @@ def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert list(rows) == ["baseline", "mean-pool", "no-fusion", "mine"]
     for row in rows.values():
-        assert set(row) >= {"t2i_R@1", "i2t_R@1", "vqa", "shape", "params", "step_s", "steps"}
+        assert set(row) >= {"t2i_R@1", "i2t_R@1", "vqa", "shape", "position", "params", "step_s", "steps"}
     assert rows["no-fusion"]["steps"] == rows["baseline"]["steps"]  # an evaluation switch re-scores the baseline
     assert rows["mean-pool"]["params"] < rows["baseline"]["params"]  # no per-level scorers
     assert main(["bench", "ablate", "--quick", "--rows", "nonsense"]) == 2

@@ -34,6 +34,20 @@ def test_split_sizes_and_files(synth):
     assert len(list((out / "images").glob("*.png"))) == 66
 
 
+def test_eval_images_fixes_val_and_test_sizes(tmp_path):
+    assert S.split_sizes(10_000, holdout=True, eval_images=200) == {
+        "train": 9600, "val": 200, "test": 200, "compositional": 200
+    }  # fmt: skip
+    assert S.generate(tmp_path, n_images=14, size=32, seed=0, holdout=False, eval_images=2) == {
+        "train": 10, "val": 2, "test": 2
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="--eval-images=7 leaves no training image"):
+        S.generate(tmp_path / "x", n_images=14, size=32, eval_images=7)
+    with pytest.raises(ValueError, match="--eval-images=0"):
+        S.generate(tmp_path / "y", n_images=14, size=32, eval_images=0)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
 def test_captions_load_with_pycocotools(synth):
     from pycocotools.coco import COCO
 

@@ -39,7 +39,8 @@ def test_first_turn_is_the_single_question_row_and_only_answers_are_targets(tok)
     first, second = ("what shape is red?", "circle"), ("where is the red circle?", "top left")
     single, n_prompt = tok.encode_vqa(*first, 40)
     ids, targets = encode_turns(tok, first, [second], 40)
-    assert ids[: len(single)] == single and targets[: len(single)] == [False] * n_prompt + [True] * (len(single) - n_prompt)
+    assert ids[: len(single)] == single
+    assert targets[: len(single)] == [False] * n_prompt + [True] * (len(single) - n_prompt)
     answers = [i for i, t in zip(ids, targets, strict=True) if t]
     assert answers == tok.tokenize("circle") + [tok.eos_id] + tok.tokenize("top left") + [tok.eos_id]
     assert ids[len(single)] == tok.bos_id  # each turn starts as a fresh question
