@@ -93,3 +93,22 @@ def coco_dir(tmp_path: Path) -> Path:
     text = json.dumps(data).replace('"bad \\udcff bytes"', '"bad \udcff bytes"')
     (tmp_path / "captions.json").write_bytes(text.encode("utf-8", errors="surrogateescape"))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def synth_source(tmp_path_factory):
+    """The training split of a 20-image synthetic folder."""
+    from mlm.data.sources import open_source
+    from mlm.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, n_images=20, seed=1)
+    return open_source(out, split="train")
+
+
+@pytest.fixture(scope="module")
+def tok(synth_source):
+    """A WordPiece tokenizer trained on that split's text."""
+    from mlm.data.tokenizer import MLMTokenizer
+
+    return MLMTokenizer.train_wordpiece(synth_source.texts(), vocab_size=500)

@@ -7,23 +7,8 @@ from mlm.config import Config
 from mlm.data import records as R
 from mlm.data.collate import IGNORE_INDEX, Collate, MLMDataset, build_loader
 from mlm.data.records import DataError, Record
-from mlm.data.sources import open_source
-from mlm.data.synthetic import generate
-from mlm.data.tokenizer import MLMTokenizer
 from mlm.data.transforms import build_transform
 from tests.data.conftest import image_bytes
-
-
-@pytest.fixture(scope="module")
-def synth_source(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, n_images=20, seed=1)
-    return open_source(out, split="train")
-
-
-@pytest.fixture(scope="module")
-def tok(synth_source):
-    return MLMTokenizer.train_wordpiece(synth_source.texts(), vocab_size=500)
 
 
 def _dataset(records, tok, **kw):

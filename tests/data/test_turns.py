@@ -5,24 +5,14 @@ import pytest
 from mlm.config import ConfigError, load_config
 from mlm.data.collate import IGNORE_INDEX, Collate, MLMDataset
 from mlm.data.records import Record
-from mlm.data.sources import open_source
-from mlm.data.synthetic import generate
-from mlm.data.tokenizer import MLMTokenizer
 from mlm.data.transforms import build_transform
 from mlm.data.turns import encode_turns, same_image_questions
 from mlm.train.sampler import SeededItems
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, n_images=20, seed=2)
-    return open_source(out, split="train")
-
-
-@pytest.fixture(scope="module")
-def tok(source):
-    return MLMTokenizer.train_wordpiece(source.texts(), vocab_size=500)
+def source(synth_source):
+    return synth_source
 
 
 def test_questions_are_grouped_by_image_path_or_id_and_captions_left_out():
