@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import PyTorchModelHubMixin, constants
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
@@ -29,6 +28,7 @@ from mlm.errors import first_line
 from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.hierarchical import POOLING
 from mlm.generation import MAX_BEAMS, MAX_NEW_TOKENS, DecodingCache, generate_from_prompts
+from mlm.model_files import read_config, resolve_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Features:
     embeds: Tensor  # (B, E) L2-normalised embeddings in the shared space
     tokens: Tensor  # (B, T, C) final encoder states
     pool_weights: dict[str, Tensor]  # level -> (B, T) softmax pooling weights over positions
+    projected: Tensor | None = None  # (B, E) the embeddings before L2 normalisation
 
 
 def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
@@ -111,22 +112,31 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         """Encode images (B, 3, H, W) into embeddings, final patch states and pooling weights."""
         out = self.encoder.encode_image(images)
         pooled = self.pooler(out.levels)
-        return Features(embeds=pooled.embeds, tokens=out.tokens, pool_weights=pooled.weights)
+        return Features(pooled.embeds, out.tokens, pooled.weights, pooled.projected)
 
     def text_features(self, text_ids: Tensor, text_mask: Tensor | None = None) -> Features:
         """Encode right-padded token ids (B, T) into embeddings, causal token states and pooling weights."""
         mask = check_text_mask(text_ids, text_mask)
         out = self.encoder.encode_text(text_ids)
         pooled = self.pooler(out.levels, mask)
-        return Features(embeds=pooled.embeds, tokens=out.tokens, pool_weights=pooled.weights)
+        return Features(pooled.embeds, out.tokens, pooled.weights, pooled.projected)
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        """Return L2-normalised image embeddings (B, E)."""
-        return self.image_features(images).embeds
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        """Return image embeddings (B, E), L2-normalised when ``normalize`` (open_clip's signature)."""
+        features = self.image_features(images)
+        return features.embeds if normalize else features.projected
 
-    def encode_text(self, text_ids: Tensor, text_mask: Tensor | None = None) -> Tensor:
-        """Return L2-normalised text embeddings (B, E)."""
-        return self.text_features(text_ids, text_mask).embeds
+    def encode_text(self, text_ids: Tensor, normalize: bool = False, text_mask: Tensor | None = None) -> Tensor:
+        """Return text embeddings (B, E) of right-padded ids, L2-normalised when ``normalize`` (open_clip's signature).
+
+        Without ``text_mask`` the real tokens are those that are not the tokenizer's pad id (all, with no tokenizer).
+        """
+        if isinstance(normalize, Tensor):
+            raise TypeError("encode_text(ids, normalize=False, text_mask=None): pass a mask as text_mask=")
+        if text_mask is None and self.tokenizer is not None:
+            text_mask = text_ids != self.tokenizer.pad_id
+        features = self.text_features(text_ids, text_mask)
+        return features.embeds if normalize else features.projected
 
     def _decode(self, text_states: Tensor, *, start: int, total_len: int, **decoder_kwargs) -> Tensor:
         """Run the multimodal decoder on text states (B, t, C) at positions start..start+t-1; returns (B, t, V)."""
@@ -162,7 +172,11 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             logit_bias=self.logit_bias,
             logits=logits,
             image_tokens=image.tokens,
-            negative_embeds=self.encode_text(negative_ids, negative_mask) if negative_ids is not None else None,
+            negative_embeds=(
+                self.encode_text(negative_ids, normalize=True, text_mask=negative_mask)
+                if negative_ids is not None
+                else None
+            ),
         )
 
     def start_decoding(self, image_tokens: Tensor, total_len: int) -> DecodingCache:
@@ -346,7 +360,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             token=token,
         )
         if config is None:
-            config = read_config(Path(_resolve(model_id, constants.CONFIG_NAME, hub_kwargs)))
+            config = read_config(Path(resolve_file(model_id, constants.CONFIG_NAME, hub_kwargs)))
         elif not isinstance(config, Config):
             where = Path(model_id) / constants.CONFIG_NAME if os.path.isdir(model_id) else f"{model_id} config"
             try:
@@ -354,11 +368,11 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             except ConfigError as err:
                 raise ConfigError(f"{where}: {err}") from None
         tokenizer = model_kwargs.pop("tokenizer", None)
-        tokenizer_file = _resolve(model_id, TOKENIZER_FILE, hub_kwargs, required=False)
+        tokenizer_file = resolve_file(model_id, TOKENIZER_FILE, hub_kwargs, required=False)
         if tokenizer is None and tokenizer_file is not None:
             tokenizer = MLMTokenizer.from_file(tokenizer_file)
         model = cls(config, tokenizer=tokenizer, **model_kwargs)
-        weights = _resolve(model_id, constants.SAFETENSORS_SINGLE_FILE, hub_kwargs)
+        weights = resolve_file(model_id, constants.SAFETENSORS_SINGLE_FILE, hub_kwargs)
         try:
             load_model(model, weights, strict=strict, device=str(map_location))
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
@@ -366,35 +380,3 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         model.eval()
         logger.debug("loaded %s from %s", cls.__name__, model_id)
         return model
-
-
-def read_config(path: str | Path) -> Config:
-    """A model's config.json; a broken or invalid one is named in the error."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    try:
-        return config_from_dict(data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def _resolve(model_id: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:
-    """Return the local path of filename in a checkpoint folder or Hub repo; None (or raise) when it is absent."""
-    if os.path.isdir(model_id):
-        path = Path(model_id) / filename
-        if path.is_file():
-            return str(path)
-        if required:
-            raise FileNotFoundError(f"{path} not found; a checkpoint folder holds config.json and model.safetensors")
-        return None
-    try:
-        return hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs)
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"{filename} not found in Hub repo {model_id}") from None
-        return None

@@ -66,8 +66,8 @@ def test_forward_returns_normalised_embeddings_scale_bias_and_logits():
     torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(3))
     assert out.logits.shape == (3, 7, 48) and out.image_tokens.shape == (3, 16, 32)
     assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5) and out.logit_bias.item() == -10.0
-    torch.testing.assert_close(model.encode_image(images), out.image_embeds)
-    torch.testing.assert_close(model.encode_text(ids, mask), out.text_embeds)
+    torch.testing.assert_close(model.encode_image(images, normalize=True), out.image_embeds)
+    torch.testing.assert_close(model.encode_text(ids, normalize=True, text_mask=mask), out.text_embeds)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     assert model(images, ids, mask).logit_scale.item() == 100.0  # clamped
@@ -271,5 +271,5 @@ def test_a_model_trained_on_four_captions_generates_them_back():
     assert model.generate(images, ["a", "a blue", "two", "one"], max_new_tokens=20) == [
         "red circle", "square", "green triangles", "yellow star"
     ]  # fmt: skip
-    retrieved = (model.encode_image(images) @ model.encode_text(ids, mask).T).argmax(dim=1)
+    retrieved = (model.encode_image(images, True) @ model.encode_text(ids, True, text_mask=mask).T).argmax(dim=1)
     assert retrieved.tolist() == [0, 1, 2, 3]

@@ -71,14 +71,14 @@ class CoCaAdapter(nn.Module):
         return next(self.coca.parameters()).device
 
     @torch.no_grad()
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        """L2-normalised image embeddings (B, E)."""
-        return self.coca.encode_image(pixels.to(self.device))
+    def encode_image(self, pixels: Tensor, normalize: bool = False) -> Tensor:
+        """Image embeddings (B, E), L2-normalised when ``normalize`` (our model's signature)."""
+        return self.coca.encode_image(pixels.to(self.device), normalize=normalize)
 
     @torch.no_grad()
-    def encode_text(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
-        """L2-normalised text embeddings (B, E) of right-padded ids (pads are CoCa's pad_id already)."""
-        return self.coca.encode_text(ids.to(self.device))
+    def encode_text(self, ids: Tensor, normalize: bool = False, text_mask: Tensor | None = None) -> Tensor:
+        """Text embeddings (B, E) of right-padded ids (pads are CoCa's pad_id already), as our model's signature."""
+        return self.coca.encode_text(ids.to(self.device), normalize=normalize)
 
     @torch.no_grad()
     def generate(self, pixels: Tensor, max_new_tokens: int | None = None, **_: object) -> list[str]:

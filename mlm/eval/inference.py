@@ -68,7 +68,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def load_model(path: str | Path, device: str | None = None) -> MLMModel:
     """Load a model with its tokenizer from a model, checkpoint or run folder (see :func:`resolve_checkpoint`)."""
-    from mlm.model import read_config
+    from mlm.model_files import read_config
 
     folder = resolve_checkpoint(path)
     config = read_config(folder / "config.json")  # read here so that a broken file is named
@@ -150,7 +150,9 @@ def embed_texts(model: MLMModel, texts: Sequence[str], batch_size: int = 256) ->
         ids, mask = model.tokenizer.encode_batch(
             list(texts[start : start + batch_size]), model.config.model.max_text_len
         )
-        out.append(model.encode_text(ids.to(model.device), mask.to(model.device)).float().cpu())
+        out.append(
+            model.encode_text(ids.to(model.device), normalize=True, text_mask=mask.to(model.device)).float().cpu()
+        )
     if not out:
         return torch.zeros(0, model.config.model.embed_dim)
     return torch.cat(out)
@@ -159,7 +161,7 @@ def embed_texts(model: MLMModel, texts: Sequence[str], batch_size: int = 256) ->
 @torch.no_grad()
 def embed_images(model: MLMModel, pixels: Tensor) -> Tensor:
     """L2-normalised image embeddings (B, E) on the CPU for normalised pixels (B, 3, H, W)."""
-    return model.encode_image(pixels.to(model.device)).float().cpu()
+    return model.encode_image(pixels.to(model.device), normalize=True).float().cpu()
 
 
 def _answer_sequences(model: MLMModel, questions: Sequence[str], candidates: Sequence[str]):

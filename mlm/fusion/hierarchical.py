@@ -27,6 +27,7 @@ class PooledOutput:
     embeds: Tensor  # (B, E) L2-normalised embeddings in the shared space
     pooled: Tensor  # (B, C) level-weighted mix before the projection
     weights: dict[str, Tensor]  # level -> (B, T) softmax weights over positions (0 at masked positions)
+    projected: Tensor | None = None  # (B, E) the projection before L2 normalisation
 
 
 def present_levels(levels: list[str]) -> list[str]:
@@ -85,7 +86,8 @@ class HierarchicalPooling(nn.Module):
             vector, weights[level] = self.pool_level(level, states[level], mask)
             pooled.append(vector)
         mixed = torch.einsum("l,lbc->bc", self.level_weights.to(pooled[0].dtype), torch.stack(pooled))  # (B, C)
-        return PooledOutput(embeds=F.normalize(self.proj(mixed), dim=-1), pooled=mixed, weights=weights)
+        projected = self.proj(mixed)
+        return PooledOutput(F.normalize(projected, dim=-1), mixed, weights, projected)
 
 
 class MeanPooling(nn.Module):
@@ -106,7 +108,8 @@ class MeanPooling(nn.Module):
             raise ValueError("every row needs at least one real (mask=True) position to pool")
         weights = keep / keep.sum(dim=-1, keepdim=True)  # (B, T)
         mixed = torch.einsum("bt,btc->bc", weights, x)
-        return PooledOutput(embeds=F.normalize(self.proj(mixed), dim=-1), pooled=mixed, weights={level: weights})
+        projected = self.proj(mixed)
+        return PooledOutput(F.normalize(projected, dim=-1), mixed, {level: weights}, projected)
 
 
 POOLING = {"hierarchical": HierarchicalPooling, "mean": MeanPooling}

@@ -79,7 +79,7 @@ def text_embeddings(model, tokenizer, texts: list[str], batch_size: int, max_len
     chunks = []
     for start in range(0, len(texts), batch_size):
         ids, mask = tokenizer.encode_batch(texts[start : start + batch_size], max_len)
-        chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+        chunks.append(model.encode_text(ids.to(device), normalize=True, text_mask=mask.to(device)).float().cpu())
     model.train(was_training)
     return torch.cat(chunks).half()  # half: a large dataset's features ride along in every checkpoint
 

@@ -62,10 +62,12 @@ class Validator:
         max_len = self.config.model.max_text_len
         for kept, images in self._batches(0, len(self.captions)):
             first = sum(e.shape[0] for e in image_embeds)  # index of this batch's first image
-            image_embeds.append(model.encode_image(images.to(device)).float().cpu())
+            image_embeds.append(model.encode_image(images.to(device), normalize=True).float().cpu())
             captions = [(first + j, text) for j, i in enumerate(kept) for text in self.captions[i].captions]
             ids, mask = self.tokenizer.encode_batch([text for _, text in captions], max_len)
-            text_embeds.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+            text_embeds.append(
+                model.encode_text(ids.to(device), normalize=True, text_mask=mask.to(device)).float().cpu()
+            )
             text_to_image += [image for image, _ in captions]
         if not image_embeds:
             return {}

@@ -34,7 +34,9 @@ def test_retrieval_matches_embeddings_computed_by_hand_with_every_caption_of_an_
     owners = torch.tensor([i for i, g in enumerate(groups) for _ in g.captions])
     ids, mask = tiny_model.tokenizer.encode_batch(texts, tiny_model.config.model.max_text_len)
     with torch.no_grad():
-        expected = retrieval_metrics(tiny_model.encode_image(pixels), tiny_model.encode_text(ids, mask), owners)
+        expected = retrieval_metrics(
+            tiny_model.encode_image(pixels, True), tiny_model.encode_text(ids, True, text_mask=mask), owners
+        )
     assert metrics["num_texts"] == 5 * metrics["num_images"] == 5 * len(source)  # 5 captions per image
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key

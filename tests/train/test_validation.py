@@ -30,9 +30,9 @@ def test_retrieval_matches_embeddings_computed_one_image_at_a_time(synth_dir, tm
         model.eval()
         images, texts, owner = [], [], []
         for i, record in enumerate(validator.captions):
-            images.append(model.encode_image(validator.images.load(i)["image"][None]))
+            images.append(model.encode_image(validator.images.load(i)["image"][None], normalize=True))
             ids, mask = tokenizer.encode_batch(record.captions, config.model.max_text_len)
-            texts.append(model.encode_text(ids, mask))
+            texts.append(model.encode_text(ids, normalize=True, text_mask=mask))
             owner += [i] * len(record.captions)
     expected = retrieval_metrics(torch.cat(images), torch.cat(texts), torch.tensor(owner))
     assert metrics["val/image_to_text_R@1"] == expected["image_to_text_R@1"]
