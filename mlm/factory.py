@@ -98,3 +98,20 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None) -> Token
         tokenizer = MLMTokenizer.from_file(folder / "tokenizer.json")
         max_len = read_config(folder / "config.json").model.max_text_len
     return Tokenize(tokenizer, context_length or max_len)
+
+
+def load_clip_benchmark(model_name: str, pretrained: str | None = None, cache_dir: str | None = None, device="cpu"):
+    """CLIP_benchmark's model-loader signature: (model, transform, tokenizer) for ``model_name`` (a checkpoint or a
+    shipped config), or for ``pretrained`` when that names a checkpoint; ``cache_dir`` is unused (no downloads)."""
+    source = pretrained if pretrained and Path(pretrained).exists() else model_name
+    model, _, preprocess = create_model_and_transforms(source, device=device)
+    return model, preprocess, get_tokenizer(source)
+
+
+def register_clip_benchmark() -> None:
+    """Make ``clip_benchmark.models.load_clip("mlm", ...)`` (and its CLI's ``--model_type mlm``) load mlm models."""
+    from clip_benchmark import models
+
+    models.TYPE2FUNC["mlm"] = load_clip_benchmark
+    if "mlm" not in models.MODEL_TYPES:
+        models.MODEL_TYPES.append("mlm")
