@@ -136,6 +136,7 @@ class TrainConfig:
     vqa_turns: int = 1  # questions about the same image packed into one VQA row, as conversation turns
     vqa_fraction: float = 0.5  # share of VQA records in every batch when the data has both kinds; -1 = as they come
     local_loss: bool = False
+    init_from: str = ""  # fine-tune: a trained model/checkpoint/run folder's weights and tokenizer start the run
     save_every: int = 500
     keep_last: int = 3
     log_every: int = 10

@@ -1,4 +1,4 @@
-"""``mlm train --config CONFIG [--set k=v ...] [--resume latest|DIR]``: train a model (see mlm.train.loop).
+"""``mlm train --config CONFIG [--set k=v ...] [--resume latest|DIR] [--init-from DIR]``: train or fine-tune a model.
 
 Multi-process: ``accelerate launch --num_processes N -m mlm.cli train --config ...`` (DDP); FSDP and DeepSpeed
 through accelerate's own config files (``accelerate launch --config_file fsdp.yaml -m mlm.cli train ...``).
@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="latest|DIR",
         help="continue from the newest checkpoint of train.output_dir (latest) or from a checkpoint folder",
     )
+    parser.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="fine-tune: start from this model/checkpoint/run folder's weights and tokenizer, with a fresh optimizer "
+        "and schedule (sets train.init_from; with --resume, a run that has checkpoints of its own continues from them)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -35,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from mlm.train.loop import train
 
     config = config_from_args(args)
+    if args.init_from:
+        config.train.init_from = args.init_from
     try:
         summary = train(config, resume=args.resume)
     except (NonFiniteLossError, OutOfMemory) as err:

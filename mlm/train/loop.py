@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mlm.config import Config, ConfigError
 from mlm.data.collate import build_dataset
 from mlm.train import checkpoint as ckpt
-from mlm.train import setup
+from mlm.train import init_from, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
 from mlm.train.losses import MLMLoss
 from mlm.train.sampler import (
@@ -132,11 +132,7 @@ class Trainer:
         """Refuse to resume into a model of another shape (the weights would not fit)."""
         if config is None:
             raise ValueError(f"{self.checkpoint / ckpt.TRAINER_STATE}: no 'config' section to check the model by")
-        saved = config["model"]
-        current, defaults = asdict(self.config.model), asdict(type(self.config.model)())
-        # a setting added after the checkpoint was written counts as its default there
-        changed = [f"model.{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in current.items()
-                   if saved.get(k, defaults[k]) != v]  # fmt: skip
+        changed = init_from.model_differences(config["model"], self.config.model)
         if changed:
             raise ConfigError(f"--resume {self.checkpoint}: the model settings differ from the checkpoint's: "
                               + "; ".join(changed))  # fmt: skip
@@ -147,6 +143,8 @@ class Trainer:
 
         c, accel = self.config, self.accelerator
         model = MLMModel(c, tokenizer=self.tokenizer)
+        if self.checkpoint is None and c.train.init_from:
+            init_from.load_weights(model, c)  # fine-tuning: trained weights, fresh optimizer and schedule
         if c.train.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(accel.device)

@@ -101,7 +101,8 @@ def start_trackers(accelerator, config: Config) -> None:
 
 
 def build_tokenizer(config: Config, source, accelerator, checkpoint: Path | None):
-    """The run's tokenizer: the checkpoint's when resuming, else built on the main process and shared by file."""
+    """The run's tokenizer: the checkpoint's when resuming, the initial model's when fine-tuning, else built on the
+    main process; shared by file."""
     from mlm.data.tokenizer import MLMTokenizer
 
     path = Path(config.train.output_dir) / TOKENIZER_FILE
@@ -109,8 +110,15 @@ def build_tokenizer(config: Config, source, accelerator, checkpoint: Path | None
         return MLMTokenizer.from_file(checkpoint / "model" / TOKENIZER_FILE)
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        texts = list(source.texts()) if config.data.tokenizer == "wordpiece" else None
-        MLMTokenizer.from_config(config.data.tokenizer, texts, config.data.vocab_size).save(path)
+        if config.train.init_from:  # fine-tuning keeps the model's own vocabulary
+            from mlm.train import init_from
+
+            tokenizer = init_from.load_tokenizer(config)
+            init_from.report_new_words(tokenizer, source.texts())
+        else:
+            texts = list(source.texts()) if config.data.tokenizer == "wordpiece" else None
+            tokenizer = MLMTokenizer.from_config(config.data.tokenizer, texts, config.data.vocab_size)
+        tokenizer.save(path)
     accelerator.wait_for_everyone()
     return MLMTokenizer.from_file(path)
 
