@@ -31,7 +31,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "no-fusion": (["eval.vqa_mode=embedding"], "VQA answered from pooled embeddings, not the cross-modal decoder"),
     "conv-stem": (["model.conv_stem=1"], "a stride-2 conv layer before the patch projection (early convolutions)"),
     "swap-negatives": (["train.swap_negatives=4"], "4 captions with one word swapped (data.swap_groups) as negatives"),
-    "pos-keys": (["model.cross_pos_keys=true"], "cross-attention keys carry each patch's position (Conditional DETR)"),
+    # the shipped tiny config has positional keys on, so the row switches them off
+    "no-pos-keys": (
+        ["model.cross_pos_keys=false"],
+        "cross-attention keys without the patch positions (content only)",
+    ),
     "vqa-turns": (["train.vqa_turns=3", "model.max_text_len=64"], "3 questions about one image per VQA row"),
 }
 QUICK = [  # a model and schedule small enough for the test suite
