@@ -28,10 +28,18 @@ def _is_config_name(name_or_path: str) -> bool:
     return name_or_path in list_models() and not Path(name_or_path).exists()
 
 
+def _config_tokenizer(config):
+    """The tokenizer a config names when it is fixed (open_clip's BPE or a tokenizer.json); None for WordPiece."""
+    from mlm.data.tokenizer import MLMTokenizer
+
+    if config.data.tokenizer == "wordpiece":
+        return None  # learned from the training data
+    return MLMTokenizer.from_config(config.data.tokenizer)
+
+
 def create_model(name_or_path: str, device: str | torch.device | None = None, precision: str | None = None):
     """A trained model from a checkpoint path, or a fresh model of a shipped config name; in eval mode."""
     from mlm.config import load_config
-    from mlm.data.tokenizer import MLMTokenizer
     from mlm.eval.inference import load_model, pick_device
     from mlm.model import MLMModel
 
@@ -39,7 +47,7 @@ def create_model(name_or_path: str, device: str | torch.device | None = None, pr
         raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     if _is_config_name(name_or_path):
         config = load_config(CONFIG_DIR / f"{name_or_path}.yaml")
-        tokenizer = MLMTokenizer.openclip() if config.data.tokenizer == "openclip" else None
+        tokenizer = _config_tokenizer(config)
         if tokenizer is not None:
             config.model.vocab_size = tokenizer.vocab_size
         model = MLMModel(config, tokenizer).to(pick_device(None if device is None else str(device))).eval()
@@ -87,12 +95,12 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None) -> Token
 
     if _is_config_name(name_or_path):
         config = load_config(CONFIG_DIR / f"{name_or_path}.yaml")
-        if config.data.tokenizer != "openclip":
+        tokenizer, max_len = _config_tokenizer(config), config.model.max_text_len
+        if tokenizer is None:
             raise ValueError(
                 f"config {name_or_path!r} learns its tokenizer (data.tokenizer={config.data.tokenizer}) from its "
                 "training data; give a trained checkpoint instead"
             )
-        tokenizer, max_len = MLMTokenizer.openclip(), config.model.max_text_len
     else:
         folder = resolve_checkpoint(name_or_path)
         tokenizer = MLMTokenizer.from_file(folder / "tokenizer.json")
