@@ -113,7 +113,9 @@ def load_clip_benchmark(model_name: str, pretrained: str | None = None, cache_di
     shipped config), or for ``pretrained`` when that names a checkpoint; ``cache_dir`` is unused (no downloads)."""
     source = pretrained if pretrained and Path(pretrained).exists() else model_name
     model, _, preprocess = create_model_and_transforms(source, device=device)
-    return model, preprocess, get_tokenizer(source)
+    if model.tokenizer is None:
+        return model, preprocess, get_tokenizer(source)  # raises: this config learns its tokenizer from data
+    return model, preprocess, Tokenize(model.tokenizer, model.config.model.max_text_len)  # not read from disk again
 
 
 def register_clip_benchmark() -> None:

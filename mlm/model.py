@@ -18,17 +18,16 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin, constants
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from mlm.config import Config, ConfigError, config_from_dict
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.shared import SharedEncoder
-from mlm.errors import first_line
 from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.hierarchical import POOLING
 from mlm.generation import MAX_BEAMS, MAX_NEW_TOKENS, DecodingCache, generate_from_prompts
-from mlm.model_files import read_config, resolve_file
+from mlm.model_files import load_weights, read_config, resolve_file
 
 logger = logging.getLogger(__name__)
 
@@ -373,10 +372,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             tokenizer = MLMTokenizer.from_file(tokenizer_file)
         model = cls(config, tokenizer=tokenizer, **model_kwargs)
         weights = resolve_file(model_id, constants.SAFETENSORS_SINGLE_FILE, hub_kwargs)
-        try:
-            load_model(model, weights, strict=strict, device=str(map_location))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
-            raise ValueError(f"{weights}: not usable weights for this config.json ({first_line(err)})") from None
+        load_weights(model, weights, strict=strict, device=str(map_location))
         model.eval()
         logger.debug("loaded %s from %s", cls.__name__, model_id)
         return model

@@ -10,6 +10,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from mlm.config import Config, ConfigError, config_from_dict
+from mlm.errors import first_line
 
 
 def read_config(path: str | Path) -> Config:
@@ -42,3 +43,13 @@ def resolve_file(model_id: str, filename: str, hub_kwargs: dict, required: bool 
         if required:
             raise FileNotFoundError(f"{filename} not found in Hub repo {model_id}") from None
         return None
+
+
+def load_weights(model, weights: str | Path, strict: bool = True, device: str = "cpu") -> None:
+    """Load a model.safetensors into ``model``; a truncated, random or misfitting file is named in one line."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(weights), strict=strict, device=device)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
+        raise ValueError(f"{weights}: not usable weights for this config.json ({first_line(err)})") from None

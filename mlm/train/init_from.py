@@ -56,8 +56,7 @@ def report_new_words(tokenizer, texts) -> dict[str, int]:
 
 def load_weights(model, config: Config) -> None:
     """Copy the checkpoint's weights into ``model`` after checking that the model settings match."""
-    from safetensors.torch import load_model
-
+    from mlm.model_files import load_weights as load_file
     from mlm.model_files import read_config
 
     folder = init_folder(config)
@@ -65,5 +64,5 @@ def load_weights(model, config: Config) -> None:
     if differences:
         raise ConfigError(f"--init-from {config.train.init_from}: the model settings differ from the checkpoint's: "
                           + "; ".join(differences))  # fmt: skip
-    load_model(model, str(folder / "model.safetensors"), strict=True)
+    load_file(model, folder / "model.safetensors")
     logger.info("init-from: weights and tokenizer of %s", folder)

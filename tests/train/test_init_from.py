@@ -62,3 +62,16 @@ def test_cli_init_from_a_folder_without_a_model_is_one_line_and_exit_2(tmp_path,
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("mlm train: error:") and str(tmp_path / "missing") in last
+
+
+def test_broken_weights_are_named_in_one_line(tiny_run, tmp_path):
+    import shutil
+
+    from mlm.eval.inference import resolve_checkpoint
+
+    run, synth = tiny_run
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve_checkpoint(run), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not usable weights"):
+        Trainer(_config(synth, tmp_path / "out", broken))
