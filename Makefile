@@ -30,6 +30,8 @@ demo: $(VENV)/.installed
 	$(MLM) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --split test --task all --out $(DEMO_RUN)/eval-test --markdown
 	$(MLM) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --split compositional --task retrieval --task vqa \
 		--out $(DEMO_RUN)/eval-compositional --markdown
+	$(MLM) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA)/classify_shape.csv --task zeroshot \
+		--out $(DEMO_RUN)/eval-zeroshot-shape
 	$(MLM) caption --checkpoint $(DEMO_RUN) $(DEMO_DATA)/images/00000000180[1-5].png
 
 test: $(VENV)/.installed

@@ -20,6 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--images", type=int, default=2000, help="images in train+val+test (80/10/10)")
     synth.add_argument("--eval-images", type=int, help="images in val and in test each (default: a tenth of --images)")
+    synth.add_argument(
+        "--classify-images",
+        type=int,
+        help="single-object scenes of the classification view (default: as many as test; 0: none)",
+    )
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-holdout", dest="holdout", action="store_false",
@@ -44,12 +49,18 @@ def run_synth(args: argparse.Namespace) -> int:
 
     from mlm.data.synthetic import generate
     from mlm.data.synthetic_ceiling import split_ceiling
+    from mlm.data.synthetic_classify import write_classification
 
+    if args.classify_images is not None and args.classify_images < 0:
+        raise ValueError(f"--classify-images={args.classify_images}: give 0 (no classification view) or more")
     start = time.perf_counter()
     sizes = generate(args.out, args.images, args.size, args.seed, args.holdout, args.workers, args.eval_images)
+    n_classify = sizes["test"] if args.classify_images is None else args.classify_images
+    views = write_classification(args.out, n_classify, args.size, args.seed, args.holdout) if n_classify else []
     seconds = time.perf_counter() - start
+    view = f"; {n_classify} single-object images for " + " and ".join(p.name for p in views) if views else ""
     print(f"wrote {sum(sizes.values())} images to {args.out} in {seconds:.1f} s: "
-          + ", ".join(f"{k} {v}" for k, v in sizes.items()))  # fmt: skip
+          + ", ".join(f"{k} {v}" for k, v in sizes.items()) + view)  # fmt: skip
     ceilings = {split: split_ceiling(args.out, split) for split in ("test", "compositional") if split in sizes}
     print("text→image R@1 ceiling (partial captions fit several images): "
           + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))  # fmt: skip

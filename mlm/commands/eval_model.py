@@ -1,4 +1,4 @@
-"""``mlm eval --checkpoint DIR --data SOURCE --task retrieval|vqa|caption|all``: evaluate a trained model.
+"""``mlm eval --checkpoint DIR --data SOURCE --task retrieval|vqa|caption|all|zeroshot``: evaluate a trained model.
 
 The model-based form of ``mlm eval`` (the ``vqa|caption|retrieval --predictions`` forms score result files): it
 loads a checkpoint, runs :func:`mlm.eval.runner.evaluate` on a data source and writes ``metrics.json``,
@@ -12,7 +12,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-TASK_CHOICES = ("retrieval", "vqa", "caption", "all")
+TASK_CHOICES = ("retrieval", "vqa", "caption", "all", "zeroshot")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--candidates", metavar="FILE", help="rank mode: answers, one per line (default: the data's)")
     group.add_argument("--caption-tokenizer", choices=("auto", "ptb", "simple"), default="auto")
     group.add_argument("--caption-metrics", default="BLEU,METEOR,ROUGE-L,CIDEr", help="subset, comma-separated")
+    group.add_argument("--templates", metavar="FILE", help="zeroshot: templates, one per line, {} for the class")
+    group.add_argument("--image-column", default="filepath", help="zeroshot CSV: the image-path column")
+    group.add_argument("--label-column", default="label", help="zeroshot CSV: the class-name column")
     group.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     group.add_argument(
         "--set",
@@ -94,6 +97,11 @@ def run_model(args: argparse.Namespace) -> int:
     from mlm.eval.report import summary_table
     from mlm.eval.runner import evaluate, open_eval_source
 
+    tasks = [t.strip() for task in args.model_task or ["all"] for t in task.split(",") if t.strip()]
+    if "zeroshot" in tasks:
+        if tasks != ["zeroshot"]:
+            raise ValueError("--task zeroshot reads --data as a classification folder or CSV: run it on its own")
+        return run_zeroshot(args)
     model = load_model(args.checkpoint, args.device)
     cfg = eval_config(model.config, args.eval_overrides)
     if args.vqa_mode:
@@ -102,7 +110,6 @@ def run_model(args: argparse.Namespace) -> int:
     if not data:
         raise ValueError(f"give --data SOURCE: the checkpoint's config has no data.test ({args.checkpoint})")
     source = open_eval_source(data, cfg.data, args.split)
-    tasks = args.model_task or ["all"]
     out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, data, "+".join(tasks))
     results = evaluate(
         model,
@@ -118,4 +125,32 @@ def run_model(args: argparse.Namespace) -> int:
     table = summary_table(results)
     print(table if args.markdown else re.sub(r"^\| --- .*\n", "", table, flags=re.M), end="")
     print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and figures")
+    return 0
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    """Zero-shot classification of a labelled image folder or CSV; prints one line (a table with --markdown)."""
+    from mlm.eval.inference import load_model
+    from mlm.eval.report import markdown_table, write_report
+    from mlm.eval.zeroshot import choose_templates, open_classification, plot_confusion, zeroshot_classify
+
+    if not args.data:
+        raise ValueError("--task zeroshot needs --data FOLDER_OR_CSV (one sub-folder per class, or image,label rows)")
+    data = open_classification(args.data, args.image_column, args.label_column)
+    templates = choose_templates(data, args.templates)
+    model = load_model(args.checkpoint, args.device)
+    cfg = eval_config(model.config, args.eval_overrides)
+    metrics = zeroshot_classify(model, data, templates, cfg.eval.batch_size)
+    out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, args.data, "zeroshot")
+    figure = plot_confusion(metrics["confusion"], metrics["classes"], out / "confusion.png")
+    shown = {k: v for k, v in metrics.items() if k not in ("confusion", "classes", "templates", "unknown_class_words")}
+    write_report(metrics, out, f"Zero-shot classification: {args.checkpoint} on {args.data}", {"Confusion": figure})
+    topk = next(k for k in metrics if k.startswith("top") and k != "top1")
+    if args.markdown:
+        print(markdown_table(shown), end="")
+    else:
+        counts = f"{metrics['num_images']} images, {metrics['num_classes']} classes, {len(templates)} templates"
+        print(f"zero-shot {Path(args.data).name}: top-1 {metrics['top1']:.2f}, {topk[:3]}-{topk[3:]} "
+              f"{metrics[topk]:.2f}, mean per class {metrics['mean_per_class']:.2f} ({counts})")  # fmt: skip
+    print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and {figure.name}")
     return 0

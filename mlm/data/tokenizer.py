@@ -71,6 +71,12 @@ class MLMTokenizer:
         return None
 
     @property
+    def unk_id(self) -> int | None:
+        """Id of the unknown-word token (None for byte-level vocabularies that have none)."""
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        return self.tokenizer.token_to_id(unk) if unk else None
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids, added special tokens included."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)

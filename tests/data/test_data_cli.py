@@ -11,12 +11,25 @@ from tests.data.conftest import BAD_IMAGES, write_images, write_json
 def test_synth_then_check(tmp_path, capsys):
     out = tmp_path / "synth"
     assert main(["data", "synth", "--out", str(out), "--images", "20", "--workers", "1"]) == 0
-    assert "wrote 22 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        "wrote 22 images" in printed
+        and "2 single-object images for classify_shape.csv and classify_color.csv" in printed
+    )
+    assert len(list((out / "classify").glob("*.png"))) == 2  # the classification view: as many as test
     assert main(["data", "check", str(out / "captions_val.json"), "--json", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
     assert "records read" in text and "total: 1 source(s), 0 unreadable, records read 2, kept 2" in text
     report = json.loads((tmp_path / "r.json").read_text())
     assert report[0]["read"] == 2 and report[0]["skipped"] == {}
+
+
+def test_synth_classification_view_size(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--images", "10", "--classify-images", "0"]) == 0
+    assert not (out / "classify_shape.csv").exists() and "single-object" not in capsys.readouterr().out
+    assert main(["data", "synth", "--out", str(out), "--images", "10", "--classify-images", "-1"]) == 2
+    assert "--classify-images=-1" in capsys.readouterr().err
 
 
 def test_strict_exits_one_at_first_problem(coco_dir, capsys):
