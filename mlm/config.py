@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,22 +18,25 @@ from typing import Any
 
 import yaml
 
-from mlm.config_ranges import MAX_LIST, RangeError, check_ranges
-from mlm.config_ranges import show_value as _show
+from mlm.config_rules import (  # noqa: F401 - the choices are re-exported for code that reads them from here
+    ATTENTION_KINDS,
+    CONTRASTIVE_LOSSES,
+    IMAGE_POS_EMBED,
+    LEVEL_WEIGHT_INIT,
+    LEVELS,
+    MAX_LIST,
+    MIXED_PRECISION,
+    POOLING,
+    SHARING,
+    VQA_MODES,
+    ConfigError,
+    check_model,
+    check_run,
+)
+from mlm.config_rules import show_value as _show
 
-ATTENTION_KINDS = ("mla", "mha", "gqa")
-LEVELS = ("local", "regional", "global")
-SHARING = ("full", "norms", "ffn", "none")
-POOLING = ("hierarchical", "mean")
-LEVEL_WEIGHT_INIT = ("ramp", "uniform")
-VQA_MODES = ("generative", "rank", "embedding")
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-CONTRASTIVE_LOSSES = ("infonce", "siglip")
-IMAGE_POS_EMBED = ("sincos", "learned", "none")
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
+RETIRED = {"data.synth_images", "data.synth_size", "data.synth_seed", "data.synth_holdout"}  # never read; ignored
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,10 +105,6 @@ class DataConfig:
     augment: bool = True
     max_image_pixels: int = 89_478_485  # decompression-bomb guard, PIL's default
     swap_groups: list[list[str]] = field(default_factory=list)  # interchangeable words for train.swap_negatives
-    synth_images: int = 2000
-    synth_size: int = 64
-    synth_seed: int = 0
-    synth_holdout: bool = True  # hold attribute combinations out of train for a compositional split
 
 
 @dataclass
@@ -156,6 +156,12 @@ class EvalConfig:
     top_p: float = 0.0  # > 0 switches decoding to nucleus sampling
     vqa_mode: str = "generative"  # generative | rank | embedding (no fusion: pooled image vs "question answer" text)
     max_samples: int = 0  # 0 = all
+
+    def decoding(self):
+        """These decoding settings as the :class:`~mlm.generation.DecodingConfig` a model saves as its defaults."""
+        from mlm.generation import DecodingConfig
+
+        return DecodingConfig(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, top_p=self.top_p)
 
 
 @dataclass
@@ -247,6 +253,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
+        if name in RETIRED:
+            logger.warning("config key '%s' is no longer used and was ignored", name)
+            continue
         if key not in hints:
             raise ConfigError(f"unknown config key '{name}'; valid keys: {', '.join(valid)}{_closest(key, valid)}")
         tp = hints[key]
@@ -257,56 +266,18 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
-    """Check cross-field rules, naming the field, the value and what is allowed."""
-    try:
-        check_ranges(cfg)
-    except RangeError as err:
-        raise ConfigError(str(err)) from None
-    m = cfg.model
-    choices = {
-        "model.attention": (m.attention, ATTENTION_KINDS),
-        "model.sharing": (m.sharing, SHARING),
-        "model.pooling": (m.pooling, POOLING),
-        "model.level_weight_init": (m.level_weight_init, LEVEL_WEIGHT_INIT),
-        "model.image_pos_embed": (m.image_pos_embed, IMAGE_POS_EMBED),
-        "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
-        "train.contrastive_loss": (cfg.train.contrastive_loss, CONTRASTIVE_LOSSES),
-        "eval.vqa_mode": (cfg.eval.vqa_mode, VQA_MODES),
-    }
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    t = cfg.train
-    if t.swap_negatives and not cfg.data.swap_groups:
-        raise ConfigError(f"train.swap_negatives={t.swap_negatives} needs data.swap_groups (groups of words to swap)")
-    if t.swap_negatives and t.contrastive_loss != "infonce":
-        raise ConfigError(f"train.swap_negatives={t.swap_negatives} only applies to train.contrastive_loss=infonce")
-    for i, level in enumerate(m.levels):
-        if level not in LEVELS:
-            raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(LEVELS)}")
-    if len(m.levels) != m.n_layers:
-        raise ConfigError(f"model.levels has {len(m.levels)} entries but model.n_layers={m.n_layers}")
-    if m.conv_stem < 0 or m.patch_size % 2**m.conv_stem:
-        raise ConfigError(
-            f"model.conv_stem={m.conv_stem}: need conv_stem >= 0 and 2**conv_stem dividing "
-            f"model.patch_size={m.patch_size}"
-        )
-    if m.image_size % m.patch_size:
-        raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
-    if m.local_window_2d % 2 == 0:
-        raise ConfigError(f"model.local_window_2d={m.local_window_2d} must be odd")
-    if m.mla.qk_rope_head_dim % 4:
-        raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be a multiple of 4 (2-D RoPE)")
-    if m.attention == "gqa" and m.mla.n_heads % m.mla.n_kv_heads:
-        raise ConfigError(f"model.mla.n_heads={m.mla.n_heads} is not a multiple of model.mla.n_kv_heads")
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from nested dicts (unknown keys and wrong types raise ConfigError)."""
     cfg = _from_dict(Config, data, "")
-    _validate(cfg)
+    check_run(cfg)
     return cfg
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Build and validate a ModelConfig (a checkpoint's config.json) from a dict, naming a bad field."""
+    m = _from_dict(ModelConfig, data, "model")
+    check_model(m)
+    return m
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

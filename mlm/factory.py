@@ -50,7 +50,8 @@ def create_model(name_or_path: str, device: str | torch.device | None = None, pr
         tokenizer = _config_tokenizer(config)
         if tokenizer is not None:
             config.model.vocab_size = tokenizer.vocab_size
-        model = MLMModel(config, tokenizer).to(pick_device(None if device is None else str(device))).eval()
+        model = MLMModel(config.model, tokenizer, config.eval.decoding())
+        model = model.to(pick_device(None if device is None else str(device))).eval()
     elif Path(name_or_path).exists():
         model = load_model(name_or_path, None if device is None else str(device))
     else:
@@ -67,7 +68,7 @@ def create_model_and_transforms(
     from mlm.data.transforms import build_transform
 
     model = create_model(name_or_path, device, precision)
-    size = model.config.model.image_size
+    size = model.config.image_size
     return model, build_transform(size, train=True), build_transform(size, train=False)
 
 
@@ -104,7 +105,7 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None) -> Token
     else:
         folder = resolve_checkpoint(name_or_path)
         tokenizer = MLMTokenizer.from_file(folder / "tokenizer.json")
-        max_len = read_config(folder / "config.json").model.max_text_len
+        max_len = read_config(folder / "config.json").max_text_len
     return Tokenize(tokenizer, context_length or max_len)
 
 
@@ -115,7 +116,7 @@ def load_clip_benchmark(model_name: str, pretrained: str | None = None, cache_di
     model, _, preprocess = create_model_and_transforms(source, device=device)
     if model.tokenizer is None:
         return model, preprocess, get_tokenizer(source)  # raises: this config learns its tokenizer from data
-    return model, preprocess, Tokenize(model.tokenizer, model.config.model.max_text_len)  # not read from disk again
+    return model, preprocess, Tokenize(model.tokenizer, model.config.max_text_len)  # not read from disk again
 
 
 def register_clip_benchmark() -> None:

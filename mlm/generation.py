@@ -13,7 +13,7 @@ the best ``num_beams`` hypotheses per image and ranks finished ones by length-no
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -21,6 +21,55 @@ from torch import Tensor
 # Upper bounds on decoding settings: caches and masks are sized by them before the first step.
 MAX_NEW_TOKENS = 512
 MAX_BEAMS = 32
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How ``generate()`` / ``answer()`` decode (transformers' GenerationConfig in small); a checkpoint saves its
+    defaults as generation_config.json beside the weights."""
+
+    max_new_tokens: int = 20
+    num_beams: int = 1  # > 1: beam search
+    top_p: float = 0.0  # > 0: nucleus sampling
+    min_new_tokens: int = 0  # EOS is forbidden before this many new tokens
+
+    def __post_init__(self):
+        numbers = {f.name: getattr(self, f.name) for f in fields(self)}
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers.values()):
+            raise ValueError(f"decoding settings must be numbers, got {numbers}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS or not 1 <= self.num_beams <= MAX_BEAMS:
+            raise ValueError(f"need 1 <= max_new_tokens <= {MAX_NEW_TOKENS} and 1 <= num_beams <= {MAX_BEAMS}; "
+                             f"got {self.max_new_tokens}, {self.num_beams}")  # fmt: skip
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must lie in [0, 1]")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} must lie in [0, max_new_tokens={self.max_new_tokens}]"
+            )
+        if self.num_beams > 1 and self.top_p > 0:
+            raise ValueError(f"choose beam search (num_beams={self.num_beams}) or nucleus sampling "
+                             f"(top_p={self.top_p}), not both")  # fmt: skip
+
+    def update(self, **settings) -> DecodingConfig:
+        """A copy with the given settings that are not None replaced (checked again)."""
+        return replace(self, **{k: v for k, v in settings.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        """The settings as a plain dict (what generation_config.json holds)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "generation config") -> DecodingConfig:
+        """Settings from a dict; an unknown key or a bad value is named with ``where``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: unknown decoding setting(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 @dataclass

@@ -2,9 +2,13 @@
 
 One forward pass gives everything CoCa-style training (Yu et al., 2022) needs: L2-normalised image and text
 embeddings with a learned logit scale (CLIP, Radford et al., 2021) and logit bias (SigLIP, Zhai et al., 2023) for
-the contrastive loss, and LM logits for the caption / answer loss. A checkpoint is a folder with config.json (the
-whole :class:`~mlm.config.Config`), model.safetensors and, when a tokenizer is attached, tokenizer.json, written and
-read through huggingface_hub's ``PyTorchModelHubMixin``; nothing is ever unpickled.
+the contrastive loss, and LM logits for the caption / answer loss. The model takes its own settings only (a
+:class:`~mlm.config.ModelConfig`, as nanoGPT's ``GPT(GPTConfig)``); decoding settings are a
+:class:`~mlm.generation.DecodingConfig` (transformers' ``GenerationConfig`` in small). A checkpoint is a folder with
+config.json (the model settings), generation_config.json (the decoding defaults), model.safetensors and, when a
+tokenizer is attached, tokenizer.json, written and read through huggingface_hub's ``PyTorchModelHubMixin``; the
+run's own config stays in the run folder, and nothing is ever unpickled. Checkpoints whose config.json holds a whole
+run config (written before) load as well.
 """
 
 from __future__ import annotations
@@ -21,17 +25,18 @@ from huggingface_hub import PyTorchModelHubMixin, constants
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from mlm.config import Config, ConfigError, config_from_dict
+from mlm.config import Config, ModelConfig
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.hierarchical import POOLING
-from mlm.generation import MAX_BEAMS, MAX_NEW_TOKENS, DecodingCache, generate_from_prompts
-from mlm.model_files import load_weights, read_config, resolve_file
+from mlm.generation import DecodingCache, DecodingConfig, generate_from_prompts
+from mlm.model_files import config_json, load_weights, model_config, read_config, read_decoding, resolve_file
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+GENERATION_FILE = "generation_config.json"
 
 
 @dataclass
@@ -74,12 +79,20 @@ def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
 class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["vision-language", "mla", "coca"]):
     """Shared-weight vision-language model: contrastive embeddings, captioning and VQA from one encoder."""
 
-    def __init__(self, config: Config, tokenizer: MLMTokenizer | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: MLMTokenizer | None = None,
+        generation_config: DecodingConfig | None = None,
+    ):
         super().__init__()
-        if not isinstance(config, Config):
-            raise ValueError(f"MLMModel needs a mlm.config.Config, got {type(config).__name__}")
+        if isinstance(config, Config):
+            raise TypeError("MLMModel takes the model's own settings: pass config.model (a ModelConfig)")
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"MLMModel needs a mlm.config.ModelConfig, got {type(config).__name__}")
         self.config = config
-        m = config.model
+        self.generation_config = generation_config or DecodingConfig()
+        m = config
         self.encoder = SharedEncoder(m)
         self.pooler = POOLING[m.pooling](m.dim, m.levels, m.pool_hidden_dim, m.embed_dim, m.level_weight_init)
         self.decoder = MultimodalDecoder(m, self.encoder.token_embed)
@@ -91,9 +104,9 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
 
     def set_tokenizer(self, tokenizer: MLMTokenizer) -> None:
         """Attach the tokenizer used by generate() and saved beside the weights."""
-        if tokenizer.vocab_size > self.config.model.vocab_size:
+        if tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={self.config.model.vocab_size}"
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={self.config.vocab_size}"
             )
         self.tokenizer = tokenizer
 
@@ -209,46 +222,31 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             raise ValueError(f"no tokenizer attached: pass {name}= or set model.tokenizer")
         return getattr(self.tokenizer, name)
 
-    def _decoding_settings(self, max_new_tokens: int | None, num_beams: int | None, top_p: float | None):
-        """Fill unset decoding settings from config.eval and check them."""
-        ev = self.config.eval
-        max_new_tokens = ev.max_new_tokens if max_new_tokens is None else max_new_tokens
-        num_beams = ev.num_beams if num_beams is None else num_beams
-        top_p = ev.top_p if top_p is None else top_p
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS or not 1 <= num_beams <= MAX_BEAMS or not 0.0 <= top_p <= 1.0:
-            raise ValueError(
-                f"need 1 <= max_new_tokens <= {MAX_NEW_TOKENS}, 1 <= num_beams <= {MAX_BEAMS}, 0 <= top_p <= 1; "
-                f"got {max_new_tokens}, {num_beams}, {top_p}"
-            )
-        if num_beams > 1 and top_p > 0:
-            raise ValueError(
-                f"choose beam search (num_beams={num_beams}) or nucleus sampling (top_p={top_p}), not both"
-            )
-        return max_new_tokens, num_beams, top_p
-
     @torch.no_grad()
     def generate_ids(
         self,
         images: Tensor,
         prompt_ids: list[list[int]] | None = None,
         *,
+        decoding: DecodingConfig | None = None,
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
         top_p: float | None = None,
+        min_new_tokens: int | None = None,
         generator: torch.Generator | None = None,
         eos_id: int | None = None,
         use_cache: bool = True,
-        min_new_tokens: int = 0,
     ) -> list[list[int]]:
         """Return generated token ids per image (EOS dropped), continuing prompt_ids (default: [BOS]).
 
-        Greedy by default; ``num_beams > 1`` runs beam search and ``top_p > 0`` nucleus sampling (seeded by
-        ``generator``). Unset settings come from ``config.eval``. ``use_cache=False`` recomputes a full forward per
-        step (the reference the cached path must match). ``min_new_tokens`` forbids EOS before that many new tokens.
+        Settings come from ``decoding`` (default: ``self.generation_config``, the checkpoint's saved defaults), each
+        keyword that is not None replacing its value: greedy by default, ``num_beams > 1`` beam search, ``top_p > 0``
+        nucleus sampling (seeded by ``generator``), ``min_new_tokens`` forbids EOS before that many new tokens.
+        ``use_cache=False`` recomputes a full forward per step (the reference the cached path must match).
         """
-        max_new_tokens, num_beams, top_p = self._decoding_settings(max_new_tokens, num_beams, top_p)
-        if not 0 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(f"min_new_tokens={min_new_tokens} must lie in [0, max_new_tokens={max_new_tokens}]")
+        settings = (decoding or self.generation_config).update(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, top_p=top_p, min_new_tokens=min_new_tokens
+        )
         if prompt_ids is None:
             prompt_ids = [[self._special_id("bos_id", None)]] * images.shape[0]
         if len(prompt_ids) != images.shape[0] or any(len(p) == 0 for p in prompt_ids):
@@ -260,13 +258,13 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             self,
             image_tokens,
             [list(p) for p in prompt_ids],
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            top_p=top_p,
+            max_new_tokens=settings.max_new_tokens,
+            num_beams=settings.num_beams,
+            top_p=settings.top_p,
             eos_id=self._special_id("eos_id", eos_id),
             generator=generator,
             use_cache=use_cache,
-            min_new_tokens=min_new_tokens,
+            min_new_tokens=settings.min_new_tokens,
         )
 
     def _prompt_ids(self, prompt: str | list[str] | None, batch: int) -> list[list[int]]:
@@ -285,22 +283,25 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         images: Tensor,
         prompt: str | list[str] | None = None,
         *,
+        decoding: DecodingConfig | None = None,
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
         top_p: float | None = None,
+        min_new_tokens: int | None = None,
         generator: torch.Generator | None = None,
-        min_new_tokens: int = 0,
     ) -> list[str]:
-        """Caption images (B, 3, H, W), or continue text prompts; returns the decoded new text per image."""
+        """Caption images (B, 3, H, W), or continue text prompts; returns the decoded new text per image (settings as
+        in :meth:`generate_ids`)."""
         prompt_ids = self._prompt_ids(prompt, images.shape[0])
         ids = self.generate_ids(
             images,
             prompt_ids,
+            decoding=decoding,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             top_p=top_p,
-            generator=generator,
             min_new_tokens=min_new_tokens,
+            generator=generator,
         )
         return [self.tokenizer.decode(seq).strip() for seq in ids]
 
@@ -320,7 +321,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         """
         n_patches = self.encoder.grid[0] * self.encoder.grid[1]
         dtype = self.logit_scale.dtype
-        image_tokens = torch.zeros(1, n_patches, self.config.model.dim, device=self.device, dtype=dtype)
+        image_tokens = torch.zeros(1, n_patches, self.config.dim, device=self.device, dtype=dtype)
         cache = self.start_decoding(image_tokens, total_len=1)
         self.decode_step(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache)
         encoder = sum(c.bytes_per_token() for c in cache.encoder)
@@ -329,9 +330,11 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         return {"encoder": encoder, "decoder": decoder, "per_token": encoder + decoder, "per_image": per_image}
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        """Write model.safetensors (tied weights stored once), config.json and tokenizer.json when set."""
+        """Write model.safetensors (tied weights stored once), config.json, generation_config.json and
+        tokenizer.json when set."""
         save_model(self, str(save_directory / constants.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
-        (save_directory / constants.CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        (save_directory / constants.CONFIG_NAME).write_text(json.dumps(config_json(self.config), indent=2))
+        (save_directory / GENERATION_FILE).write_text(json.dumps(self.generation_config.to_dict(), indent=2))
         if self.tokenizer is not None:
             self.tokenizer.save(save_directory / TOKENIZER_FILE)
 
@@ -345,12 +348,13 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         force_download: bool,
         local_files_only: bool,
         token: str | bool | None,
-        config: Config | dict | None = None,
+        config: ModelConfig | dict | None = None,
         map_location: str = "cpu",
         strict: bool = True,
         **model_kwargs,
     ) -> MLMModel:
-        """Build the model from config.json, load model.safetensors and, when present, tokenizer.json."""
+        """Build the model from config.json (or ``config``), load model.safetensors and, when present,
+        generation_config.json and tokenizer.json."""
         hub_kwargs = dict(
             revision=revision,
             cache_dir=cache_dir,
@@ -358,14 +362,15 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             local_files_only=local_files_only,
             token=token,
         )
+        config_file = resolve_file(model_id, constants.CONFIG_NAME, hub_kwargs, required=config is None)
         if config is None:
-            config = read_config(Path(resolve_file(model_id, constants.CONFIG_NAME, hub_kwargs)))
-        elif not isinstance(config, Config):
+            config = read_config(config_file)
+        else:
             where = Path(model_id) / constants.CONFIG_NAME if os.path.isdir(model_id) else f"{model_id} config"
-            try:
-                config = config_from_dict(config)
-            except ConfigError as err:
-                raise ConfigError(f"{where}: {err}") from None
+            config = model_config(config.model if isinstance(config, Config) else config, str(where))
+        generation_file = resolve_file(model_id, GENERATION_FILE, hub_kwargs, required=False)
+        if "generation_config" not in model_kwargs and (config_file or generation_file):
+            model_kwargs["generation_config"] = read_decoding(config_file, generation_file)
         tokenizer = model_kwargs.pop("tokenizer", None)
         tokenizer_file = resolve_file(model_id, TOKENIZER_FILE, hub_kwargs, required=False)
         if tokenizer is None and tokenizer_file is not None:

@@ -1,7 +1,14 @@
-"""A checkpoint's files: reading its config.json (a broken one is named) and finding a file in a folder or Hub repo."""
+"""A checkpoint's files: its config.json and generation_config.json (a broken one is named), finding a file in a
+folder or Hub repo, and loading the weights.
+
+config.json holds the model's own settings (:class:`~mlm.config.ModelConfig`, ``"format": 2``). Checkpoints written
+before that held the whole run config (``{"model": ..., "data": ..., "train": ..., "eval": ...}``): their model
+section is the model config and their eval section gives the decoding defaults.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -9,23 +16,61 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
-from mlm.config import Config, ConfigError, config_from_dict
+from mlm.config import ConfigError, ModelConfig, model_config_from_dict
 from mlm.errors import first_line
+from mlm.generation import DecodingConfig
+
+FORMAT = 2  # config.json holds the ModelConfig alone
+CONFIG_KEYS = ("model_type", "format")  # written beside the model settings, not part of them
+DECODING_KEYS = ("max_new_tokens", "num_beams", "top_p")  # what a format-1 eval section says about decoding
 
 
-def read_config(path: str | Path) -> Config:
-    """A model's config.json; a broken or invalid one is named in the error."""
-    path = Path(path)
+def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def is_run_config(data: dict) -> bool:
+    """Whether a config.json is the format-1 kind (the whole run config, model settings under "model")."""
+    return isinstance(data.get("model"), dict)
+
+
+def model_config(data: dict | ModelConfig, where: str = "config") -> ModelConfig:
+    """A ModelConfig from a config.json's dict of either format; a bad field is named with ``where``."""
+    if isinstance(data, ModelConfig):
+        return data
+    settings = data["model"] if is_run_config(data) else {k: v for k, v in data.items() if k not in CONFIG_KEYS}
     try:
-        return config_from_dict(data)
+        return model_config_from_dict(settings)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """A checkpoint's model settings from its config.json (either format); a broken or invalid one is named."""
+    path = Path(path)
+    return model_config(_read_json(path), str(path))
+
+
+def config_json(config: ModelConfig) -> dict:
+    """What config.json holds: the model settings, marked with their format."""
+    return {"model_type": "mlm", "format": FORMAT, **dataclasses.asdict(config)}
+
+
+def read_decoding(config_path: str | Path, generation_path: str | Path | None) -> DecodingConfig:
+    """The saved decoding defaults: generation_config.json, else a format-1 config.json's eval section, else none."""
+    if generation_path is not None:
+        return DecodingConfig.from_dict(_read_json(Path(generation_path)), str(generation_path))
+    data = _read_json(Path(config_path))
+    section = data.get("eval") if is_run_config(data) else None
+    if not isinstance(section, dict):
+        return DecodingConfig()
+    return DecodingConfig.from_dict({k: section[k] for k in DECODING_KEYS if k in section}, f"{config_path}: eval")
 
 
 def resolve_file(model_id: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:

@@ -33,8 +33,8 @@ def test_embeddings_follow_open_clip_normalize_and_pad_conventions(tiny_run):
     tokenizer = mlm.get_tokenizer(str(tiny_run[0]))
     texts = ["a red circle.", "two objects: a small blue star at the top left and a cross."]
     ids = tokenizer(texts)
-    assert ids.shape == (2, model.config.model.max_text_len) and ids.dtype == torch.long
-    assert tokenizer("a red circle.").shape == (1, model.config.model.max_text_len)
+    assert ids.shape == (2, model.config.max_text_len) and ids.dtype == torch.long
+    assert tokenizer("a red circle.").shape == (1, model.config.max_text_len)
     with torch.no_grad():
         raw, unit = model.encode_text(ids), model.encode_text(ids, normalize=True)
         mask = ids != model.tokenizer.pad_id

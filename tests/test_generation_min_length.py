@@ -48,7 +48,7 @@ def test_generate_ids_passes_min_new_tokens_and_checks_it():
             "model.vocab_size=12", "model.embed_dim=8", "model.pool_hidden_dim=8", "model.decoder_layers=1",
             "model.mla.n_heads=1", "model.mla.kv_lora_rank=8", "model.mla.qk_nope_head_dim=4",
             "model.mla.qk_rope_head_dim=4", "model.mla.v_head_dim=4"]  # fmt: skip
-    model = MLMModel(load_config(None, sets)).eval()
+    model = MLMModel(load_config(None, sets).model).eval()
     images = torch.randn(2, 3, 8, 8)
     eos_first = model.generate_ids(images, [[1], [1]], eos_id=3, max_new_tokens=4, min_new_tokens=0)
     forced = model.generate_ids(images, [[1], [1]], eos_id=3, max_new_tokens=4, min_new_tokens=4)

@@ -33,7 +33,8 @@ EOS = 3
 
 
 def tiny_model(*overrides: str, tokenizer=None) -> MLMModel:
-    return MLMModel(load_config(None, TINY + list(overrides)), tokenizer=tokenizer).eval()
+    config = load_config(None, TINY + list(overrides))
+    return MLMModel(config.model, tokenizer=tokenizer, generation_config=config.eval.decoding()).eval()
 
 
 def batch(b: int = 3, t: int = 7):

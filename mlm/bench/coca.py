@@ -61,9 +61,10 @@ class CoCaTrainer:
 class CoCaAdapter(nn.Module):
     """Our evaluation interface on a CoCa: embeddings from its towers, greedy captions from its decoder."""
 
-    def __init__(self, coca: nn.Module, config, tokenizer):
+    def __init__(self, coca: nn.Module, config: ModelConfig, tokenizer, generation_config):
         super().__init__()
         self.coca, self.config, self.tokenizer = coca, config, tokenizer
+        self.generation_config = generation_config
 
     @property
     def device(self) -> torch.device:
@@ -85,8 +86,8 @@ class CoCaAdapter(nn.Module):
         """Greedy captions, decoded with our tokenizer: a full forward per step through CoCa's own towers
         (open_clip's ``CoCa.generate`` imports transformers' ``BeamSearchScorer``, which transformers 5 removed)."""
         tok = self.tokenizer
-        steps = max_new_tokens or self.config.eval.max_new_tokens
-        steps = min(steps, self.config.model.max_text_len - 1)
+        steps = max_new_tokens or self.generation_config.max_new_tokens
+        steps = min(steps, self.config.max_text_len - 1)
         _, image_embs = self.coca._encode_image(pixels.to(self.device))
         ids = torch.full((pixels.shape[0], 1), tok.bos_id, dtype=torch.long, device=self.device)  # (B, 1)
         done = torch.zeros(pixels.shape[0], dtype=torch.bool, device=self.device)

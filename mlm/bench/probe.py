@@ -68,7 +68,7 @@ def _probe(model, name: str, train, test, budget_s: float, train_encoder: bool) 
 
     (x_train, y_train), (x_test, y_test) = train, test
     torch.manual_seed(0)
-    head = torch.nn.Linear(model.config.model.dim, 7)
+    head = torch.nn.Linear(model.config.dim, 7)
     params = list(head.parameters()) + (list(model.encoder.parameters()) if train_encoder else [])
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     generator = torch.Generator().manual_seed(0)
@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     data = Path(args.data)
     if not (data / "captions_train.json").is_file():
         raise FileNotFoundError(f"{data}: not a folder written by `mlm data synth` (no captions_train.json)")
-    model = load_model(args.checkpoint, "cpu") if args.checkpoint else MLMModel(load_config(args.config))
-    transform = build_transform(model.config.model.image_size, train=False)
+    model = load_model(args.checkpoint, "cpu") if args.checkpoint else MLMModel(load_config(args.config).model)
+    transform = build_transform(model.config.image_size, train=False)
     train, test = _cells(data, "train", transform), _cells(data, "test", transform)
     names = ["final"] if args.train_encoder else [*model.encoder.level_outputs, "final"]
     results = {name: _probe(model, name, train, test, args.budget_s, args.train_encoder) for name in names}

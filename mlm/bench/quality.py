@@ -81,11 +81,11 @@ def train_coca(config, tokenizer, batches, budget_s: float, device):
     return coca, {"steps": steps, "time_s": round(time.perf_counter() - start, 2)}
 
 
-def _scores(model, data: str, split: str, with_vqa: bool) -> dict:
+def _scores(model, data: str, split: str, with_vqa: bool, eval_cfg) -> dict:
     from mlm.eval.runner import evaluate
 
     tasks = ["retrieval", "caption", "vqa"] if with_vqa else ["retrieval", "caption"]
-    results = evaluate(model, data, tasks, model.config.eval, split=split, caption_metric_names=["CIDEr"])
+    results = evaluate(model, data, tasks, eval_cfg, split=split, caption_metric_names=["CIDEr"])
     out = {"t2i_R@1": results["retrieval"]["text_to_image_R@1"], "i2t_R@1": results["retrieval"]["image_to_text_R@1"],
            "CIDEr": results["caption"]["CIDEr"]}  # fmt: skip
     if with_vqa:
@@ -107,11 +107,12 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         tokenizer = ours.tokenizer
         _, batches = _batches(config, config.data.train, config.train.batch_size, tmp, tokenizer)
         coca, coca_summary = train_coca(config, tokenizer, batches, args.budget_s, ours.device)
+        peer = CoCaAdapter(coca, config.model, tokenizer, config.eval.decoding())
         report = {"config": args.config, "overrides": args.overrides, "budget_s": args.budget_s, "split": args.split,
                   "ours": {"params": sum(p.numel() for p in ours.parameters()), "steps": ours_summary["steps"],
-                           **_scores(ours, data, args.split, True)},
+                           **_scores(ours, data, args.split, True, config.eval)},
                   "coca": {"params": sum(p.numel() for p in coca.parameters()), "steps": coca_summary["steps"],
-                           **_scores(CoCaAdapter(coca, config, tokenizer), data, args.split, False)}}  # fmt: skip
+                           **_scores(peer, data, args.split, False, config.eval)}}  # fmt: skip
     report["ratio_t2i_R@1"] = round(report["ours"]["t2i_R@1"] / max(report["coca"]["t2i_R@1"], 1e-9), 3)
     return report, _table(report)
 

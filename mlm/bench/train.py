@@ -60,7 +60,7 @@ def _ours(config, tokenizer):
     from mlm.train.losses import MLMLoss
     from mlm.train.schedule import build_optimizer
 
-    model = MLMModel(config, tokenizer=tokenizer).train()
+    model = MLMModel(config.model, tokenizer=tokenizer).train()
     optimizer = build_optimizer(model, config.train)
     loss_fn = MLMLoss.from_config(config.train)
 

@@ -8,7 +8,6 @@ loads a checkpoint, runs :func:`mlm.eval.runner.evaluate` on a data source and w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from pathlib import Path
 
@@ -61,14 +60,28 @@ def check_overrides(overrides: list[str]) -> None:
             )
 
 
-def eval_config(model_config, overrides: list[str]):
-    """The checkpoint's config with data.* reset to defaults and the eval.*/data.* overrides applied."""
-    from mlm.config import DataConfig, apply_overrides, config_from_dict
+def eval_config(model, overrides: list[str]):
+    """A run config for evaluating ``model``: its model settings, the default data and eval settings with decoding
+    as the checkpoint saved it, and the eval.*/data.* overrides applied."""
+    from mlm.config import Config, apply_overrides, config_from_dict
 
     check_overrides(overrides)
-    data = model_config.to_dict()
-    data["data"] = dataclasses.asdict(DataConfig())  # the training data's settings do not describe this source
+    data = Config(model=model.config).to_dict()
+    saved = model.generation_config
+    data["eval"].update(max_new_tokens=saved.max_new_tokens, num_beams=saved.num_beams, top_p=saved.top_p)
     return config_from_dict(apply_overrides(data, overrides))
+
+
+def _run_test_data(checkpoint: str) -> str:
+    """data.test of the run that trained a checkpoint (the run config beside it), or "" when there is none."""
+    from mlm.eval.inference import resolve_checkpoint
+    from mlm.train.checkpoint import TRAINER_STATE, read_trainer_state
+
+    folder = resolve_checkpoint(checkpoint)  # <run>/checkpoints/step_N/model, or a bare model folder
+    if not (folder.parent / TRAINER_STATE).is_file():
+        return ""
+    config = read_trainer_state(folder.parent).get("config", {})
+    return str(config.get("data", {}).get("test", "") or "")
 
 
 def _read_candidates(path: str) -> list[str]:
@@ -103,12 +116,12 @@ def run_model(args: argparse.Namespace) -> int:
             raise ValueError("--task zeroshot reads --data as a classification folder or CSV: run it on its own")
         return run_zeroshot(args)
     model = load_model(args.checkpoint, args.device)
-    cfg = eval_config(model.config, args.eval_overrides)
+    cfg = eval_config(model, args.eval_overrides)
     if args.vqa_mode:
         cfg.eval.vqa_mode = args.vqa_mode
-    data = args.data or model.config.data.test
+    data = args.data or _run_test_data(args.checkpoint)
     if not data:
-        raise ValueError(f"give --data SOURCE: the checkpoint's config has no data.test ({args.checkpoint})")
+        raise ValueError(f"give --data SOURCE: {args.checkpoint} has no run config naming data.test")
     source = open_eval_source(data, cfg.data, args.split)
     out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, data, "+".join(tasks))
     results = evaluate(
@@ -139,7 +152,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     data = open_classification(args.data, args.image_column, args.label_column)
     templates = choose_templates(data, args.templates)
     model = load_model(args.checkpoint, args.device)
-    cfg = eval_config(model.config, args.eval_overrides)
+    cfg = eval_config(model, args.eval_overrides)
     metrics = zeroshot_classify(model, data, templates, cfg.eval.batch_size)
     out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, args.data, "zeroshot")
     figure = plot_confusion(metrics["confusion"], metrics["classes"], out / "confusion.png")

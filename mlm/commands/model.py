@@ -37,7 +37,7 @@ def parameter_table(model, depth: int = 1) -> list[tuple[str, int, int]]:
 
 def format_summary(model, depth: int = 1) -> str:
     """Return the printable summary: model shape, parameter table, totals and cache bytes."""
-    m = model.config.model
+    m = model.config
     rows = parameter_table(model, depth)
     n_total = sum(r[1] for r in rows)
     n_trainable = sum(r[2] for r in rows)
@@ -65,6 +65,6 @@ def show_summary(args: argparse.Namespace) -> int:
     from mlm.commands import config_from_args
     from mlm.model import MLMModel
 
-    model = MLMModel(config_from_args(args)).eval()
+    model = MLMModel(config_from_args(args).model).eval()
     print(format_summary(model, args.depth))
     return 0

@@ -35,7 +35,7 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
     way.add_argument("--top-p", type=float, default=0.0, metavar="P", help="nucleus sampling with this top-p")
     parser.add_argument("--seed", type=int, default=0, help="seed of nucleus sampling")
     parser.add_argument(
-        "--max-tokens", type=int, help="longest output in tokens (default: eval.max_new_tokens of the checkpoint)"
+        "--max-tokens", type=int, help="longest output in tokens (default: the checkpoint's generation_config.json)"
     )
     parser.add_argument(
         "--min-tokens", type=int, default=1, help="EOS is not allowed before this many tokens (default: 1, never empty)"

@@ -39,7 +39,7 @@ def cross_attention(model: MLMModel, image_tokens: Tensor, ids: Tensor) -> Tenso
     """Cross-attention weights (L, B, H, T, N) of every decoder layer for token ids (B, T) over image tokens."""
     layers = model.decoder.layers
     if not all(isinstance(layer.cross_attn, MultiHeadLatentAttention) for layer in layers):
-        raise ValueError(f"attention maps need model.attention=mla, this model has {model.config.model.attention!r}")
+        raise ValueError(f"attention maps need model.attention=mla, this model has {model.config.attention!r}")
     captured: list[tuple[Tensor, Tensor]] = []
 
     def keep_inputs(module, args, kwargs):
@@ -61,7 +61,7 @@ def cross_attention(model: MLMModel, image_tokens: Tensor, ids: Tensor) -> Tenso
 def _words(model: MLMModel, caption: str) -> tuple[list[int], list[str], list[int]]:
     """Caption token ids (no specials), the caption's words and the word index of each token."""
     encoding = model.tokenizer.tokenizer.encode(caption, add_special_tokens=False)
-    limit = model.config.model.max_text_len - 1  # BOS + tokens, the longest text the model was trained on
+    limit = model.config.max_text_len - 1  # BOS + tokens, the longest text the model was trained on
     ids, word_ids, offsets = encoding.ids[:limit], encoding.word_ids[:limit], encoding.offsets[:limit]
     keys = [word if word is not None else f"token {k}" for k, word in enumerate(word_ids)]  # sub-words share one
     order = list(dict.fromkeys(keys))

@@ -56,7 +56,7 @@ class ImageIndex:
         digest = hashlib.sha1(str(self.folder).encode()).hexdigest()[:12]
         self.cache_file = Path(cache_dir or default_cache_dir()) / f"{self.folder.name}-{digest}-{model_id}.safetensors"
         self.paths: list[Path] = []
-        self.embeds = torch.zeros(0, model.config.model.embed_dim)  # (N, E)
+        self.embeds = torch.zeros(0, model.config.embed_dim)  # (N, E)
         self.bad: dict[str, str] = {}  # key -> why the file is not an image
 
     def _load_cache(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -73,7 +73,7 @@ class ImageIndex:
                 keys = json.loads(meta["keys"])
                 embeds = f.get_tensor("embeds")
                 bad = json.loads(meta.get("bad", "{}"))
-            dim = self.model.config.model.embed_dim
+            dim = self.model.config.embed_dim
             if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys) and isinstance(bad, dict)):
                 raise ValueError("keys or bad files of the wrong type")
             if embeds.dtype != torch.float32 or tuple(embeds.shape) != (len(keys), dim):

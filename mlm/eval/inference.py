@@ -99,7 +99,7 @@ def image_transform(model: MLMModel):
     """The evaluation transform for this model's image size (resize, centre crop, CLIP normalisation)."""
     from mlm.data.transforms import build_transform
 
-    return build_transform(model.config.model.image_size, train=False)
+    return build_transform(model.config.image_size, train=False)
 
 
 def decode_any(image: Any, max_pixels: int = DEFAULT_MAX_PIXELS, origin: str = "") -> Image.Image:
@@ -133,7 +133,7 @@ def image_batches(
 def check_question(model: MLMModel, question: str, what: str = "question") -> None:
     """Raise ValueError naming the question when its prompt leaves no room for an answer in the model's text
     length (``model.max_text_len`` tokens: BOS, the prompt, at least one answer token, EOS)."""
-    limit = model.config.model.max_text_len
+    limit = model.config.max_text_len
     tokens = 1 + len(model.tokenizer.tokenize(vqa_prompt(question.strip()))) + 2
     if tokens > limit:
         raise ValueError(
@@ -147,14 +147,12 @@ def embed_texts(model: MLMModel, texts: Sequence[str], batch_size: int = 256) ->
     """L2-normalised text embeddings (M, E) on the CPU, computed batch_size texts at a time."""
     out = []
     for start in range(0, len(texts), batch_size):
-        ids, mask = model.tokenizer.encode_batch(
-            list(texts[start : start + batch_size]), model.config.model.max_text_len
-        )
+        ids, mask = model.tokenizer.encode_batch(list(texts[start : start + batch_size]), model.config.max_text_len)
         out.append(
             model.encode_text(ids.to(model.device), normalize=True, text_mask=mask.to(model.device)).float().cpu()
         )
     if not out:
-        return torch.zeros(0, model.config.model.embed_dim)
+        return torch.zeros(0, model.config.embed_dim)
     return torch.cat(out)
 
 
@@ -172,7 +170,7 @@ def _answer_sequences(model: MLMModel, questions: Sequence[str], candidates: Seq
     sequences, spans = [], []
     for question in questions:
         # the prompt's tail keeps the "answer:" marker when a long question is cut, as training does
-        prompt = [tok.bos_id] + tok.tokenize(vqa_prompt(question.strip()))[-(model.config.model.max_text_len - 2) :]
+        prompt = [tok.bos_id] + tok.tokenize(vqa_prompt(question.strip()))[-(model.config.max_text_len - 2) :]
         for answer in answers:
             sequences.append(prompt + answer)
             spans.append((len(prompt) - 1, len(prompt) - 1 + len(answer)))
@@ -191,7 +189,7 @@ def answer_log_likelihood(model: MLMModel, pixels: Tensor, questions: Sequence[s
     image_tokens = model.encoder.encode_image(pixels.to(model.device)).tokens  # (B, N, C)
     ids, targets = _answer_sequences(model, questions, candidates)
     ids, targets = ids.to(model.device), targets.to(model.device)
-    rows_per_call = max(1, LOGIT_BUDGET // (ids.shape[1] * model.config.model.vocab_size))
+    rows_per_call = max(1, LOGIT_BUDGET // (ids.shape[1] * model.config.vocab_size))
     scores = []
     for r0 in range(0, ids.shape[0], rows_per_call):
         chunk = ids[r0 : r0 + rows_per_call]  # (n, T)

@@ -313,8 +313,11 @@ def _plot_captions(groups: list[ImageGroup], captions: list[str], path: Path) ->
 
 
 def _eval_config(model: MLMModel, cfg: Config | EvalConfig | None) -> EvalConfig:
-    if cfg is None:
-        return model.config.eval
+    if cfg is None:  # the defaults, decoding as the model's saved generation_config
+        saved = getattr(model, "generation_config", None)
+        if saved is None:
+            return EvalConfig()
+        return EvalConfig(max_new_tokens=saved.max_new_tokens, num_beams=saved.num_beams, top_p=saved.top_p)
     return cfg.eval if isinstance(cfg, Config) else cfg
 
 
@@ -348,7 +351,8 @@ def evaluate(
         data: a source spec for :func:`mlm.data.sources.open_source` (opened with ``split``) or records.
         task: ``retrieval``, ``vqa``, ``caption``, a list of them (comma-separated works too), or ``all`` (every
             task the data has records for).
-        cfg: evaluation settings (a Config's ``eval`` section or an EvalConfig); default ``model.config.eval``.
+        cfg: evaluation settings (a Config's ``eval`` section or an EvalConfig); default: EvalConfig's, with
+            decoding as ``model.generation_config``.
         out_dir: where to write predictions, figures, ``metrics.json`` and ``report.md``; None writes nothing.
         candidates: the rank mode's answer list (default: the answers of the evaluated questions).
         caption_tokenizer: ``auto``, ``ptb`` or ``simple`` (see :func:`mlm.eval.captioning.caption_metrics`).

@@ -2,8 +2,8 @@
 
 Layout of one checkpoint, ``<output_dir>/checkpoints/step_000123/``:
 
-- ``model/``   -- ``MLMModel.save_pretrained`` (config.json, model.safetensors, tokenizer.json): a model you can load
-  with ``MLMModel.from_pretrained`` and no other file;
+- ``model/``   -- ``MLMModel.save_pretrained`` (config.json, generation_config.json, model.safetensors,
+  tokenizer.json): a model you can load with ``MLMModel.from_pretrained`` and no other file;
 - ``state/``   -- ``accelerator.save_state``: optimizer, scheduler, grad scaler and RNG states of every process;
 - ``trainer_state.json`` -- the trainer's own state (step, time, skip counters) and the run config;
 - ``trainer_tensors.safetensors`` -- the trainer's tensors, when it has any (the hard-negative sampler's embeddings).
@@ -142,7 +142,8 @@ def _full_model(accelerator, model):
     state_dict = accelerator.get_state_dict(model)  # a collective: every process calls it
     if not accelerator.is_main_process:
         return None
-    full = type(bare)(bare.config, tokenizer=bare.tokenizer)  # a CPU copy to hold the gathered weights
+    # a CPU copy to hold the gathered weights
+    full = type(bare)(bare.config, tokenizer=bare.tokenizer, generation_config=bare.generation_config)
     full.load_state_dict(state_dict)
     return full
 

@@ -59,7 +59,7 @@ def load_weights(model, config: Config) -> None:
     from mlm.model_files import read_config
 
     folder = init_folder(config)
-    differences = model_differences(asdict(read_config(folder / "config.json").model), config.model)
+    differences = model_differences(asdict(read_config(folder / "config.json")), config.model)
     if differences:
         raise ConfigError(f"--init-from {config.train.init_from}: the model settings differ from the checkpoint's: "
                           + "; ".join(differences))  # fmt: skip

@@ -142,7 +142,7 @@ class Trainer:
         from mlm.model import MLMModel
 
         c, accel = self.config, self.accelerator
-        model = MLMModel(c, tokenizer=self.tokenizer)
+        model = MLMModel(c.model, tokenizer=self.tokenizer, generation_config=c.eval.decoding())
         if self.checkpoint is None and c.train.init_from:
             init_from.load_weights(model, c)  # fine-tuning: trained weights, fresh optimizer and schedule
         if c.train.grad_checkpointing:

@@ -47,7 +47,7 @@ def test_word_map_is_the_attention_of_the_step_that_produces_the_word(tiny_model
 def test_attention_maps_need_mla_and_one_image(tiny_model):
     sets = ["model.attention=gqa", "model.dim=16", "model.n_layers=1", "model.levels=[global]"]
     sets += ["model.image_size=8", "model.patch_size=4", "model.mla.n_kv_heads=1", "model.mla.qk_rope_head_dim=4"]
-    gqa = MLMModel(load_config(None, sets), tokenizer=tiny_model.tokenizer).eval()
+    gqa = MLMModel(load_config(None, sets).model, tokenizer=tiny_model.tokenizer).eval()
     with pytest.raises(ValueError, match="need model.attention=mla"):
         cross_attention(gqa, torch.randn(1, 4, 16), torch.tensor([[2, 5]]))
     with pytest.raises(ValueError, match="one image"):

@@ -136,7 +136,7 @@ def test_same_predictions_as_clip_benchmark(tiny_model, tmp_path):
     templates = list(VIEWS["shape"])
     ours = zeroshot_classify(tiny_model, open_classification(folders), templates)
     folder = ImageFolder(str(folders), transform=image_transform(tiny_model))
-    tokenizer = Tokenize(tiny_model.tokenizer, tiny_model.config.model.max_text_len)
+    tokenizer = Tokenize(tiny_model.tokenizer, tiny_model.config.max_text_len)
     harness_templates = [t.replace("{}", "{c}") for t in templates]  # the harness formats with c=
     classifier = zeroshot_classification.zero_shot_classifier(
         tiny_model, tokenizer, folder.classes, harness_templates, "cpu", amp=False

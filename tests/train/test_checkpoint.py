@@ -19,7 +19,7 @@ def _prepared(output_dir):
 
     config = load_config(None, [*TINY_MODEL, f"train.output_dir={output_dir}"])
     accelerator = Accelerator(cpu=True)
-    model = MLMModel(config)
+    model = MLMModel(config.model)
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -114,4 +114,4 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert (tmp_path / "checkpoints" / ".tmp_step_000002").is_dir()
     latest = ckpt.resolve_resume(tmp_path, "latest")
     assert latest.name == "step_000001"
-    assert MLMModel.from_pretrained(latest / "model").config.model.dim == 32
+    assert MLMModel.from_pretrained(latest / "model").config.dim == 32

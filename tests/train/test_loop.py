@@ -71,7 +71,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_is_exact(synth_dir, tmp_
     latest = ckpt.latest_checkpoint(cut_dir)
     assert latest.name == "step_000003"
     loaded = MLMModel.from_pretrained(latest / "model")
-    assert loaded.tokenizer is not None and loaded.config.model.dim == 32
+    assert loaded.tokenizer is not None and loaded.config.dim == 32
 
     second = _trainer(tiny_config(synth_dir, cut_dir, *overrides), resume="latest").fit()
     assert second["status"] == "completed" and second["steps"] == 6

@@ -45,7 +45,7 @@ def test_no_decay_on_norms_biases_embeddings_and_logit_scale():
 
 
 def test_mlm_model_groups_cover_every_parameter_once():
-    model = MLMModel(Config())
+    model = MLMModel(Config().model)
     decay, no_decay = param_groups(model, 0.1)
     ids = [id(p) for p in decay["params"] + no_decay["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))

@@ -20,7 +20,7 @@ def test_retrieval_matches_embeddings_computed_one_image_at_a_time(synth_dir, tm
     source = open_split(config, str(synth_dir), "val")
     tokenizer = MLMTokenizer.train_wordpiece(source.texts(), 200)
     config.model.vocab_size = tokenizer.vocab_size
-    model = MLMModel(config, tokenizer).train()
+    model = MLMModel(config.model, tokenizer).train()
     validator = Validator(config, source, tokenizer)
     assert len(validator.captions) == 3 and len(validator.questions) == 3
 

@@ -1,0 +1,120 @@
+"""The config's rules, each stated once: allowed choices, bounds on sizes (so that a typo cannot ask for a
+zero-sized patch or a terabyte model), list lengths, cross-field rules, and the length of a value shown in a
+message (a YAML alias bomb must not become a 30 MB error line).
+
+:func:`check_model` checks a bare :class:`~mlm.config.ModelConfig` (a checkpoint's config.json); :func:`check_run`
+checks a whole run config. Every failure is a :class:`ConfigError` naming the field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import reprlib
+
+ATTENTION_KINDS = ("mla", "mha", "gqa")
+LEVELS = ("local", "regional", "global")
+SHARING = ("full", "norms", "ffn", "none")
+POOLING = ("hierarchical", "mean")
+LEVEL_WEIGHT_INIT = ("ramp", "uniform")
+VQA_MODES = ("generative", "rank", "embedding")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+CONTRASTIVE_LOSSES = ("infonce", "siglip")
+IMAGE_POS_EMBED = ("sincos", "learned", "none")
+MAX_LIST = 1000  # config lists are short (levels, betas, trackers); longer ones are refused, never walked
+
+
+def show_value(value: object, limit: int = 80) -> str:
+    """repr of a value, cut to limit characters (a YAML alias bomb must not become a 30 MB message)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 6, 6, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type or out of range."""
+
+
+# (section.field, smallest, largest): sizes are bounded so that a typo cannot ask for terabytes
+_RANGES = [
+    ("model.dim", 4, 16384), ("model.n_layers", 1, 256), ("model.local_window", 0, 1 << 20),
+    ("model.local_window_2d", 1, 1023), ("model.region_size", 1, 1 << 20), ("model.region_size_2d", 1, 1023),
+    ("model.top_k", 0, 1 << 20), ("model.mlp_ratio", 0.25, 64), ("model.image_size", 1, 8192),
+    ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.in_chans", 1, 64),
+    ("model.vocab_size", 1, 1 << 21), ("model.max_text_len", 4, 1 << 16), ("model.embed_dim", 1, 16384),
+    ("model.pool_hidden_dim", 1, 16384), ("model.decoder_layers", 0, 256), ("model.dropout", 0.0, 1.0),
+    ("model.mla.n_heads", 1, 1024), ("model.mla.q_lora_rank", 0, 16384), ("model.mla.kv_lora_rank", 1, 16384),
+    ("model.mla.qk_nope_head_dim", 1, 4096), ("model.mla.qk_rope_head_dim", 4, 4096),
+    ("model.mla.v_head_dim", 1, 4096), ("model.mla.n_kv_heads", 1, 1024),
+    ("train.batch_size", 1, 1 << 20), ("train.max_steps", 1, 1 << 40), ("train.grad_accum_steps", 1, 1 << 16),
+    ("train.log_every", 1, 1 << 40), ("train.save_every", 0, 1 << 40), ("train.keep_last", 0, 1 << 20),
+    ("train.eval_every", 0, 1 << 40), ("train.swap_negatives", 0, 64),
+    ("train.vqa_turns", 1, 64), ("train.lr", 0.0, 10.0),
+    ("train.max_time_s", 0.0, 1e9),
+    ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
+]  # fmt: skip
+
+
+def check_ranges(cfg, only: str | None = None, skip: str = "") -> None:
+    """Every bounded size within its range, named with its value; ``only="model"`` checks a bare ModelConfig."""
+    for name, low, high in _RANGES:
+        section, *path = name.split(".")
+        if (only is not None and section != only) or section == skip:
+            continue
+        value = cfg if only is not None else getattr(cfg, section)
+        for part in path:
+            value = getattr(value, part)
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: {low} to {high}")
+
+
+def check_model(m) -> None:
+    """Check the model's own rules (ranges, choices, cross-field), naming the field, the value and what is allowed."""
+    check_ranges(m, only="model")
+    choices = {
+        "model.attention": (m.attention, ATTENTION_KINDS),
+        "model.sharing": (m.sharing, SHARING),
+        "model.pooling": (m.pooling, POOLING),
+        "model.level_weight_init": (m.level_weight_init, LEVEL_WEIGHT_INIT),
+        "model.image_pos_embed": (m.image_pos_embed, IMAGE_POS_EMBED),
+    }
+    _check_choices(choices)
+    for i, level in enumerate(m.levels):
+        if level not in LEVELS:
+            raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(LEVELS)}")
+    if len(m.levels) != m.n_layers:
+        raise ConfigError(f"model.levels has {len(m.levels)} entries but model.n_layers={m.n_layers}")
+    if m.conv_stem < 0 or m.patch_size % 2**m.conv_stem:
+        raise ConfigError(
+            f"model.conv_stem={m.conv_stem}: need conv_stem >= 0 and 2**conv_stem dividing "
+            f"model.patch_size={m.patch_size}"
+        )
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
+    if m.local_window_2d % 2 == 0:
+        raise ConfigError(f"model.local_window_2d={m.local_window_2d} must be odd")
+    if m.mla.qk_rope_head_dim % 4:
+        raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be a multiple of 4 (2-D RoPE)")
+    if m.attention == "gqa" and m.mla.n_heads % m.mla.n_kv_heads:
+        raise ConfigError(f"model.mla.n_heads={m.mla.n_heads} is not a multiple of model.mla.n_kv_heads")
+
+
+def _check_choices(choices: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def check_run(cfg) -> None:
+    """Check a whole run config: the model's rules, then the data, training and evaluation settings."""
+    check_model(cfg.model)
+    check_ranges(cfg, skip="model")
+    _check_choices({
+        "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
+        "train.contrastive_loss": (cfg.train.contrastive_loss, CONTRASTIVE_LOSSES),
+        "eval.vqa_mode": (cfg.eval.vqa_mode, VQA_MODES),
+    })  # fmt: skip
+    t = cfg.train
+    if t.swap_negatives and not cfg.data.swap_groups:
+        raise ConfigError(f"train.swap_negatives={t.swap_negatives} needs data.swap_groups (groups of words to swap)")
+    if t.swap_negatives and t.contrastive_loss != "infonce":
+        raise ConfigError(f"train.swap_negatives={t.swap_negatives} only applies to train.contrastive_loss=infonce")
