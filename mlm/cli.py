@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mlm.commands.model",
     "mlm.commands.train",
     "mlm.commands.eval",
+    "mlm.commands.export",
     "mlm.commands.predict",
     "mlm.commands.demo",
     "mlm.commands.bench",

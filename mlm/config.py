@@ -24,6 +24,7 @@ from mlm.config_rules import (  # noqa: F401 - the choices are re-exported for c
     IMAGE_POS_EMBED,
     LEVEL_WEIGHT_INIT,
     LEVELS,
+    LORA_TARGETS,
     MAX_LIST,
     MIXED_PRECISION,
     POOLING,
@@ -108,6 +109,17 @@ class DataConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA fine-tuning through PEFT (Hu et al., 2021): frozen weights plus trained low-rank updates of the
+    ``target_modules`` (Linear layers named by the end of their path)."""
+
+    rank: int = 0  # 0 = off: every weight trains
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, objectives, checkpoints and logging."""
 
@@ -137,6 +149,7 @@ class TrainConfig:
     vqa_fraction: float = 0.5  # share of VQA records in every batch when the data has both kinds; -1 = as they come
     local_loss: bool = False
     init_from: str = ""  # fine-tune: a trained model/checkpoint/run folder's weights and tokenizer start the run
+    lora: LoraSettings = field(default_factory=LoraSettings)
     save_every: int = 500
     keep_last: int = 3
     log_every: int = 10

@@ -19,6 +19,7 @@ VQA_MODES = ("generative", "rank", "embedding")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
 IMAGE_POS_EMBED = ("sincos", "learned", "none")
+LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "k_proj", "v_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MAX_LIST = 1000  # config lists are short (levels, betas, trackers); longer ones are refused, never walked
 
 
@@ -49,7 +50,8 @@ _RANGES = [
     ("train.log_every", 1, 1 << 40), ("train.save_every", 0, 1 << 40), ("train.keep_last", 0, 1 << 20),
     ("train.eval_every", 0, 1 << 40), ("train.swap_negatives", 0, 64),
     ("train.vqa_turns", 1, 64), ("train.lr", 0.0, 10.0),
-    ("train.max_time_s", 0.0, 1e9),
+    ("train.max_time_s", 0.0, 1e9), ("train.lora.rank", 0, 4096), ("train.lora.alpha", 1e-6, 1e6),
+    ("train.lora.dropout", 0.0, 0.99),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
 ]  # fmt: skip
 
@@ -118,3 +120,5 @@ def check_run(cfg) -> None:
         raise ConfigError(f"train.swap_negatives={t.swap_negatives} needs data.swap_groups (groups of words to swap)")
     if t.swap_negatives and t.contrastive_loss != "infonce":
         raise ConfigError(f"train.swap_negatives={t.swap_negatives} only applies to train.contrastive_loss=infonce")
+    if t.lora.rank and not t.lora.target_modules:
+        raise ConfigError(f"train.lora.rank={t.lora.rank} needs train.lora.target_modules (names of Linear layers)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin, constants
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
 
 from mlm.config import Config, ModelConfig
@@ -31,6 +31,7 @@ from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.hierarchical import POOLING
 from mlm.generation import DecodingCache, DecodingConfig, generate_from_prompts
+from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
 from mlm.model_files import config_json, load_weights, model_config, read_config, read_decoding, resolve_file
 
 logger = logging.getLogger(__name__)
@@ -330,9 +331,14 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         return {"encoder": encoder, "decoder": decoder, "per_token": encoder + decoder, "per_image": per_image}
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        """Write model.safetensors (tied weights stored once), config.json, generation_config.json and
-        tokenizer.json when set."""
-        save_model(self, str(save_directory / constants.SAFETENSORS_SINGLE_FILE), metadata={"format": "pt"})
+        """Write model.safetensors (tied weights stored once), config.json, generation_config.json, tokenizer.json
+        when set, and LoRA adapters in PEFT's files (the base weights keep their names)."""
+        weights = str(save_directory / constants.SAFETENSORS_SINGLE_FILE)
+        if has_lora(self):
+            save_file(base_state_dict(self), weights, metadata={"format": "pt"})
+            save_adapter(self, save_directory)
+        else:
+            save_model(self, weights, metadata={"format": "pt"})
         (save_directory / constants.CONFIG_NAME).write_text(json.dumps(config_json(self.config), indent=2))
         (save_directory / GENERATION_FILE).write_text(json.dumps(self.generation_config.to_dict(), indent=2))
         if self.tokenizer is not None:
@@ -378,6 +384,9 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         model = cls(config, tokenizer=tokenizer, **model_kwargs)
         weights = resolve_file(model_id, constants.SAFETENSORS_SINGLE_FILE, hub_kwargs)
         load_weights(model, weights, strict=strict, device=str(map_location))
+        adapter = resolve_file(model_id, ADAPTER_CONFIG, hub_kwargs, required=False)
+        if adapter is not None:
+            load_adapter(model, adapter, resolve_file(model_id, ADAPTER_WEIGHTS, hub_kwargs))
         model.eval()
         logger.debug("loaded %s from %s", cls.__name__, model_id)
         return model

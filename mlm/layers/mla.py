@@ -48,6 +48,15 @@ __all__ = [
 ]
 
 
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a Linear applies; for an unmerged PEFT LoRA layer (``mlm.lora``) that is the base weight
+    plus its active low-rank updates, so the absorbed path computes what the layer's forward does."""
+    if hasattr(linear, "get_delta_weight") and not linear.merged:
+        weight = linear.get_base_layer().weight
+        return weight + sum(linear.get_delta_weight(name).to(weight.dtype) for name in linear.active_adapters)
+    return linear.weight
+
+
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2/V3 MLA with low-rank queries and a latent KV cache; naive and absorbed paths."""
 
@@ -114,7 +123,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _up_weights(self) -> tuple[Tensor, Tensor]:
         """Return W_UK (H, nope, r) and W_UV (H, v, r), views of kv_b_proj.weight."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w = linear_weight(self.kv_b_proj).view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w.split((self.qk_nope_head_dim, self.v_head_dim), dim=1)
 
     def _naive(self, q_nope, q_rope, c_kv, k_rope, mask, top_k) -> Tensor:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlm.errors import first_line
+from mlm.lora import apply_lora, has_lora
 from mlm.train.safe_load import check_state_folder
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def _full_model(accelerator, model):
         return None
     # a CPU copy to hold the gathered weights
     full = type(bare)(bare.config, tokenizer=bare.tokenizer, generation_config=bare.generation_config)
+    if has_lora(bare):
+        apply_lora(full, bare.peft_config["default"])
     full.load_state_dict(state_dict)
     return full
 

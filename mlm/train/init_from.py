@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mlm.config import Config, ConfigError, ModelConfig
+from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_lora
 
 logger = logging.getLogger(__name__)
 
@@ -64,4 +65,7 @@ def load_weights(model, config: Config) -> None:
         raise ConfigError(f"--init-from {config.train.init_from}: the model settings differ from the checkpoint's: "
                           + "; ".join(differences))  # fmt: skip
     load_file(model, folder / "model.safetensors")
+    if (folder / ADAPTER_CONFIG).is_file():  # a LoRA-trained model starts the run with its adapters merged in
+        load_adapter(model, folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS)
+        merge_lora(model)
     logger.info("init-from: weights and tokenizer of %s", folder)

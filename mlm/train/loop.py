@@ -21,18 +21,11 @@ from tqdm.auto import tqdm
 
 from mlm.config import Config, ConfigError
 from mlm.data.collate import build_dataset
+from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
-from mlm.train import init_from, setup
+from mlm.train import init_from, sampler, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
 from mlm.train.losses import MLMLoss
-from mlm.train.sampler import (
-    GlobalBatchSampler,
-    SeededItems,
-    caption_features,
-    seed_everything,
-    seed_for,
-    text_embeddings,
-)
 from mlm.train.schedule import build_optimizer, build_scheduler
 from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
 
@@ -112,13 +105,13 @@ class Trainer:
         self.dataset = train_dataset
         self.collate = Collate(self.tokenizer.pad_id)
         records = train_dataset.source
-        self.sampler = GlobalBatchSampler(
+        self.sampler = sampler.GlobalBatchSampler(
             len(train_dataset), c.train.batch_size, c.train.seed, accel.process_index, accel.num_processes,
             is_vqa=torch.tensor([r.is_vqa for r in records]), vqa_fraction=c.train.vqa_fraction,
         )  # fmt: skip
         if c.train.hard_negative_sampler:
             texts = [r.captions[0] if r.captions else r.question or "" for r in records]
-            self.sampler.set_features(caption_features(texts))
+            self.sampler.set_features(sampler.caption_features(texts))
         self.validator = None
         if c.train.eval_every > 0:
             if val_source is None and not c.data.val:
@@ -145,6 +138,8 @@ class Trainer:
         model = MLMModel(c.model, tokenizer=self.tokenizer, generation_config=c.eval.decoding())
         if self.checkpoint is None and c.train.init_from:
             init_from.load_weights(model, c)  # fine-tuning: trained weights, fresh optimizer and schedule
+        if c.train.lora.rank:
+            lora_settings(model, c.train.lora)  # only the adapters train
         if c.train.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(accel.device)
@@ -171,7 +166,7 @@ class Trainer:
         """Endless micro-batches from the resume position: epoch after epoch, each in its seeded order."""
         t = self.config.train
         epoch, start = divmod(self.state.step * t.grad_accum_steps, len(self.sampler))
-        items = SeededItems(self.dataset, t.seed)
+        items = sampler.SeededItems(self.dataset, t.seed)
         workers = self.config.data.num_workers
         while True:
             self._group_epoch(epoch, resumed_inside=start > 0)
@@ -195,7 +190,7 @@ class Trainer:
         if not (resumed_inside and self.state.grouping is not None):
             texts = [r.captions[0] if r.captions else r.question or "" for r in self.dataset.source]
             c = self.config
-            self.state.grouping = text_embeddings(self.unwrapped, self.tokenizer, texts, c.eval.batch_size,
+            self.state.grouping = sampler.text_embeddings(self.unwrapped, self.tokenizer, texts, c.eval.batch_size,
                                                   c.model.max_text_len, self.accelerator.device)  # fmt: skip
         self.sampler.set_features(self.state.grouping.float())
 
@@ -228,7 +223,7 @@ class Trainer:
             if totals is None:
                 continue
             # Dropout and any other model randomness: a function of (seed, step, micro-batch, process).
-            seed_everything(seed_for(t.seed, self.state.step, micro, accel.process_index, 1))
+            sampler.seed_everything(sampler.seed_for(t.seed, self.state.step, micro, accel.process_index, 1))
             parts = self._forward_backward(batch, micro == t.grad_accum_steps - 1, 1.0 / t.grad_accum_steps)
             totals = None if parts is None else totals + parts / t.grad_accum_steps
         if totals is not None:
