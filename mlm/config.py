@@ -82,6 +82,7 @@ class ModelConfig:
     pool_hidden_dim: int = 64
     decoder_layers: int = 2
     cross_pos_keys: bool = False  # cross-attention keys carry each patch's position in their RoPE dims
+    word_head: bool = False  # a linear head on the pooled image embedding over the vocabulary (train.word_weight)
     dropout: float = 0.0
     norm_eps: float = 1e-6
     mla: MLAConfig = field(default_factory=MLAConfig)
@@ -142,6 +143,7 @@ class TrainConfig:
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0
     vqa_weight: float = 1.0
+    word_weight: float = 0.0  # predict the caption's words from the pooled image (SuperClass); needs model.word_head
     hard_negative_strength: float = 0.0
     hard_negative_sampler: bool = False
     swap_negatives: int = 0  # captions per caption row with one word swapped (data.swap_groups), as extra negatives

@@ -52,6 +52,7 @@ _RANGES = [
     ("train.vqa_turns", 1, 64), ("train.lr", 0.0, 10.0),
     ("train.max_time_s", 0.0, 1e9), ("train.lora.rank", 0, 4096), ("train.lora.alpha", 1e-6, 1e6),
     ("train.lora.dropout", 0.0, 0.99),
+    ("train.word_weight", 0.0, 1e3),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
 ]  # fmt: skip
 
@@ -120,5 +121,7 @@ def check_run(cfg) -> None:
         raise ConfigError(f"train.swap_negatives={t.swap_negatives} needs data.swap_groups (groups of words to swap)")
     if t.swap_negatives and t.contrastive_loss != "infonce":
         raise ConfigError(f"train.swap_negatives={t.swap_negatives} only applies to train.contrastive_loss=infonce")
+    if t.word_weight and not cfg.model.word_head:
+        raise ConfigError(f"train.word_weight={t.word_weight} needs model.word_head: true (the head it trains)")
     if t.lora.rank and not t.lora.target_modules:
         raise ConfigError(f"train.lora.rank={t.lora.rank} needs train.lora.target_modules (names of Linear layers)")

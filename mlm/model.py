@@ -53,6 +53,7 @@ class MLMOutput:
     logits: Tensor | None = None  # (B, T, V): position t predicts token t + 1
     image_tokens: Tensor | None = None  # (B, N, C) final image states read by the decoder
     negative_embeds: Tensor | None = None  # (M, E) L2-normalised swapped-word negative captions, when given
+    word_logits: Tensor | None = None  # (B, V) the caption words predicted from each image, with model.word_head
 
 
 @dataclass
@@ -97,6 +98,8 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         self.encoder = SharedEncoder(m)
         self.pooler = POOLING[m.pooling](m.dim, m.levels, m.pool_hidden_dim, m.embed_dim, m.level_weight_init)
         self.decoder = MultimodalDecoder(m, self.encoder.token_embed)
+        # SuperClass (Huang et al., 2024): the pooled image classifies the words of its caption
+        self.word_head = nn.Linear(m.embed_dim, m.vocab_size) if m.word_head else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         self.tokenizer = None
@@ -185,6 +188,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             logit_bias=self.logit_bias,
             logits=logits,
             image_tokens=image.tokens,
+            word_logits=self.word_head(image.projected) if self.word_head is not None else None,
             negative_embeds=(
                 self.encode_text(negative_ids, normalize=True, text_mask=negative_mask)
                 if negative_ids is not None

@@ -37,6 +37,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
         "cross-attention keys without the patch positions (content only)",
     ),
     "vqa-turns": (["train.vqa_turns=3", "model.max_text_len=64"], "3 questions about one image per VQA row"),
+    "words": (["model.word_head=true", "train.word_weight=1.0"], "the pooled image predicts its caption's words"),
 }
 QUICK = [  # a model and schedule small enough for the test suite
     "model.dim=32", "model.n_layers=2", "model.levels=[local, global]", "model.image_size=32", "model.patch_size=8",

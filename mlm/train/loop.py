@@ -25,13 +25,13 @@ from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
 from mlm.train import init_from, sampler, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
-from mlm.train.losses import MLMLoss
+from mlm.train.losses import MLMLoss, word_idf
 from mlm.train.schedule import build_optimizer, build_scheduler
 from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("loss", "contrastive", "caption", "vqa")
+PARTS = ("loss", "contrastive", "caption", "vqa", "words")
 
 
 @dataclass
@@ -155,7 +155,9 @@ class Trainer:
                 )
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = c.train.batch_size  # no prepared loader
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
-        self.loss_fn = MLMLoss.from_config(c.train, accel.process_index, accel.num_processes)
+        captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
+        idf = word_idf(self.tokenizer, captions) if captions else None
+        self.loss_fn = MLMLoss.from_config(c.train, accel.process_index, accel.num_processes, idf)
 
     @property
     def unwrapped(self):

@@ -198,6 +198,40 @@ class TokenCrossEntropy(_GlobalBatch):
         return self.world_size * per_token.sum() / total + anchor
 
 
+def word_idf(tokenizer, texts) -> torch.Tensor:
+    """(V,) inverse document frequency of each token over ``texts``, ``log((N + 1) / (df + 1))``; special tokens 0."""
+    df = torch.zeros(tokenizer.vocab_size)
+    for text in texts:
+        df[sorted(set(tokenizer.tokenize(text)))] += 1
+    idf = torch.log((len(texts) + 1) / (df + 1))
+    specials = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id, tokenizer.unk_id]
+    idf[[i for i in specials if i is not None]] = 0.0
+    return idf
+
+
+class WordLoss(_GlobalBatch):
+    """SuperClass's objective (Huang et al., 2024): softmax cross-entropy of the image's word logits against its
+    caption's words as an IDF-weighted, normalised multi-hot target, so rare words (a shape) count more than
+    frequent ones ("a", "the")."""
+
+    def __init__(self, idf: torch.Tensor, rank: int = 0, world_size: int = 1):
+        super().__init__(rank, world_size)
+        self.register_buffer("idf", idf.float(), persistent=False)
+
+    def forward(self, word_logits: torch.Tensor, text_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mean loss over ``rows`` (B,) bool of (B, V) logits against the words of (B, T) caption ids."""
+        idf = self.idf.to(word_logits.device)
+        hot = torch.zeros_like(word_logits, dtype=torch.float).scatter_(1, text_ids, 1.0) * idf  # (B, V)
+        rows = rows & (hot.sum(1) > 0)
+        total = int(gather_counts(rows.sum().long().reshape(1), self.world_size).sum())
+        anchor = 0.0 * word_logits.sum()
+        if total == 0:
+            return anchor
+        target = hot[rows] / hot[rows].sum(1, keepdim=True)
+        per_row = -(target * word_logits[rows].float().log_softmax(-1)).sum(-1)
+        return self.world_size * per_row.sum() / total + anchor
+
+
 class MLMLoss(nn.Module):
     """CoCa-style total: weighted contrastive (caption rows) + caption CE (caption rows) + VQA CE (VQA rows)."""
 
@@ -209,15 +243,22 @@ class MLMLoss(nn.Module):
         vqa_weight: float = 1.0,
         rank: int = 0,
         world_size: int = 1,
+        words: WordLoss | None = None,
+        word_weight: float = 0.0,
     ):
         super().__init__()
         self.contrastive = contrastive
         self.token_ce = TokenCrossEntropy(rank, world_size)
-        self.weights = {"contrastive": contrastive_weight, "caption": caption_weight, "vqa": vqa_weight}
+        self.words = words
+        self.weights = {"contrastive": contrastive_weight, "caption": caption_weight, "vqa": vqa_weight,
+                        "words": word_weight if words is not None else 0.0}  # fmt: skip
 
     @classmethod
-    def from_config(cls, train: TrainConfig, rank: int = 0, world_size: int = 1) -> MLMLoss:
-        """Build the loss named by ``train.contrastive_loss`` with the config's weights."""
+    def from_config(
+        cls, train: TrainConfig, rank: int = 0, world_size: int = 1, idf: torch.Tensor | None = None
+    ) -> MLMLoss:
+        """Build the loss named by ``train.contrastive_loss`` with the config's weights (``idf``: the word
+        objective's token weights, needed when ``train.word_weight`` > 0)."""
         if train.contrastive_loss == "siglip":
             if train.swap_negatives:
                 raise ConfigError(
@@ -231,10 +272,15 @@ class MLMLoss(nn.Module):
             contrastive: nn.Module = SigLipLoss(rank, world_size)
         else:
             contrastive = ContrastiveLoss(train.local_loss, train.hard_negative_strength, rank, world_size)
-        return cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size)
+        if train.word_weight and idf is None:
+            raise ValueError("train.word_weight needs the token IDF of the training captions (see word_idf)")
+        words = WordLoss(idf, rank, world_size) if train.word_weight else None
+        return cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size,
+                   words, train.word_weight)  # fmt: skip
 
     def forward(self, output, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (weighted total, unweighted parts ``contrastive``, ``caption``, ``vqa``) for an MLMOutput."""
+        """Return (weighted total, unweighted parts ``contrastive``, ``caption``, ``vqa``, ``words``) for an
+        MLMOutput."""
         is_vqa = batch["is_vqa"].to(output.logits.device)
         caption_rows = ~is_vqa
         if isinstance(self.contrastive, SigLipLoss):
@@ -252,7 +298,10 @@ class MLMLoss(nn.Module):
             "contrastive": contrastive,
             "caption": self.token_ce(output.logits, batch["labels"], caption_rows),
             "vqa": self.token_ce(output.logits, batch["labels"], is_vqa),
+            "words": torch.zeros((), device=output.logits.device),
         }
+        if self.words is not None:
+            parts["words"] = self.words(output.word_logits, batch["text_ids"].to(output.logits.device), caption_rows)
         total = sum(self.weights[name] * value for name, value in parts.items() if self.weights[name])
         # Every output stays in the graph, so DDP finds a gradient for every parameter (e.g. the unused SigLIP bias).
         total = total + 0.0 * (output.logit_scale.sum() + output.logit_bias.sum())

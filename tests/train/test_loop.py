@@ -197,3 +197,14 @@ def test_embedding_grouping_after_the_first_epoch_resumes_exactly(synth_dir, tmp
     assert _trainer(tiny_config(synth_dir, cut_dir, *overrides), sigterm_in_step_10).fit()["steps"] == 10
     _trainer(tiny_config(synth_dir, cut_dir, *overrides), resume="latest").fit()
     assert _losses(cut_dir) == _losses(tmp_path / "whole")
+
+
+def test_the_word_objective_trains_its_head_and_lowers_its_loss(synth_dir, tmp_path):
+    config = tiny_config(synth_dir, tmp_path, "train.max_steps=40", "train.batch_size=16", "train.lr=5e-3",
+                         "train.warmup_steps=5", "model.word_head=true", "train.word_weight=1.0")  # fmt: skip
+    trainer = _trainer(config)
+    head = trainer.unwrapped.word_head.weight.detach().clone()
+    trainer.fit()
+    words = [v for _, v in read_metrics(tmp_path / "metrics.csv")["loss/words"]]
+    assert words[0] > 0 and sum(words[-3:]) / 3 < 0.8 * sum(words[:3]) / 3
+    assert not torch.equal(head, trainer.unwrapped.word_head.weight)

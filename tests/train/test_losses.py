@@ -176,3 +176,34 @@ def test_swapped_word_negatives_add_the_per_row_cross_entropy():
         logits = scale * torch.cat([(image[row] * text[row]).sum()[None], negatives[owners == row] @ image[row]])
         by_hand.append(-torch.log_softmax(logits, dim=0)[0])
     torch.testing.assert_close(extra, torch.stack(by_hand).mean())
+
+
+def test_word_idf_and_loss_by_hand():
+    from mlm.data.tokenizer import MLMTokenizer
+    from mlm.train.losses import WordLoss, word_idf
+
+    texts = ["red circle", "red square", "red star"]
+    tok = MLMTokenizer.train_wordpiece(texts, 60)
+    idf = word_idf(tok, texts)
+    (red,), (circle,), (square,) = tok.tokenize("red"), tok.tokenize("circle"), tok.tokenize("square")
+    assert idf[red] == pytest.approx(0.0)  # in every caption: log(4 / 4)
+    assert idf[circle] == pytest.approx(math.log(4 / 2))
+    assert idf[tok.bos_id] == 0 and idf[tok.pad_id] == 0
+    ids = torch.tensor([[tok.bos_id, red, circle, tok.eos_id], [tok.bos_id, red, square, tok.pad_id],
+                        [tok.bos_id, red, tok.eos_id, tok.pad_id]])  # fmt: skip
+    logits = torch.randn(3, tok.vocab_size)
+    rows = torch.tensor([True, True, True])
+    loss = WordLoss(idf)(logits, ids, rows)
+    logp = logits.log_softmax(-1)
+    # the third caption has no word with weight ("red" is everywhere): it is left out of the mean
+    torch.testing.assert_close(loss, -(logp[0, circle] + logp[1, square]) / 2)
+    torch.testing.assert_close(WordLoss(idf)(logits, ids, torch.tensor([False, True, True])), -logp[1, square])
+
+
+def test_word_weight_needs_the_head_and_the_idf():
+    from mlm.config import load_config
+
+    with pytest.raises(ConfigError, match="train.word_weight=0.5 needs model.word_head"):
+        load_config(None, ["train.word_weight=0.5"])
+    with pytest.raises(ValueError, match="needs the token IDF"):
+        MLMLoss.from_config(TrainConfig(word_weight=0.5))
