@@ -18,22 +18,7 @@ from typing import Any
 
 import yaml
 
-from mlm.config_rules import (  # noqa: F401 - the choices are re-exported for code that reads them from here
-    ATTENTION_KINDS,
-    CONTRASTIVE_LOSSES,
-    IMAGE_POS_EMBED,
-    LEVEL_WEIGHT_INIT,
-    LEVELS,
-    LORA_TARGETS,
-    MAX_LIST,
-    MIXED_PRECISION,
-    POOLING,
-    SHARING,
-    VQA_MODES,
-    ConfigError,
-    check_model,
-    check_run,
-)
+from mlm.config_rules import LORA_TARGETS, MAX_LIST, ConfigError, check_model, check_run
 from mlm.config_rules import show_value as _show
 
 RETIRED = {"data.synth_images", "data.synth_size", "data.synth_seed", "data.synth_holdout"}  # never read; ignored

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import reprlib
 
-ATTENTION_KINDS = ("mla", "mha", "gqa")
-LEVELS = ("local", "regional", "global")
-SHARING = ("full", "norms", "ffn", "none")
-POOLING = ("hierarchical", "mean")
-LEVEL_WEIGHT_INIT = ("ramp", "uniform")
 VQA_MODES = ("generative", "rank", "embedding")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
-IMAGE_POS_EMBED = ("sincos", "learned", "none")
 LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "k_proj", "v_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MAX_LIST = 1000  # config lists are short (levels, betas, trackers); longer ones are refused, never walked
 
@@ -70,20 +64,28 @@ def check_ranges(cfg, only: str | None = None, skip: str = "") -> None:
             raise ConfigError(f"{name}={value!r} is out of range; allowed: {low} to {high}")
 
 
+def model_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the model's choice fields, read from the registries that implement them."""
+    from mlm.encoders.patches import IMAGE_POS_EMBED
+    from mlm.encoders.pooling import LEVEL_WEIGHT_INIT, POOLING
+    from mlm.encoders.sharing import SHARING
+    from mlm.layers.masks import LEVELS
+    from mlm.layers.mla import ATTENTION
+
+    return {"model.attention": tuple(ATTENTION), "model.sharing": tuple(SHARING), "model.pooling": tuple(POOLING),
+            "model.level_weight_init": LEVEL_WEIGHT_INIT, "model.image_pos_embed": tuple(IMAGE_POS_EMBED),
+            "model.levels": LEVELS}  # fmt: skip
+
+
 def check_model(m) -> None:
     """Check the model's own rules (ranges, choices, cross-field), naming the field, the value and what is allowed."""
     check_ranges(m, only="model")
-    choices = {
-        "model.attention": (m.attention, ATTENTION_KINDS),
-        "model.sharing": (m.sharing, SHARING),
-        "model.pooling": (m.pooling, POOLING),
-        "model.level_weight_init": (m.level_weight_init, LEVEL_WEIGHT_INIT),
-        "model.image_pos_embed": (m.image_pos_embed, IMAGE_POS_EMBED),
-    }
-    _check_choices(choices)
+    allowed = model_choices()
+    levels = allowed.pop("model.levels")
+    _check_choices({name: (getattr(m, name.split(".")[1]), values) for name, values in allowed.items()})
     for i, level in enumerate(m.levels):
-        if level not in LEVELS:
-            raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(LEVELS)}")
+        if level not in levels:
+            raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(levels)}")
     if len(m.levels) != m.n_layers:
         raise ConfigError(f"model.levels has {len(m.levels)} entries but model.n_layers={m.n_layers}")
     if m.conv_stem < 0 or m.patch_size % 2**m.conv_stem:
@@ -95,6 +97,9 @@ def check_model(m) -> None:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:
         raise ConfigError(f"model.local_window_2d={m.local_window_2d} must be odd")
+    if (m.image_pos_embed == "sincos" or m.cross_pos_keys) and m.dim % 4:
+        raise ConfigError(f"model.dim={m.dim} must be a multiple of 4 for 2-D sin-cos positions "
+                          "(model.image_pos_embed=sincos or model.cross_pos_keys)")  # fmt: skip
     if m.mla.qk_rope_head_dim % 4:
         raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be a multiple of 4 (2-D RoPE)")
     if m.attention == "gqa" and m.mla.n_heads % m.mla.n_kv_heads:

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from mlm.config import Config, ModelConfig
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
+from mlm.encoders.pooling import POOLING
 from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
-from mlm.fusion.hierarchical import POOLING
 from mlm.generation import DecodingCache, DecodingConfig, generate_from_prompts
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
 from mlm.model_files import config_json, load_weights, model_config, read_config, read_decoding, resolve_file

@@ -1,4 +1,5 @@
-"""Patch embeddings: timm's linear ``PatchEmbed``, optionally after a convolutional stem.
+"""Patch embeddings and positions: timm's linear ``PatchEmbed``, optionally after a convolutional stem, and the
+absolute position table (``model.image_pos_embed``).
 
 A stem of stride-2 3x3 convolutions before the patch projection ("early convolutions", Xiao et al., 2021) gives
 each patch token local, non-linear features such as edges and corners: a linear projection of raw pixels mixes an
@@ -8,7 +9,9 @@ over channels, so a sample's tokens never depend on the rest of its batch (unlik
 
 from __future__ import annotations
 
-from timm.layers import ConvNormAct, LayerNorm2d, PatchEmbed
+import torch
+from timm.layers import ConvNormAct, LayerNorm2d, PatchEmbed, trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
 
@@ -42,8 +45,18 @@ class ConvStemPatchEmbed(nn.Module):
 
 def build_patch_embed(image_size: int, patch_size: int, in_chans: int, dim: int, conv_stem: int = 0) -> nn.Module:
     """timm's ``PatchEmbed`` when conv_stem is 0, else a :class:`ConvStemPatchEmbed` with that many convolutions."""
-    if conv_stem < 0:
-        raise ValueError(f"model.conv_stem={conv_stem} must be >= 0")
     if conv_stem == 0:
         return PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim)
     return ConvStemPatchEmbed(image_size, patch_size, in_chans, dim, conv_stem)
+
+
+IMAGE_POS_EMBED = {  # model.image_pos_embed -> the initial table (1, N, C) of a grid, or None
+    "sincos": lambda grid, dim: build_sincos2d_pos_embed(list(grid), dim)[None],  # needs dim % 4 == 0
+    "learned": lambda grid, dim: trunc_normal_(torch.zeros(1, grid[0] * grid[1], dim), std=0.02),
+    "none": lambda grid, dim: None,
+}
+
+
+def image_pos_table(kind: str, grid: tuple[int, int], dim: int) -> Tensor | None:
+    """Initial absolute patch positions (1, N, C): 2-D sin-cos, learned (trunc-normal init) or None."""
+    return IMAGE_POS_EMBED[kind](grid, dim)

@@ -15,16 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import trunc_normal_
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mlm.config import ModelConfig
 from mlm.encoders.block import EncoderBlock
-from mlm.encoders.patches import build_patch_embed
+from mlm.encoders.patches import build_patch_embed, image_pos_table
+from mlm.encoders.pooling import last_block_of_level
 from mlm.encoders.sharing import ModalityEmbedding, PerModality, separate_modules
-from mlm.fusion.hierarchical import last_block_of_level
 from mlm.layers.masks import level_mask
 from mlm.layers.rope import rope_1d, rope_2d
 
@@ -35,19 +33,6 @@ class EncoderOutput:
 
     tokens: Tensor  # (B, T, C) normalised output of the last block
     levels: dict[str, Tensor]  # level -> (B, T, C) normalised output of that level's last block
-
-
-def image_pos_table(kind: str, grid: tuple[int, int], dim: int) -> Tensor | None:
-    """Initial absolute patch positions (1, N, C): 2-D sin-cos, learned (trunc-normal init) or None."""
-    if kind == "none":
-        return None
-    if kind == "sincos":
-        if dim % 4:
-            raise ValueError(f"model.dim={dim} must be a multiple of 4 for model.image_pos_embed=sincos")
-        return build_sincos2d_pos_embed(list(grid), dim)[None]
-    if kind == "learned":
-        return trunc_normal_(torch.zeros(1, grid[0] * grid[1], dim), std=0.02)
-    raise ValueError(f"model.image_pos_embed={kind!r} is not one of sincos, learned, none")
 
 
 class SharedEncoder(nn.Module):

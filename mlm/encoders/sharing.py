@@ -17,24 +17,19 @@ from torch import Tensor, nn
 MODALITIES = ("image", "text")
 
 
-_SEPARATE = {"full": (False, False, False), "norms": (True, False, False), "ffn": (True, True, False),
-             "none": (True, True, True)}  # fmt: skip
-
-
-def _separate(sharing: str) -> tuple[bool, bool, bool]:
-    if sharing not in _SEPARATE:
-        raise ValueError(f"model.sharing={sharing!r} is not allowed; choose one of {', '.join(_SEPARATE)}")
-    return _SEPARATE[sharing]
+# model.sharing -> what each modality has of its own: (norms, feed-forward, attention)
+SHARING = {"full": (False, False, False), "norms": (True, False, False), "ffn": (True, True, False),
+           "none": (True, True, True)}  # fmt: skip
 
 
 def separate_modules(sharing: str) -> tuple[bool, bool]:
     """Return (separate_norms, separate_ffn) for a ``model.sharing`` value."""
-    return _separate(sharing)[:2]
+    return SHARING[sharing][:2]
 
 
 def separate_attention(sharing: str) -> bool:
     """Whether each modality has its own attention weights (``model.sharing=none``)."""
-    return _separate(sharing)[2]
+    return SHARING[sharing][2]
 
 
 def check_modality(modality: str) -> str:

@@ -1,7 +1,7 @@
 """Attention maps of one image and caption: hierarchical pooling weights per level and per-word cross-attention.
 
 Two views of where the model looks. The pooling weights are the softmax over patches that each level (local,
-regional, global) uses to pool the image into its embedding (:mod:`mlm.fusion.hierarchical`). The cross-modal
+regional, global) uses to pool the image into its embedding (:mod:`mlm.encoders.pooling`). The cross-modal
 attention of a word is the decoder's attention over image patches at the step that produces the word (as "Show,
 Attend and Tell", Xu et al., 2015, draws it): the query at position t-1 reads the image to predict token t,
 averaged over heads and decoder layers and over the word's sub-word tokens. The weights come from

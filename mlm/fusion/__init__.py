@@ -1,1 +1,1 @@
-"""Fusion of the two modalities: hierarchical pooling into the shared space and the cross-modal decoder."""
+"""Fusion of the two modalities: the cross-modal decoder that reads image tokens while it writes text."""

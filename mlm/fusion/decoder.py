@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mlm.config import ModelConfig
-from mlm.encoders.shared import image_pos_table
+from mlm.encoders.patches import image_pos_table
 from mlm.fusion.cross_modal import CrossModalBlock
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlm.fusion.hierarchical import HierarchicalPooling, last_block_of_level, present_levels
+from mlm.encoders.pooling import HierarchicalPooling, last_block_of_level, present_levels
 
 
 def test_levels_are_ordered_low_to_high_with_weights_from_point_one_to_one():

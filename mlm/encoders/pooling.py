@@ -1,4 +1,4 @@
-"""Hierarchical multi-level pooling into the shared image-text space.
+"""Pooling each modality into one vector of the shared image-text space: hierarchical multi-level pooling.
 
 Each attention level present in the encoder (local → regional → global) gives one pooled vector: a small scoring MLP
 rates every position, a softmax over the positions turns the ratings into weights, and the weighted sum of the hidden
@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlm.config import LEVEL_WEIGHT_INIT, LEVELS
+from mlm.layers.masks import LEVELS
+
+LEVEL_WEIGHT_INIT = ("ramp", "uniform")  # 0.1 (lowest present level) -> 1.0 (highest), or all 1.0
 
 
 @dataclass
