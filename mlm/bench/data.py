@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     import torch
 
     from mlm.config import Config
-    from mlm.data.collate import build_loader
+    from mlm.data.dataset import build_loader
     from mlm.data.sources import open_source
     from mlm.data.synthetic import generate
     from mlm.data.tokenizer import MLMTokenizer

@@ -83,7 +83,8 @@ def _batches(config, spec: str | None, batch_size: int, tmp: str, tokenizer=None
     VQA records mixed as in training)."""
     import torch
 
-    from mlm.data.collate import Collate, build_dataset
+    from mlm.data.collate import Collate
+    from mlm.data.dataset import build_dataset
     from mlm.data.sources import open_source
     from mlm.data.synthetic import generate
     from mlm.data.tokenizer import MLMTokenizer

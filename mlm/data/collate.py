@@ -1,123 +1,29 @@
-"""From records to batches: a torch ``Dataset`` that decodes, transforms and tokenizes, and the collate function.
+"""The collate function: samples of :class:`mlm.data.dataset.ImageTextDataset` stacked into one batch dict.
 
 The batch dict (the contract with ``MLMModel.forward`` and the training loop):
 
 - ``images``: FloatTensor (B, 3, H, W), CLIP-normalised;
 - ``text_ids``: LongTensor (B, T), ``[BOS] tokens [EOS]`` then ``[PAD]``; VQA rows hold ``question: q answer: a``;
 - ``text_mask``: BoolTensor (B, T), True at real tokens;
-- ``labels``: LongTensor (B, T), ``text_ids`` with -100 at pads and, for VQA rows, at every prompt token up to and
-  including "answer:" (the model shifts them: logits at t predict labels at t+1); with ``train.vqa_turns`` > 1 a
-  VQA row packs several questions about its image (:mod:`mlm.data.turns`) and only answers are targets;
+- ``labels``: LongTensor (B, T), ``text_ids`` with ``IGNORE_INDEX`` (-100) at pads and, for VQA rows, at every
+  prompt token up to and including "answer:" (the model shifts them: logits at t predict labels at t+1); with
+  ``train.vqa_turns`` > 1 a VQA row packs several questions about its image (:mod:`mlm.data.turns`) and only
+  answers are targets;
 - ``is_vqa``: BoolTensor (B,); ``image_ids``: list of image ids;
 - with swapped-word hard negatives (``train.swap_negatives``, :mod:`mlm.data.negatives`): ``negative_ids`` and
   ``negative_mask`` (M, T') for the M negative captions of the batch and ``negative_owner`` (M,), the row each
   belongs to.
 
-A record whose image turns out bad when loaded (truncated, corrupt, too large...) is counted in ``dataset.stats``,
-logged, and replaced by the next record, so batches keep their size; with ``strict`` it raises instead.
+``IGNORE_INDEX`` is defined here once; the token cross-entropy of :mod:`mlm.train.losses` imports it.
 """
 
 from __future__ import annotations
 
-import logging
-import random
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-from mlm.data import records as R
-from mlm.data import turns
-from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
-from mlm.data.negatives import check_groups, swap_negatives
-from mlm.data.records import DataError, Record, SkipStats
-from mlm.data.tokenizer import MLMTokenizer
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-MAX_LOGGED_SKIPS = 20  # warnings per dataset (per worker); later skips are only counted
-
-
-class MLMDataset(Dataset):
-    """Records -> samples ``{image, ids, n_prompt, is_vqa, image_id}``; bad records are skipped and counted."""
-
-    def __init__(
-        self,
-        source: Sequence[Record],
-        tokenizer: MLMTokenizer,
-        transform: Callable,
-        max_len: int,
-        train: bool = False,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        strict: bool = False,
-        max_retries: int = 16,
-        swap_groups: list[list[str]] | None = None,
-        swap_negatives: int = 0,
-        vqa_turns: int = 1,
-    ):
-        if len(source) == 0:
-            raise ValueError(f"data source {getattr(source, 'name', '')!r} has no usable record")
-        self.source = source
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self.max_len = max_len
-        self.train = train
-        self.max_pixels = max_pixels
-        self.max_retries = max_retries
-        self.stats = SkipStats(strict=strict)
-        self.swap_negatives = swap_negatives if train else 0
-        self.swap_index = check_groups(swap_groups or []) if self.swap_negatives else {}
-        if self.swap_negatives and not self.swap_index:
-            raise ValueError(f"train.swap_negatives={swap_negatives} needs data.swap_groups (groups of words to swap)")
-        self.vqa_turns = vqa_turns if train else 1
-        self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def load(self, index: int) -> dict:
-        """The sample of one record; raises DataError when its image or text is unusable."""
-        record = self.source[index]
-        self.stats.read += 1
-        if not record.is_vqa and not record.captions:
-            raise DataError(R.NO_CAPTION, record.origin, "record has neither captions nor a question")
-        image, notes = decode_image(record.image, self.max_pixels, record.origin)
-        for note in notes:
-            self.stats.fix(note, record.origin)
-        pixels = self.transform(image)  # (3, H, W)
-        targets = None
-        if record.is_vqa and self.vqa_turns > 1:
-            ids, targets = turns.packed_sample(self, index, record, self.vqa_turns)
-            n_prompt = targets.index(True) if True in targets else len(ids)
-        elif record.is_vqa:
-            ids, n_prompt = self.tokenizer.encode_vqa(record.question, turns.answer_of(record), self.max_len)
-        else:
-            caption = random.choice(record.captions) if self.train else record.captions[0]
-            ids, n_prompt = self.tokenizer.frame(self.tokenizer.tokenize(caption), self.max_len), 0
-        sample = {"image": pixels, "ids": ids, "n_prompt": n_prompt, "is_vqa": record.is_vqa,
-                  "image_id": record.image_id}  # fmt: skip
-        if targets is not None:
-            sample["targets"] = targets
-        if self.swap_negatives:
-            texts = [] if record.is_vqa else swap_negatives(caption, self.swap_index, self.swap_negatives, random)
-            sample["negatives"] = [self.tokenizer.frame(self.tokenizer.tokenize(t), self.max_len) for t in texts]
-        return sample
-
-    def __getitem__(self, index: int) -> dict:
-        for attempt in range(self.max_retries + 1):
-            i = (index + attempt) % len(self.source)
-            try:
-                return self.load(i)
-            except DataError as err:
-                self.stats.skip_error(err)  # re-raises under strict
-                if sum(self.stats.skipped.values()) <= MAX_LOGGED_SKIPS:
-                    logger.warning("skipped a record at load time: %s", err)
-        raise ValueError(
-            f"records {index}..{i} of {getattr(self.source, 'name', 'the source')} all failed to load; "
-            f"skips so far: {dict(self.stats.skipped)}; run `mlm data check` on it"
-        )
 
 
 @dataclass
@@ -157,38 +63,3 @@ class Collate:
                 batch["negative_mask"][m, : len(ids)] = True
             batch["negative_owner"] = torch.tensor([row for row, _ in negatives], dtype=torch.long)  # (M,)
         return batch
-
-
-def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool) -> MLMDataset:
-    """MLMDataset over a source with the config's transform, text length and image-size guard (a full ``Config``)."""
-    from mlm.data.transforms import build_transform
-
-    return MLMDataset(
-        source,
-        tokenizer,
-        build_transform(cfg.model.image_size, train=train, augment=cfg.data.augment),
-        max_len=cfg.model.max_text_len,
-        train=train,
-        max_pixels=cfg.data.max_image_pixels,
-        strict=cfg.data.strict,
-        swap_groups=cfg.data.swap_groups,
-        swap_negatives=cfg.train.swap_negatives,
-        vqa_turns=cfg.train.vqa_turns,
-    )
-
-
-def build_loader(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool, batch_size: int | None = None):
-    """A DataLoader of batch dicts for a source, sized by a full ``Config`` (model.image_size, data.*, train.*)."""
-    dataset = build_dataset(source, tokenizer, cfg, train)
-    batch_size = batch_size or (cfg.train.batch_size if train else cfg.eval.batch_size)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) >= batch_size,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-        collate_fn=Collate(tokenizer.pad_id),
-        generator=generator,
-    )

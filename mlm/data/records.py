@@ -4,6 +4,9 @@ A :class:`Record` holds an image reference (a file path or encoded bytes, decode
 and, for VQA, one question with its answers. Sources never crash on bad input: each problem is either raised as a
 :class:`DataError` naming the file and line/field (``strict`` mode, or a whole file that cannot be read) or
 counted in :class:`SkipStats` under a short reason with a few example messages (lenient mode, the default).
+
+Text as every reader gets it: ``read_text`` reads an annotation file keeping undecodable bytes (as surrogates), and
+``clean_text`` turns one field into a one-line caption, question or answer, or counts why it cannot be one.
 """
 
 from __future__ import annotations
@@ -217,3 +220,13 @@ def clean_text(
         stats.fix(CAPTION_TRUNCATED, origin, f"{len(text)} characters > {max_chars}")
         text = text[: cut if cut > 0 else max_chars]
     return text
+
+
+def read_text(path: Path) -> str:
+    """File text as UTF-8 (BOM stripped); undecodable bytes are kept as surrogates so fields can be checked."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataError(EMPTY_FILE, str(path), f"{len(data)} bytes, no content")
+    return data.decode("utf-8-sig", errors="surrogateescape")

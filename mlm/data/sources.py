@@ -1,4 +1,4 @@
-"""Data sources: every annotation format becomes a :class:`Source`, a sequence of :class:`Record` with skip counts.
+"""Opening a data source: the format names, detection from the path, and ``open_source``, which calls the reader.
 
 ``open_source(spec, cfg, split)`` reads, with ``data.format: auto`` detecting the kind from the path:
 
@@ -17,6 +17,13 @@
 
 Image paths are relative to ``data.image_root`` (default: the annotation file's folder; ``images/`` and COCO's
 ``train2017``-style folders beside it are tried too). Images are only listed at open time and decoded on use.
+
+Each family has its reader module, and this module is the only one that imports them (the readers import only
+:mod:`~mlm.data.records`, :mod:`~mlm.data.source` and :mod:`~mlm.data.image_paths`, never this module):
+:mod:`~mlm.data.readers_json` (COCO, Karpathy, VQAv2, synth), :mod:`~mlm.data.readers_table` (CSV/TSV, JSONL,
+imagefolder), :mod:`~mlm.data.readers_hf` (parquet, Arrow), :mod:`~mlm.data.readers_webdataset` (tar shards) and
+:mod:`~mlm.data.readers_images` (a bare folder of images). A reader returns a list of records, which
+``open_source`` wraps in a :class:`~mlm.data.source.Source`, or a Source of its own.
 """
 
 from __future__ import annotations
@@ -25,39 +32,18 @@ from pathlib import Path
 
 from mlm.config import DataConfig
 from mlm.data import records as R
-from mlm.data.images import IMAGE_SUFFIXES, SAFE_FORMATS
+from mlm.data.images import IMAGE_SUFFIXES
+from mlm.data.readers_images import read_image_files
+from mlm.data.readers_json import json_object, read_coco, read_karpathy, read_synth, read_vqa, vqa_files
+from mlm.data.readers_table import read_imagefolder, read_jsonl, read_table
+from mlm.data.readers_webdataset import read_webdataset
 from mlm.data.records import DataError, Record, SkipStats
-from mlm.data.sources_files import (
-    ConcatSource,
-    Source,
-    read_imagefolder,
-    read_jsonl,
-    read_table,
-    read_webdataset,
-)
-from mlm.data.sources_json import json_object, read_coco, read_karpathy, read_synth, read_vqa, vqa_files
+from mlm.data.source import ConcatSource, Source
 
-__all__ = ["FORMATS", "Source", "ConcatSource", "open_source", "detect_format", "scan_folder"]
+__all__ = ["FORMATS", "open_source", "detect_format", "scan_folder"]
 
 FORMATS = ("auto", "coco", "karpathy", "vqav2", "csv", "tsv", "jsonl", "imagefolder", "parquet", "arrow",
            "webdataset", "synth", "images")  # fmt: skip
-EXTRA_IMAGE_SUFFIXES = (".jfif", ".jpe", ".heic", ".heif", ".avif")
-
-
-def read_image_files(folder: Path, stats: SkipStats) -> list[Record]:
-    """Every image-named file under a folder, as caption-less records (``mlm data check`` decodes them)."""
-    from PIL import Image
-
-    Image.init()
-    safe = {ext for ext, fmt in Image.registered_extensions().items() if fmt in SAFE_FORMATS}
-    suffixes = set(IMAGE_SUFFIXES + EXTRA_IMAGE_SUFFIXES) | safe
-    records = []
-    for path in sorted(folder.rglob("*")):
-        hidden = any(p.startswith(".") for p in path.relative_to(folder).parts)
-        if path.suffix.lower() in suffixes and not hidden and (path.is_file() or path.is_symlink()):
-            stats.read += 1
-            records.append(Record(image=str(path), origin=str(path)))
-    return records
 
 
 def _json_kind(path: Path) -> str:
@@ -150,7 +136,7 @@ def _read(spec: str, fmt: str, cfg: DataConfig, split: str | None, stats: SkipSt
         return read_synth(path, cfg, split, stats)
     if fmt == "images":
         return read_image_files(path, stats)
-    from mlm.data.sources_hf import read_hf
+    from mlm.data.readers_hf import read_hf
 
     return read_hf(spec, fmt, cfg.csv_img_key, cfg.csv_caption_key, cfg.image_root, split, stats)
 

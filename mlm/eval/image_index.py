@@ -133,7 +133,7 @@ class ImageIndex:
     def _scan(self) -> tuple[list[Path], list[str], dict[str, str]]:
         """The folder's image files and their keys, and {key: reason} for names that cannot be read (a dangling
         link, a file removed or made unreadable while scanning)."""
-        from mlm.data.sources import read_image_files
+        from mlm.data.readers_images import read_image_files
 
         files, keys, unreadable = [], [], {}
         for record in read_image_files(self.folder, SkipStats()):

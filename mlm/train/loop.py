@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mlm.config import Config, ConfigError
-from mlm.data.collate import build_dataset
+from mlm.data.dataset import build_dataset
 from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
 from mlm.train import init_from, sampler, setup

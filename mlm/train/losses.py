@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlm.config import ConfigError, TrainConfig
-
-IGNORE_INDEX = -100
+from mlm.data.collate import IGNORE_INDEX
 
 
 def _distributed() -> bool:

@@ -22,7 +22,7 @@ class Validator:
     """Holds a validation subset (``eval.max_samples`` caption and VQA records each; 0 = all) and scores a model."""
 
     def __init__(self, config: Config, source, tokenizer):
-        from mlm.data.collate import build_dataset
+        from mlm.data.dataset import build_dataset
 
         limit = config.eval.max_samples or None
         self.captions = [r for r in source if not r.is_vqa and r.captions][:limit]

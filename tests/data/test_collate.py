@@ -5,14 +5,15 @@ import torch
 
 from mlm.config import Config
 from mlm.data import records as R
-from mlm.data.collate import IGNORE_INDEX, Collate, MLMDataset, build_loader
+from mlm.data.collate import IGNORE_INDEX, Collate
+from mlm.data.dataset import ImageTextDataset, build_loader
 from mlm.data.records import DataError, Record
 from mlm.data.transforms import build_transform
 from tests.data.conftest import image_bytes
 
 
 def _dataset(records, tok, **kw):
-    return MLMDataset(records, tok, build_transform(32), max_len=24, **kw)
+    return ImageTextDataset(records, tok, build_transform(32), max_len=24, **kw)
 
 
 def test_batch_contract(synth_source, tok):

@@ -33,7 +33,8 @@ def test_bad_groups_are_named():
 
 def test_the_dataset_and_collate_carry_negatives(tmp_path):
     from mlm.config import load_config
-    from mlm.data.collate import Collate, build_dataset
+    from mlm.data.collate import Collate
+    from mlm.data.dataset import build_dataset
     from mlm.data.sources import open_source
     from mlm.data.synthetic import generate
     from mlm.data.tokenizer import MLMTokenizer

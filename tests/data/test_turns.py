@@ -3,7 +3,8 @@
 import pytest
 
 from mlm.config import ConfigError, load_config
-from mlm.data.collate import IGNORE_INDEX, Collate, MLMDataset
+from mlm.data.collate import IGNORE_INDEX, Collate
+from mlm.data.dataset import ImageTextDataset
 from mlm.data.records import Record
 from mlm.data.transforms import build_transform
 from mlm.data.turns import encode_turns, same_image_questions
@@ -39,7 +40,7 @@ def test_first_turn_is_the_single_question_row_and_only_answers_are_targets(tok)
 
 def test_dataset_packs_turns_of_the_same_image_deterministically(source, tok):
     vqa = [i for i in range(len(source)) if source[i].is_vqa]
-    ds = MLMDataset(source, tok, build_transform(32), max_len=64, train=True, vqa_turns=3)
+    ds = ImageTextDataset(source, tok, build_transform(32), max_len=64, train=True, vqa_turns=3)
     items = SeededItems(ds, seed=0)
     samples = [items[(0, i)] for i in vqa[:4]]
     assert [s["ids"] for s in samples] == [items[(0, i)]["ids"] for i in vqa[:4]]  # same seed, same rows
@@ -52,7 +53,7 @@ def test_dataset_packs_turns_of_the_same_image_deterministically(source, tok):
         assert set(batch["text_ids"][row][batch["labels"][row] != IGNORE_INDEX].tolist()) <= set(
             sum((tok.tokenize(source[j].answer) for j in [index, *ds.same_image[index]]), [tok.eos_id])
         )  # only answers and EOS are targets
-    plain = MLMDataset(source, tok, build_transform(32), max_len=64, train=False, vqa_turns=3)
+    plain = ImageTextDataset(source, tok, build_transform(32), max_len=64, train=False, vqa_turns=3)
     assert plain[vqa[0]]["ids"] == tok.encode_vqa(source[vqa[0]].question, source[vqa[0]].answer, 64)[0]
 
 

@@ -9,7 +9,7 @@ import torch
 from tiny_run import tiny_config
 
 from mlm.config import ConfigError
-from mlm.data.collate import build_dataset
+from mlm.data.dataset import build_dataset
 from mlm.model import MLMModel
 from mlm.train import checkpoint as ckpt
 from mlm.train.guards import NonFiniteLossError

@@ -1,7 +1,8 @@
-"""HF ``datasets`` sources: parquet files and folders written by ``save_to_disk`` (Arrow), read through ``datasets``.
+"""Parquet files and ``save_to_disk`` folders (Arrow), read through HF ``datasets`` as a lazily indexed Source.
 
 Rows stay in the memory-mapped Arrow table; only the caption column is read when the source opens (to check and
-count bad captions), and a row's image (embedded bytes or a path) is fetched when the record is used.
+count bad captions), and a row's image (embedded bytes or a path) is fetched when the record is used. The image and
+caption columns are chosen as for the other tables (:func:`mlm.data.readers_table.pick_column`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mlm.data import records as R
+from mlm.data.image_paths import ImageResolver
+from mlm.data.readers_table import CAPTION_KEYS, IMAGE_KEYS, pick_column
 from mlm.data.records import DataError, Record, SkipStats, clean_text
-from mlm.data.sources_files import CAPTION_KEYS, IMAGE_KEYS, ImageResolver, Source, expand_shards, pick_column
+from mlm.data.shards import expand_shards
+from mlm.data.source import Source
 
 logger = logging.getLogger(__name__)
 

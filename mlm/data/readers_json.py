@@ -1,18 +1,21 @@
 """JSON annotation formats: COCO captions, Karpathy splits, VQAv2 questions + annotations, and synth folders.
 
 Each reader returns records and counts every bad entry in a :class:`SkipStats` under its reason, with the file and
-the JSON path of the entry (``captions.json:annotations[12]``) in the message.
+the JSON path of the entry (``captions.json:annotations[12]``) in the message. ``load_json`` (the last file parsed is
+kept, so detecting the format and reading the file parse it once) reports a malformed file at its line and column.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from mlm.config import DataConfig
 from mlm.data import records as R
-from mlm.data.records import DataError, Record, SkipStats, clean_text
-from mlm.data.sources_files import ImageResolver, load_json
+from mlm.data.image_paths import ImageResolver
+from mlm.data.records import DataError, Record, SkipStats, clean_text, read_text
 
 NO_QUESTION = "no valid question"
 
@@ -253,6 +256,27 @@ def read_synth(folder: Path, cfg: DataConfig, split: str | None, stats: SkipStat
     if questions.is_file():
         records += read_vqa(*vqa_files(str(questions)), cfg, stats)
     return records
+
+
+_JSON_CACHE: dict[tuple, Any] = {}
+
+
+def load_json(path: str | Path) -> Any:
+    """Parse a JSON file; a malformed one raises DataError at "file:line:column". The last file is cached."""
+    path = Path(path)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    if key is not None and key in _JSON_CACHE:
+        return _JSON_CACHE[key]
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(R.MALFORMED_JSON, f"{path}:{err.lineno}:{err.colno}", err.msg) from err
+    except (ValueError, RecursionError) as err:  # e.g. a 5000-digit number, arrays nested 100000 deep
+        raise DataError(R.MALFORMED_JSON, str(path), f"{type(err).__name__}: {str(err)[:200]}") from err
+    _JSON_CACHE.clear()
+    _JSON_CACHE[key] = data
+    return data
 
 
 def json_object(path: Path) -> dict:
