@@ -73,7 +73,7 @@ def _finish(metrics: dict, args: argparse.Namespace, title: str, figures: dict |
 
 def run_vqa(args: argparse.Namespace) -> int:
     """Score a VQAv2 results file against questions + annotations."""
-    from mlm.eval.report import plot_vqa_types
+    from mlm.eval.plots import plot_vqa_types
     from mlm.eval.vqa import load_vqa_annotations, load_vqa_results, vqa_accuracy
 
     annotations = load_vqa_annotations(args.annotations, args.questions)

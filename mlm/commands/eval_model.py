@@ -144,8 +144,9 @@ def run_model(args: argparse.Namespace) -> int:
 def run_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot classification of a labelled image folder or CSV; prints one line (a table with --markdown)."""
     from mlm.eval.inference import load_model
+    from mlm.eval.plots import plot_confusion
     from mlm.eval.report import markdown_table, write_report
-    from mlm.eval.zeroshot import choose_templates, open_classification, plot_confusion, zeroshot_classify
+    from mlm.eval.zeroshot import choose_templates, open_classification, zeroshot_classify
 
     if not args.data:
         raise ValueError("--task zeroshot needs --data FOLDER_OR_CSV (one sub-folder per class, or image,label rows)")

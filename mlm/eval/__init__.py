@@ -4,7 +4,8 @@ Everything here scores predictions or embeddings; running a model to produce the
 """
 
 from mlm.eval.captioning import caption_metrics, load_caption_results, load_coco_captions
-from mlm.eval.report import plot_vqa_types, write_report
+from mlm.eval.plots import plot_vqa_types
+from mlm.eval.report import write_report
 from mlm.eval.retrieval import retrieval_metrics, topk_indices
 from mlm.eval.vqa import load_vqa_annotations, load_vqa_results, normalize_answer, rank_answers, vqa_accuracy
 

@@ -109,9 +109,9 @@ def plot_attention_maps(
     image: Image.Image, maps: AttentionMaps, path: str | Path, max_words: int = 16, size: int = 192
 ) -> Path:
     """Write a PNG: the image and each level's pooling weights, then each caption word's cross-attention."""
-    from mlm.eval.report import _pyplot, _save
+    from mlm.eval.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     shown = ImageOps.fit(image.convert("RGB"), (size, size))  # the eval transform's centre crop
     words = list(zip(maps.words, maps.word_maps, strict=True))[:max_words]
     cols = max(4, len(maps.pool) + 1)
@@ -129,4 +129,4 @@ def plot_attention_maps(
         ax.axis("on")
         _overlay(ax, shown, heat, f"'{word}'")
     fig.suptitle(textwrap.shorten(f"cross-attention per word: {maps.caption}", 110), fontsize=10)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlm.eval.report import is_id, read_json, read_results
+from mlm.eval.results_io import is_id, read_json, read_results
 
 logger = logging.getLogger(__name__)
 

@@ -164,7 +164,7 @@ class _DisplayImages:
 
 def _retrieval_figures(groups, texts, images, text_embeds, text_to_image, out_dir: Path, chunk: int) -> None:
     """Query grids with the top-5 results, for a few caption queries and a few image queries."""
-    from mlm.eval.report import plot_image_to_text_grid, plot_text_to_image_grid
+    from mlm.eval.plots import plot_image_to_text_grid, plot_text_to_image_grid
     from mlm.eval.retrieval import topk_indices
 
     display = _DisplayImages([g.image for g in groups])
@@ -250,7 +250,7 @@ def evaluate_vqa(
     if ev.vqa_mode != "generative":
         metrics["num_candidates"] = len(candidates)
     if out_dir is not None:
-        from mlm.eval.report import plot_vqa_types
+        from mlm.eval.plots import plot_vqa_types
 
         results = [{"question_id": key, "answer": answer} for key, answer in predictions.items()]
         (out_dir / "vqa_results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -296,9 +296,9 @@ def _plot_captions(groups: list[ImageGroup], captions: list[str], path: Path) ->
     """A row of images, each with its generated caption and first reference caption under it."""
     import textwrap
 
-    from mlm.eval.report import _pyplot, _save
+    from mlm.eval.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     display = _DisplayImages([g.image for g in groups])
     fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 3.6), squeeze=False)
     for ax, group, caption, i in zip(axes[0], groups, captions, range(len(groups)), strict=True):
@@ -309,7 +309,7 @@ def _plot_captions(groups: list[ImageGroup], captions: list[str], path: Path) ->
             textwrap.wrap(f"model: {caption or '(empty)'}", 32)[:3] + textwrap.wrap(f"ref: {group.captions[0]}", 32)[:3]
         )
         ax.set_xlabel("\n".join(lines), fontsize=7, loc="left")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def _eval_config(model: MLMModel, cfg: Config | EvalConfig | None) -> EvalConfig:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mlm.eval.report import is_id, read_json, read_results
+from mlm.eval.results_io import is_id, read_json, read_results
 
 logger = logging.getLogger(__name__)
 

@@ -205,26 +205,3 @@ def choose_templates(data: ClassificationSet, templates_path: str | Path | None)
         logger.info("using the templates in %s", data.templates_file)
         return read_templates(data.templates_file)
     return list(DEFAULT_TEMPLATES)
-
-
-def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> Path:
-    """A confusion-matrix heat map (rows: true class, columns: predicted), counts written in the cells."""
-    from mlm.eval.report import _pyplot, _save
-
-    plt = _pyplot()
-    n = len(classes)
-    side = min(2.0 + 0.45 * n, 24.0)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(n), [prompt_name(c) for c in classes], rotation=90, fontsize=8)
-    ax.set_yticks(range(n), [prompt_name(c) for c in classes], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 30:
-        peak = max((max(row) for row in confusion), default=0)
-        for i, row in enumerate(confusion):
-            for j, count in enumerate(row):
-                if count:
-                    colour = "white" if count > peak / 2 else "black"
-                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=colour)
-    return _save(fig, plt, path)

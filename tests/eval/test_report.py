@@ -7,14 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlm.eval.report import (
-    flatten_metrics,
-    markdown_table,
-    plot_image_to_text_grid,
-    plot_text_to_image_grid,
-    plot_vqa_types,
-    write_report,
-)
+from mlm.eval.plots import plot_image_to_text_grid, plot_text_to_image_grid, plot_vqa_types
+from mlm.eval.report import flatten_metrics, markdown_table, write_report
 
 METRICS = {
     "overall": 62.5,
