@@ -40,7 +40,7 @@ def _config_tokenizer(config):
 def create_model(name_or_path: str, device: str | torch.device | None = None, precision: str | None = None):
     """A trained model from a checkpoint path, or a fresh model of a shipped config name; in eval mode."""
     from mlm.config import load_config
-    from mlm.eval.inference import load_model, pick_device
+    from mlm.inference import load_model, pick_device
     from mlm.model import MLMModel
 
     if precision is not None and precision not in PRECISIONS:
@@ -91,8 +91,8 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None) -> Token
     """The tokenizer of a checkpoint (or of a shipped config that names a fixed one) as a callable."""
     from mlm.config import load_config
     from mlm.data.tokenizer import MLMTokenizer
-    from mlm.eval.inference import resolve_checkpoint
     from mlm.model_files import read_config
+    from mlm.run_folder import resolve_checkpoint
 
     if _is_config_name(name_or_path):
         config = load_config(CONFIG_DIR / f"{name_or_path}.yaml")

@@ -52,6 +52,6 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture
 def tiny_model(tiny_run):
     """A fresh copy of the tiny trained model, loaded from its checkpoint."""
-    from mlm.eval.inference import load_model
+    from mlm.inference import load_model
 
     return load_model(tiny_run[0], "cpu")

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     """Probe every level's states (frozen) or train encoder + head; return the report and a table."""
     from mlm.config import load_config
     from mlm.data.transforms import build_transform
-    from mlm.eval.inference import load_model
+    from mlm.inference import load_model
     from mlm.model import MLMModel
 
     data = Path(args.data)

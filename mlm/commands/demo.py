@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('the demo needs gradio: pip install -e ".[demo]"')
     from mlm.demo.app import build_app, launch
     from mlm.demo.service import DemoService
-    from mlm.eval.inference import checkpoint_id, load_model
+    from mlm.inference import checkpoint_id, load_model
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")

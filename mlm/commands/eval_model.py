@@ -74,13 +74,9 @@ def eval_config(model, overrides: list[str]):
 
 def _run_test_data(checkpoint: str) -> str:
     """data.test of the run that trained a checkpoint (the run config beside it), or "" when there is none."""
-    from mlm.eval.inference import resolve_checkpoint
-    from mlm.train.checkpoint import TRAINER_STATE, read_trainer_state
+    from mlm.run_folder import resolve_checkpoint, run_config
 
-    folder = resolve_checkpoint(checkpoint)  # <run>/checkpoints/step_N/model, or a bare model folder
-    if not (folder.parent / TRAINER_STATE).is_file():
-        return ""
-    config = read_trainer_state(folder.parent).get("config", {})
+    config = run_config(resolve_checkpoint(checkpoint)) or {}  # <run>/checkpoints/step_N/model has one beside it
     return str(config.get("data", {}).get("test", "") or "")
 
 
@@ -106,9 +102,9 @@ def run_model(args: argparse.Namespace) -> int:
             "give a TASK (vqa|caption|retrieval) with --predictions FILE, or --checkpoint DIR [--data SOURCE]"
         )
     check_overrides(args.eval_overrides)
-    from mlm.eval.inference import load_model
     from mlm.eval.report import summary_table
     from mlm.eval.runner import evaluate, open_eval_source
+    from mlm.inference import load_model
 
     tasks = [t.strip() for task in args.model_task or ["all"] for t in task.split(",") if t.strip()]
     if "zeroshot" in tasks:
@@ -143,10 +139,10 @@ def run_model(args: argparse.Namespace) -> int:
 
 def run_zeroshot(args: argparse.Namespace) -> int:
     """Zero-shot classification of a labelled image folder or CSV; prints one line (a table with --markdown)."""
-    from mlm.eval.inference import load_model
     from mlm.eval.plots import plot_confusion
     from mlm.eval.report import markdown_table, write_report
     from mlm.eval.zeroshot import choose_templates, open_classification, zeroshot_classify
+    from mlm.inference import load_model
 
     if not args.data:
         raise ValueError("--task zeroshot needs --data FOLDER_OR_CSV (one sub-folder per class, or image,label rows)")

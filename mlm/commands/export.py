@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, optionally merge, save; print what was written."""
-    from mlm.eval.inference import resolve_checkpoint
     from mlm.lora import has_lora, merge_lora
     from mlm.model import MLMModel
+    from mlm.run_folder import resolve_checkpoint
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

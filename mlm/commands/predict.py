@@ -114,7 +114,7 @@ def run_caption(args: argparse.Namespace) -> int:
     """Caption every image; bad files are reported and the rest still captioned (exit 1 if any failed)."""
     from tqdm.auto import tqdm
 
-    from mlm.eval.inference import image_batches, image_transform, load_model
+    from mlm.inference import image_batches, image_transform, load_model
 
     kwargs = _decoding(args)
     if not 1 <= args.batch_size <= MAX_BATCH:
@@ -150,7 +150,7 @@ def _print_rows(rows: list[dict], as_json: bool, key: str) -> None:
 def _one_image(model, path: str):
     """Normalised pixels (1, 3, H, W) and the decoded PIL image of one file; bad files raise ValueError."""
     from mlm.data.records import DataError
-    from mlm.eval.inference import decode_any, image_transform
+    from mlm.inference import decode_any, image_transform
 
     try:
         image = decode_any(path)
@@ -162,7 +162,7 @@ def _one_image(model, path: str):
 def run_ask(args: argparse.Namespace) -> int:
     """Answer each question about the image."""
     from mlm.data.text import check_text
-    from mlm.eval.inference import check_question, load_model
+    from mlm.inference import check_question, load_model
 
     kwargs = _decoding(args)
     questions = [check_text(q, f"question {i + 1}") for i, q in enumerate(args.questions)]
@@ -184,7 +184,7 @@ def run_search(args: argparse.Namespace) -> int:
     """Print the best matching images of the folder for the text."""
     from mlm.data.text import check_text
     from mlm.eval.image_index import ImageIndex
-    from mlm.eval.inference import checkpoint_id, load_model
+    from mlm.inference import checkpoint_id, load_model
 
     if args.top_k < 1:
         raise ValueError(f"-k/--top-k must be >= 1, got {args.top_k}")
@@ -208,7 +208,7 @@ def run_explain(args: argparse.Namespace) -> int:
     """Write the attention-map PNG for the image and caption (the model's own caption when none is given)."""
     from mlm.data.text import check_text
     from mlm.eval.attention_maps import attention_maps, plot_attention_maps
-    from mlm.eval.inference import load_model
+    from mlm.inference import load_model
 
     given = check_text(args.caption, "caption") if args.caption and args.caption.strip() else None
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}.explain.png")

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mlm import inference as infer
 from mlm.data.records import DataError
 from mlm.data.text import check_text
-from mlm.eval import inference as infer
 from mlm.model import MLMModel
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from mlm import inference as infer
 from mlm.data.records import SkipStats
-from mlm.eval import inference as infer
 from mlm.model import MLMModel
 
 logger = logging.getLogger(__name__)

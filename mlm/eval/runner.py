@@ -1,7 +1,7 @@
 """Model-based evaluation: run a model over a data source and score retrieval, VQA and captioning.
 
 :func:`evaluate` is what ``mlm eval --checkpoint`` and the training loop call. Each task turns the records into
-predictions with :mod:`mlm.eval.inference` and scores them with the metric modules beside it:
+predictions with :mod:`mlm.inference` and scores them with the metric modules beside it:
 
 - retrieval: records are grouped per image, every caption of an image is a positive (the Karpathy-split convention,
   Karpathy & Fei-Fei, 2015); embeddings are computed in batches and similarities in chunks;
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mlm import inference as infer
 from mlm.config import Config, DataConfig, EvalConfig
 from mlm.data.records import Record
-from mlm.eval import inference as infer
 from mlm.eval.captioning import METRICS
 from mlm.eval.vqa import normalize_answer, rank_answers, vqa_accuracy
 from mlm.model import MLMModel

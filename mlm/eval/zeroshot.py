@@ -135,7 +135,7 @@ def prompt_name(class_name: str) -> str:
 @torch.no_grad()
 def class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> Tensor:
     """(C, E) L2-normalised class embeddings: the mean of each class's normalised template embeddings."""
-    from mlm.eval.inference import embed_texts
+    from mlm.inference import embed_texts
 
     prompts = [template.format(prompt_name(name)) for name in classes for template in templates]
     embeds = embed_texts(model, prompts).view(len(classes), len(templates), -1).mean(dim=1)
@@ -176,7 +176,7 @@ def zeroshot_metrics(logits: Tensor, labels: Tensor, classes: Sequence[str]) -> 
 
 def zeroshot_classify(model, data: ClassificationSet, templates: Sequence[str], batch_size: int = 128) -> dict:
     """Classify every image of ``data``; returns :func:`zeroshot_metrics` plus the templates and skipped images."""
-    from mlm.eval.inference import embed_images, image_batches, image_transform
+    from mlm.inference import embed_images, image_batches, image_transform
 
     unknown = unknown_words(model, data.classes)
     if unknown:

@@ -30,42 +30,22 @@ from safetensors.torch import save_file
 
 from mlm.errors import first_line
 from mlm.lora import apply_lora, has_lora
+from mlm.run_folder import (  # noqa: F401 - the layout is re-exported for the training code and its tests
+    MODEL_DIR,
+    STATE_DIR,
+    TRAINER_STATE,
+    TRAINER_TENSORS,
+    checkpoints_root,
+    latest_checkpoint,
+    list_checkpoints,
+    read_trainer_state,
+)
 from mlm.train.safe_load import check_state_folder
 
 logger = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp_"
-MODEL_DIR = "model"
-STATE_DIR = "state"
-TRAINER_STATE = "trainer_state.json"
-TRAINER_TENSORS = "trainer_tensors.safetensors"
 _LEGACY_CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # trainer state as a pickle, written before 0.2
-
-
-def checkpoints_root(output_dir: str | Path) -> Path:
-    """The folder that holds a run's checkpoints."""
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, path), oldest first; temporary folders are ignored."""
-    root = checkpoints_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        # real folders only: a link could point anywhere, and pruning would have to delete through it
-        if match and path.is_dir() and not path.is_symlink() and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -93,28 +73,6 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
             "continue with --resume latest, or move them away, or set another train.output_dir"
         )
     return path
-
-
-def read_trainer_state(checkpoint: str | Path) -> dict:
-    """The readable trainer state of a checkpoint, checked: step, time and counters of the right types."""
-    path = Path(checkpoint) / TRAINER_STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}")
-    step, elapsed, nonfinite = state.get("step"), state.get("elapsed_s", 0.0), state.get("nonfinite", {})
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"{path}: 'step' must be a non-negative integer, got {step!r}")
-    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not 0 <= elapsed < float("inf"):
-        raise ValueError(f"{path}: 'elapsed_s' must be a non-negative number, got {elapsed!r}")
-    counts = nonfinite.values() if isinstance(nonfinite, dict) else [None]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-        raise ValueError(f"{path}: 'nonfinite' must map counter names to non-negative integers, got {nonfinite!r}")
-    if "config" in state and not (isinstance(state["config"], dict) and isinstance(state["config"].get("model"), dict)):
-        raise ValueError(f"{path}: 'config' must be an object with a 'model' section")
-    return state
 
 
 def _remove_stale_temporaries(root: Path) -> None:

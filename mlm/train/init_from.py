@@ -29,7 +29,7 @@ def model_differences(saved: dict, current: ModelConfig) -> list[str]:
 
 def init_folder(config: Config) -> Path:
     """The model folder that ``train.init_from`` names (a model, checkpoint or run folder)."""
-    from mlm.eval.inference import resolve_checkpoint
+    from mlm.run_folder import resolve_checkpoint
 
     return resolve_checkpoint(config.train.init_from)
 

@@ -23,7 +23,7 @@ def _image(tiny_run) -> str:
 @pytest.fixture
 def model_copy(tiny_run, tmp_path):
     """A copy of the tiny model folder to break."""
-    from mlm.eval.inference import resolve_checkpoint
+    from mlm.run_folder import resolve_checkpoint
 
     folder = tmp_path / "model"
     shutil.copytree(resolve_checkpoint(tiny_run[0]), folder)

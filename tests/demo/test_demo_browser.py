@@ -7,7 +7,7 @@ import pytest
 
 from mlm.demo.app import build_app, launch
 from mlm.demo.service import DemoService
-from mlm.eval.inference import checkpoint_id
+from mlm.inference import checkpoint_id
 
 CHROMIUM = os.environ.get("MLM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

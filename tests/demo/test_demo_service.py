@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mlm.demo.service import GRADIO_TEMP_DIR, DemoService, UploadError
-from mlm.eval.inference import checkpoint_id
+from mlm.inference import checkpoint_id
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mlm import inference as infer
 from mlm.config import load_config
-from mlm.eval import inference as infer
 from mlm.eval.attention_maps import attention_maps, cross_attention, plot_attention_maps
 from mlm.model import MLMModel
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from mlm.eval import inference as infer
+from mlm import inference as infer
 from mlm.eval.image_index import ImageIndex
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from mlm import inference as infer
 from mlm.data.tokenizer import vqa_prompt
-from mlm.eval import inference as infer
 
 
 def test_a_run_a_checkpoint_and_a_model_folder_resolve_to_the_same_model(tiny_run, tmp_path):

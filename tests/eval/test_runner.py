@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from mlm import inference as infer
 from mlm.commands import eval as eval_command
 from mlm.config import EvalConfig
 from mlm.data.records import Record
-from mlm.eval import inference as infer
 from mlm.eval.retrieval import retrieval_metrics
 from mlm.eval.runner import candidate_list, caption_groups, evaluate, open_eval_source
 

@@ -96,7 +96,7 @@ def test_synthetic_view_is_deterministic_and_balanced_enough(tmp_path):
 
 
 def test_class_embeddings_average_the_normalised_templates(tiny_model):
-    from mlm.eval.inference import embed_texts
+    from mlm.inference import embed_texts
 
     templates = ["a {} shape.", "one {} object."]
     weights = class_embeddings(tiny_model, ["red", "blue"], templates)
@@ -124,8 +124,8 @@ def test_same_predictions_as_clip_benchmark(tiny_model, tmp_path):
     from clip_benchmark.metrics import zeroshot_classification
     from torchvision.datasets import ImageFolder
 
-    from mlm.eval.inference import image_transform
     from mlm.factory import Tokenize
+    from mlm.inference import image_transform
 
     view = write_classification(tmp_path / "synth", 30, 32, seed=2)[0]  # by shape
     data = open_classification(view)

@@ -9,7 +9,7 @@ import torch
 from mlm.cli import main
 from mlm.config import ConfigError, load_config
 from mlm.data.synthetic import generate
-from mlm.eval.inference import load_model
+from mlm.inference import load_model
 from mlm.train.loop import Trainer
 
 
@@ -67,7 +67,7 @@ def test_cli_init_from_a_folder_without_a_model_is_one_line_and_exit_2(tmp_path,
 def test_broken_weights_are_named_in_one_line(tiny_run, tmp_path):
     import shutil
 
-    from mlm.eval.inference import resolve_checkpoint
+    from mlm.run_folder import resolve_checkpoint
 
     run, synth = tiny_run
     broken = tmp_path / "broken"

@@ -11,9 +11,10 @@ from test_init_from import _config, _loss_on
 from mlm.cli import main
 from mlm.config import load_config
 from mlm.data.synthetic import generate
-from mlm.eval.inference import load_model, resolve_checkpoint
+from mlm.inference import load_model
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_lora, lora_settings, merge_lora
 from mlm.model import MLMModel
+from mlm.run_folder import resolve_checkpoint
 from mlm.train.loop import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

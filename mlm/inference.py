@@ -25,28 +25,11 @@ from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb
 from mlm.data.records import DataError
 from mlm.data.tokenizer import vqa_prompt
 from mlm.model import MLMModel
+from mlm.run_folder import resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
 LOGIT_BUDGET = 2**25  # logits (rows x tokens x vocab) scored at once in rank mode, ~128 MB in fp32
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The model folder for a model folder, a training checkpoint ``step_*`` folder or a run folder (latest step)."""
-    from mlm.train.checkpoint import MODEL_DIR, latest_checkpoint
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / MODEL_DIR / "config.json").is_file():
-        return path / MODEL_DIR
-    latest = latest_checkpoint(path)
-    if latest is not None and (latest / MODEL_DIR / "config.json").is_file():
-        return latest / MODEL_DIR
-    raise FileNotFoundError(
-        f"no checkpoint at {path}: expected a model folder (config.json + model.safetensors), a checkpoint folder "
-        f"(step_*/model/) or a run folder with checkpoints/; train one with `mlm train` (or `make demo`)"
-    )
 
 
 def pick_device(device: str | None = None) -> torch.device:
