@@ -42,10 +42,8 @@ GENERATION_FILE = "generation_config.json"
 
 @dataclass
 class MLMOutput:
-    """What :meth:`MLMModel.forward` returns; the training loop fills ``loss`` and ``losses``."""
+    """What :meth:`MLMModel.forward` returns (the training loss computes its objectives from these)."""
 
-    loss: Tensor | None = None
-    losses: dict[str, Tensor] | None = None
     image_embeds: Tensor | None = None  # (B, E) L2-normalised
     text_embeds: Tensor | None = None  # (B, E) L2-normalised
     logit_scale: Tensor | None = None  # scalar, exp'ed and clamped to <= 100

@@ -57,12 +57,12 @@ def train_flops(step_fn) -> int:
 def _ours(config, tokenizer):
     """Our model, optimizer and loss; returns (model, step function on a batch, forward+backward function)."""
     from mlm.model import MLMModel
-    from mlm.train.losses import MLMLoss
+    from mlm.train.losses import ImageTextLoss
     from mlm.train.schedule import build_optimizer
 
     model = MLMModel(config.model, tokenizer=tokenizer).train()
     optimizer = build_optimizer(model, config.train)
-    loss_fn = MLMLoss.from_config(config.train)
+    loss_fn = ImageTextLoss.from_config(config.train)
 
     def forward_backward(batch):
         out = model(batch["images"], batch["text_ids"], batch["text_mask"])

@@ -13,8 +13,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("vqa", "caption", "retrieval")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` command group with one sub-command per task."""

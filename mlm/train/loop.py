@@ -25,7 +25,7 @@ from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
 from mlm.train import init_from, sampler, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
-from mlm.train.losses import MLMLoss, word_idf
+from mlm.train.losses import ImageTextLoss, word_idf
 from mlm.train.schedule import build_optimizer, build_scheduler
 from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
 
@@ -157,7 +157,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
         captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
         idf = word_idf(self.tokenizer, captions) if captions else None
-        self.loss_fn = MLMLoss.from_config(c.train, accel.process_index, accel.num_processes, idf)
+        self.loss_fn = ImageTextLoss.from_config(c.train, accel.process_index, accel.num_processes, idf)
 
     @property
     def unwrapped(self):

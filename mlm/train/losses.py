@@ -1,12 +1,12 @@
 """Training objectives: contrastive (InfoNCE / SigLIP) over the global batch, and the decoder's cross-entropy.
 
-- :class:`ContrastiveLoss` is CLIP's symmetric InfoNCE (Radford et al. 2021) written the way open_clip's
+- :class:`InfoNCELoss` is CLIP's symmetric InfoNCE (Radford et al. 2021) written the way open_clip's
   ``ClipLoss`` is (rank, world size, local-loss variant, embeddings all-gathered with gradients), plus the
   hard-negative reweighting HN-NCE of Radenovic et al. 2023 ("Filtering, Distillation, and Hard Negatives for
   Vision-Language Pre-Training"): negatives weighted by ``w_ij ∝ exp(beta * s_ij)``, mean weight 1, so that
   ``beta = 0`` is exactly InfoNCE.
 - :class:`SigLipLoss` is the pairwise sigmoid loss of Zhai et al. 2023 (learnable logit bias).
-- :class:`MLMLoss` combines them with CoCa's captioning loss (Yu et al. 2022) and a VQA answer loss.
+- :class:`ImageTextLoss` combines them with CoCa's captioning loss (Yu et al. 2022) and a VQA answer loss.
 
 Normalisation across processes: each term is a sum over this process's rows divided by the *global* row (or token)
 count, times the world size.  DDP averages gradients over processes, so the averaged gradient -- and the averaged
@@ -86,7 +86,7 @@ class _GlobalBatch(nn.Module):
         return gathered, offset, total
 
 
-class ContrastiveLoss(_GlobalBatch):
+class InfoNCELoss(_GlobalBatch):
     """Symmetric InfoNCE with hard-negative reweighting over the global batch (open_clip ``ClipLoss`` semantics)."""
 
     def __init__(
@@ -231,7 +231,7 @@ class WordLoss(_GlobalBatch):
         return self.world_size * per_row.sum() / total + anchor
 
 
-class MLMLoss(nn.Module):
+class ImageTextLoss(nn.Module):
     """CoCa-style total: weighted contrastive (caption rows) + caption CE (caption rows) + VQA CE (VQA rows)."""
 
     def __init__(
@@ -255,7 +255,7 @@ class MLMLoss(nn.Module):
     @classmethod
     def from_config(
         cls, train: TrainConfig, rank: int = 0, world_size: int = 1, idf: torch.Tensor | None = None
-    ) -> MLMLoss:
+    ) -> ImageTextLoss:
         """Build the loss named by ``train.contrastive_loss`` with the config's weights (``idf``: the word
         objective's token weights, needed when ``train.word_weight`` > 0)."""
         if train.contrastive_loss == "siglip":
@@ -270,7 +270,7 @@ class MLMLoss(nn.Module):
                 )
             contrastive: nn.Module = SigLipLoss(rank, world_size)
         else:
-            contrastive = ContrastiveLoss(train.local_loss, train.hard_negative_strength, rank, world_size)
+            contrastive = InfoNCELoss(train.local_loss, train.hard_negative_strength, rank, world_size)
         if train.word_weight and idf is None:
             raise ValueError("train.word_weight needs the token IDF of the training captions (see word_idf)")
         words = WordLoss(idf, rank, world_size) if train.word_weight else None

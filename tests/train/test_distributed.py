@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlm.config import TrainConfig
-from mlm.train.losses import MLMLoss
+from mlm.train.losses import ImageTextLoss
 
 VARIANTS = [
     {"contrastive_loss": "infonce", "local_loss": False, "hard_negative_strength": 0.0},
@@ -81,7 +81,7 @@ def _worker(rank, world_size, init_file, out_file):
         for variant in VARIANTS:
             torch.manual_seed(0)
             model = nn.parallel.DistributedDataParallel(TinyTwoTower())
-            loss_fn = MLMLoss.from_config(TrainConfig(**variant), rank=rank, world_size=world_size)
+            loss_fn = ImageTextLoss.from_config(TrainConfig(**variant), rank=rank, world_size=world_size)
             losses, grads = _loss_and_grads(model, loss_fn, shard)
             torch.distributed.all_reduce(losses)  # the logged value: the mean over processes
             results.append((losses / world_size, {k.removeprefix("module."): v for k, v in grads.items()}))
@@ -99,7 +99,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     for i, variant in enumerate(VARIANTS):
         torch.manual_seed(0)
         model = TinyTwoTower()
-        loss_fn = MLMLoss.from_config(TrainConfig(**variant))
+        loss_fn = ImageTextLoss.from_config(TrainConfig(**variant))
         expected_losses, expected_grads = _loss_and_grads(model, loss_fn, _global_batch())
         losses, grads = results[i]
         torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-6, msg=f"{variant}: losses differ")

@@ -1,4 +1,4 @@
-"""Objectives: equality with open_clip's ClipLoss/SigLipLoss, HN-NCE by hand, masks, and the combined MLMLoss."""
+"""Objectives: equality with open_clip's ClipLoss/SigLipLoss, HN-NCE by hand, masks, and the combined ImageTextLoss."""
 
 import math
 from types import SimpleNamespace
@@ -10,7 +10,7 @@ from open_clip.loss import ClipLoss
 from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
 
 from mlm.config import ConfigError, TrainConfig
-from mlm.train.losses import ContrastiveLoss, MLMLoss, SigLipLoss, TokenCrossEntropy, hn_nce_rows
+from mlm.train.losses import ImageTextLoss, InfoNCELoss, SigLipLoss, TokenCrossEntropy, hn_nce_rows
 
 
 def _features(n=8, dim=16, seed=0):
@@ -23,7 +23,7 @@ def _features(n=8, dim=16, seed=0):
 def test_infonce_equals_open_clip_loss_and_gradients():
     img, txt = _features()
     scale = torch.tensor(math.log(1 / 0.07)).exp()
-    ours = ContrastiveLoss()(img, txt, scale)
+    ours = InfoNCELoss()(img, txt, scale)
     grads = torch.autograd.grad(ours, (img, txt))
     ref = ClipLoss()(img, txt, scale)
     ref_grads = torch.autograd.grad(ref, (img, txt))
@@ -47,7 +47,7 @@ def test_hard_negative_strength_zero_is_exactly_infonce():
     img, txt = _features()
     scale = torch.tensor(14.0)
     plain = ClipLoss()(img, txt, scale)
-    torch.testing.assert_close(ContrastiveLoss(hard_negative_strength=0.0)(img, txt, scale), plain)
+    torch.testing.assert_close(InfoNCELoss(hard_negative_strength=0.0)(img, txt, scale), plain)
     logits = scale * img @ txt.T
     labels = torch.arange(8)
     assert torch.equal(hn_nce_rows(logits, labels, 0.0), F.cross_entropy(logits, labels, reduction="none"))
@@ -73,8 +73,8 @@ def test_hn_nce_matches_the_papers_formula_by_hand():
 def test_hard_negatives_raise_the_loss_and_the_hardest_negatives_gradient():
     img, txt = _features()
     scale = torch.tensor(14.0)
-    plain = ContrastiveLoss()(img, txt, scale)
-    hard = ContrastiveLoss(hard_negative_strength=1.0)(img, txt, scale)
+    plain = InfoNCELoss()(img, txt, scale)
+    hard = InfoNCELoss(hard_negative_strength=1.0)(img, txt, scale)
     assert hard > plain  # weights concentrate on the larger similarities (Chebyshev's sum inequality)
     logits = (scale * img @ txt.T).detach().requires_grad_()
     labels = torch.arange(8)
@@ -91,7 +91,7 @@ def test_valid_rows_equal_the_loss_on_the_subset():
     img, txt = _features(n=10)
     valid = torch.tensor([True, False, True, True, False, True, True, True, False, True])
     scale = torch.tensor(9.0)
-    for loss in (ContrastiveLoss(hard_negative_strength=0.5), ContrastiveLoss(local_loss=True)):
+    for loss in (InfoNCELoss(hard_negative_strength=0.5), InfoNCELoss(local_loss=True)):
         torch.testing.assert_close(loss(img, txt, scale, valid), loss(img[valid], txt[valid], scale))
     siglip = SigLipLoss()
     torch.testing.assert_close(
@@ -101,7 +101,7 @@ def test_valid_rows_equal_the_loss_on_the_subset():
 
 def test_no_valid_rows_gives_zero_but_keeps_the_graph():
     img, txt = _features(n=4)
-    loss = ContrastiveLoss()(img, txt, torch.tensor(10.0), torch.zeros(4, dtype=torch.bool))
+    loss = InfoNCELoss()(img, txt, torch.tensor(10.0), torch.zeros(4, dtype=torch.bool))
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(img.grad, torch.zeros_like(img))
@@ -142,7 +142,7 @@ def test_mlm_loss_routes_rows_and_weights_parts():
     labels = torch.randint(0, 11, (6, 5))
     labels[is_vqa, :3] = -100  # prompt tokens of the VQA rows
     batch = {"is_vqa": is_vqa, "labels": labels}
-    loss_fn = MLMLoss.from_config(TrainConfig(contrastive_weight=1.0, caption_weight=2.0, vqa_weight=0.5))
+    loss_fn = ImageTextLoss.from_config(TrainConfig(contrastive_weight=1.0, caption_weight=2.0, vqa_weight=0.5))
     total, parts = loss_fn(out, batch)
     caption_rows = ~is_vqa
     contrastive = ClipLoss()(out.image_embeds[caption_rows], out.text_embeds[caption_rows], out.logit_scale)
@@ -156,20 +156,20 @@ def test_mlm_loss_routes_rows_and_weights_parts():
 
 def test_siglip_with_hard_negative_strength_is_a_config_error():
     with pytest.raises(ConfigError, match="hard_negative_strength"):
-        MLMLoss.from_config(TrainConfig(contrastive_loss="siglip", hard_negative_strength=0.5))
+        ImageTextLoss.from_config(TrainConfig(contrastive_loss="siglip", hard_negative_strength=0.5))
 
 
 def test_swapped_word_negatives_add_the_per_row_cross_entropy():
     import torch.nn.functional as F
 
-    from mlm.train.losses import ContrastiveLoss
+    from mlm.train.losses import InfoNCELoss
 
     torch.manual_seed(0)
     image, text, negatives = (F.normalize(torch.randn(n, 8), dim=-1) for n in (4, 4, 5))
     owners = torch.tensor([0, 0, 2, 3, 3])
     valid = torch.tensor([True, True, True, False])  # row 3 is a VQA row: its negatives do not count
     scale = torch.tensor(10.0)
-    loss = ContrastiveLoss()
+    loss = InfoNCELoss()
     extra = loss(image, text, scale, valid, negatives, owners) - loss(image, text, scale, valid)
     by_hand = []
     for row in (0, 2):
@@ -206,4 +206,4 @@ def test_word_weight_needs_the_head_and_the_idf():
     with pytest.raises(ConfigError, match="train.word_weight=0.5 needs model.word_head"):
         load_config(None, ["train.word_weight=0.5"])
     with pytest.raises(ValueError, match="needs the token IDF"):
-        MLMLoss.from_config(TrainConfig(word_weight=0.5))
+        ImageTextLoss.from_config(TrainConfig(word_weight=0.5))
