@@ -75,3 +75,12 @@ def test_broken_weights_are_named_in_one_line(tiny_run, tmp_path):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"model\.safetensors: not usable weights"):
         Trainer(_config(synth, tmp_path / "out", broken))
+
+
+def test_new_words_are_counted_without_their_punctuation():
+    from mlm.data.tokenizer import MLMTokenizer
+    from mlm.train.init_from import report_new_words
+
+    tokenizer = MLMTokenizer.train_wordpiece(["a red circle", "a blue square"], 60)
+    counts = report_new_words(tokenizer, ["A red circle; a zebra.", "zebra, red!"])
+    assert counts == {"words": 4, "unknown": 1}  # a, red, circle, zebra: only "zebra" is [UNK]
