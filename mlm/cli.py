@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "mlm.commands.export",
     "mlm.commands.predict",
     "mlm.commands.demo",
+    "mlm.commands.serve",
     "mlm.commands.bench",
 ]
 

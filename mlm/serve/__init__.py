@@ -1,0 +1,1 @@
+"""``mlm serve``: the model as an HTTP service with dynamic batching, on LitServe (FastAPI and uvicorn underneath)."""
