@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from dataclasses import dataclass
 from itertools import groupby
+from queue import Empty
 
 import litserve as ls
 import torch
 from fastapi.responses import JSONResponse
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +41,46 @@ class ItemError:
     reason: str
 
 
+class WaitingBatchLoop(BatchedLoop):
+    """LitServe's batched loop, but an idle worker sleeps on its queue until a request comes, then waits up to
+    ``batch_timeout`` for more: LitServe's own collector polls the queue every millisecond, which on a small machine
+    takes the CPU the model needs (measured: +29 ms on a single caption request with three idle endpoints)."""
+
+    IDLE_WAKE_S = 1.0  # an idle worker looks at its queue this often (it still sees a stop request)
+
+    def get_batch_requests(self, lit_api, request_queue, transport) -> tuple[list, list]:
+        """Up to ``max_batch_size`` requests: the first one blocking, the rest until the batch's wait is over."""
+        payloads, timed_out = [], []
+        deadline = None
+        while len(payloads) < lit_api.max_batch_size:
+            wait = self.IDLE_WAKE_S if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                break
+            try:
+                item = request_queue.get(timeout=wait)
+            except Empty:
+                if deadline is None:
+                    return [], []
+                break
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            queue_id, uid, timestamp, payload = item
+            deadline = deadline or time.monotonic() + lit_api.batch_timeout
+            kind = LoopResponseType.REGULAR
+            self.put_response(transport, queue_id, uid, (), LitAPIStatus.START, kind)
+            if lit_api.request_timeout not in (-1, False) and time.monotonic() - timestamp > lit_api.request_timeout:
+                timed_out.append((queue_id, uid))
+            else:
+                payloads.append((queue_id, uid, payload))
+        return payloads, timed_out
+
+
 class _ModelAPI(ls.LitAPI):
     """Loads the checkpoint in each worker; decodes images; answers errors item by item."""
 
     def __init__(self, checkpoint: str, api_path: str, max_batch_size: int, batch_timeout: float):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
+        loop = WaitingBatchLoop() if max_batch_size > 1 else "auto"
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path, loop=loop)
         self.checkpoint = checkpoint
 
     def setup(self, device) -> None:

@@ -53,7 +53,7 @@ def build_server(
         paths.add("/v1/search")
     gateway = (Gateway, {"max_upload_bytes": int(max_upload_mb * 2**20), "metrics": Metrics(), "paths": paths})
     return ls.LitServer(apis, accelerator=device, devices=1, workers_per_device=workers, timeout=timeout_s,
-                        middlewares=[gateway])  # fmt: skip
+                        middlewares=[gateway], fast_queue=True)  # fmt: skip
 
 
 def serve(server, host: str = "127.0.0.1", port: int = 8000) -> None:

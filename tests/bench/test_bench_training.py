@@ -62,3 +62,15 @@ def test_bench_quality_quick_scores_both_models(tmp_path):
     assert set(report["ours"]) >= {"t2i_R@1", "i2t_R@1", "CIDEr", "vqa", "per_question_type"}
     assert set(report["coca"]) >= {"t2i_R@1", "i2t_R@1", "CIDEr"} and "vqa" not in report["coca"]
     assert report["ours"]["steps"] >= 2 and report["coca"]["steps"] >= 1
+
+
+@pytest.mark.slow
+def test_bench_serve_quick_writes_the_keys(tiny_run, tmp_path):
+    run, synth = tiny_run
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--quick", "--checkpoint", str(run), "--images", str(synth / "images"), "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert {"caption_throughput_ratio", "caption_p99_over_single", "mixed", "rows"} <= set(report)
+    assert {r["batching"] for r in report["rows"]} == {"on", "off"} and report["mixed"]["failed_good"] == 0
+    assert all(set(r) >= {"throughput_rps", "p50_ms", "p95_ms", "p99_ms", "failed"} for r in report["rows"])
