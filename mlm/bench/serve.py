@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=64, help="requests per level (at least 2 x concurrency)")
     parser.add_argument("--mixed", type=int, default=500, help="requests of the mixed run (10%% bad)")
+    parser.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="the batching server's --max-wait-ms")
     parser.add_argument("--quick", action="store_true", help="levels 1,4, 8 requests, a 40-request mixed run")
 
 
@@ -125,7 +127,9 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         )
     images = [base64.b64encode(p.read_bytes()).decode() for p in files]
     report: dict = {"checkpoint": args.checkpoint, "rows": [], "mixed": None}
-    for batching, options in (("on", ["--max-batch", "32", "--max-wait-ms", "10"]), ("off", ["--max-batch", "1"])):
+    batched = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    report.update(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    for batching, options in (("on", batched), ("off", ["--max-batch", "1"])):
         process, url = start_server(args.checkpoint, *options)
         try:
             for endpoint in ENDPOINTS:

@@ -68,7 +68,8 @@ def test_bench_quality_quick_scores_both_models(tmp_path):
 def test_bench_serve_quick_writes_the_keys(tiny_run, tmp_path):
     run, synth = tiny_run
     out = tmp_path / "serve.json"
-    argv = ["bench", "serve", "--quick", "--checkpoint", str(run), "--images", str(synth / "images"), "--json", str(out)]
+    argv = ["bench", "serve", "--quick", "--checkpoint", str(run), "--images", str(synth / "images")]
+    argv += ["--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert {"caption_throughput_ratio", "caption_p99_over_single", "mixed", "rows"} <= set(report)
