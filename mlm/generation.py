@@ -35,8 +35,11 @@ class DecodingConfig:
 
     def __post_init__(self):
         numbers = {f.name: getattr(self, f.name) for f in fields(self)}
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers.values()):
-            raise ValueError(f"decoding settings must be numbers, got {numbers}")
+        integers = ("max_new_tokens", "num_beams", "min_new_tokens")
+        if any(
+            isinstance(v, bool) or not isinstance(v, int if k in integers else (int, float)) for k, v in numbers.items()
+        ):
+            raise ValueError(f"decoding settings must be numbers (integers but top_p), got {numbers}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS or not 1 <= self.num_beams <= MAX_BEAMS:
             raise ValueError(f"need 1 <= max_new_tokens <= {MAX_NEW_TOKENS} and 1 <= num_beams <= {MAX_BEAMS}; "
                              f"got {self.max_new_tokens}, {self.num_beams}")  # fmt: skip

@@ -56,7 +56,7 @@ def apply_lora(model: nn.Module, config) -> int:
     from peft import inject_adapter_in_model
 
     linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-    targets = sorted(config.target_modules)
+    targets = sorted(config.target_modules or [])
     if not set(targets) & set(linears):
         raise ValueError(f"train.lora.target_modules={targets} names no Linear layer of this model; "
                          f"its Linear layers end in: {', '.join(linears)}")  # fmt: skip
@@ -99,22 +99,45 @@ def load_adapter(model: nn.Module, config_file: str | Path, weights_file: str | 
 
     try:
         settings = json.loads(Path(config_file).read_text(encoding="utf-8"))
-        if not isinstance(settings, dict) or settings.get("peft_type", "LORA") != "LORA":
-            raise ValueError("expected the adapter_config.json of a LoRA adapter")
-        known = set(LoraConfig.__dataclass_fields__)
-        config = LoraConfig(**{k: v for k, v in settings.items() if k in known})
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        config = LoraConfig(**_plain_lora(settings))
+        apply_lora(model, config)
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{config_file}: not a usable LoRA adapter config ({err})") from None
-    apply_lora(model, config)
     try:
         weights = load_file(str(weights_file), device=str(next(model.parameters()).device))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own types on a broken file
-        raise ValueError(f"{weights_file}: not a readable safetensors file ({err})") from None
-    result = set_peft_model_state_dict(model, weights)
+        result = set_peft_model_state_dict(model, weights)
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own types on a misfitting file
+        raise ValueError(f"{weights_file}: not adapter weights for {config_file} ({type(err).__name__})") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise ValueError(f"{weights_file}: the adapter weights do not fit {config_file} "
                          f"(missing {len(missing)}, unexpected {len(result.unexpected_keys)})")  # fmt: skip
+
+
+MAX_RANK = 4096
+
+
+def _plain_lora(settings) -> dict:
+    """The settings of a plain LoRA adapter (what ``train.lora`` writes); anything else is refused, naming it.
+
+    Initialisations that rewrite the base weights (PiSSA, OLoRA...), DoRA and extra trained modules would make the
+    loaded model differ from what the adapter and the absorbed MLA path expect, so they are not loaded.
+    """
+    if not isinstance(settings, dict) or settings.get("peft_type", "LORA") != "LORA":
+        raise ValueError("expected the adapter_config.json of a LoRA adapter")
+    rank, targets = settings.get("r"), settings.get("target_modules")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"r={rank!r} must be an integer from 1 to {MAX_RANK}")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"target_modules={targets!r} must be a list of module names")
+    for key in ("use_dora", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+        if settings.get(key):
+            raise ValueError(f"{key}={settings[key]!r} is not a plain LoRA adapter")
+    alpha, dropout = settings.get("lora_alpha", 8), settings.get("lora_dropout", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not isinstance(dropout, (int, float)):
+        raise ValueError("lora_alpha and lora_dropout must be numbers")
+    return {"r": rank, "lora_alpha": alpha, "lora_dropout": float(dropout), "target_modules": targets,
+            "bias": "none", "init_lora_weights": True}  # fmt: skip
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

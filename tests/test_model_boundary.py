@@ -52,3 +52,10 @@ def test_checkpoint_holds_the_model_settings_and_the_decoding_defaults(tmp_path)
     (tmp_path / "m" / "config.json").write_text(json.dumps({**saved, "dim": 0}))
     with pytest.raises(ValueError, match=r"config\.json: model\.dim=0 is out of range"):
         MLMModel.from_pretrained(tmp_path / "m")
+
+
+def test_decoding_integers_must_be_integers():
+    with pytest.raises(ValueError, match="integers but top_p"):
+        DecodingConfig(max_new_tokens=3.5)
+    with pytest.raises(ValueError, match=r"g\.json: .*integers"):
+        DecodingConfig.from_dict({"num_beams": 2.0}, "g.json")

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed", type=int, default=500, help="requests of the mixed run (10%% bad)")
     parser.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="the batching server's --max-wait-ms")
+    parser.add_argument("--workers", type=int, default=1, help="the batching server's --workers")
     parser.add_argument("--quick", action="store_true", help="levels 1,4, 8 requests, a 40-request mixed run")
 
 
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     images = [base64.b64encode(p.read_bytes()).decode() for p in files]
     report: dict = {"checkpoint": args.checkpoint, "rows": [], "mixed": None}
     batched = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    report.update(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    batched += ["--workers", str(args.workers)]
+    report.update(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, workers=args.workers)
     for batching, options in (("on", batched), ("off", ["--max-batch", "1"])):
         process, url = start_server(args.checkpoint, *options)
         try:

@@ -155,7 +155,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     figure = plot_confusion(metrics["confusion"], metrics["classes"], out / "confusion.png")
     shown = {k: v for k, v in metrics.items() if k not in ("confusion", "classes", "templates", "unknown_class_words")}
     write_report(metrics, out, f"Zero-shot classification: {args.checkpoint} on {args.data}", {"Confusion": figure})
-    topk = next(k for k in metrics if k.startswith("top") and k != "top1")
+    topk = next((k for k in metrics if k.startswith("top") and k != "top1"), "top1")  # one class: top-1 only
     if args.markdown:
         print(markdown_table(shown), end="")
     else:

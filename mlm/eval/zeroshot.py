@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mlm.data.records import DataError
+from mlm.data.records import NOT_AN_IMAGE, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def zeroshot_classify(model, data: ClassificationSet, templates: Sequence[str], 
     for index, message in sorted(errors.items()):
         logger.warning("skipped %s: %s", data.images[index], message)
     if not kept:
-        raise DataError(f"{data.source}: none of its {len(data.images)} images could be read")
+        raise DataError(NOT_AN_IMAGE, str(data.source), f"none of its {len(data.images)} images could be read")
     labels = torch.tensor([data.labels[i] for i in kept])
     metrics = zeroshot_metrics(torch.cat(logits), labels, data.classes)
     metrics.update(templates=list(templates), skipped_images=len(errors), unknown_class_words=unknown)

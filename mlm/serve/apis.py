@@ -29,7 +29,8 @@ from litserve.utils import LitAPIStatus, LoopResponseType
 
 logger = logging.getLogger(__name__)
 
-MAX_PIXELS = 50_000_000  # decompression-bomb guard for uploads, as the demo's
+MAX_PIXELS = 12_000_000  # per image: the model sees 60-448 px, and decoding bigger ones stalls a whole batch
+MAX_REQUEST_PIXELS = 48_000_000  # all images of one /v1/embed request together
 
 
 @dataclass
@@ -87,7 +88,6 @@ class _ModelAPI(ls.LitAPI):
         """Load the model (with its tokenizer) on this worker's device."""
         from mlm.inference import image_transform, load_model
 
-        torch.set_grad_enabled(False)
         self.model = load_model(self.checkpoint, str(device))
         self.transform = image_transform(self.model)
 
@@ -99,6 +99,7 @@ class _ModelAPI(ls.LitAPI):
             image, _ = decode_image(base64.b64decode(data), MAX_PIXELS, origin=field)
         except DataError as err:
             return ItemError(400, field, f"not a usable image ({err.reason})")
+        self._last_size = image.width * image.height
         return self.transform(image)
 
     def batch(self, inputs: list) -> list:
@@ -109,6 +110,7 @@ class _ModelAPI(ls.LitAPI):
         """One output per request, in order."""
         return outputs
 
+    @torch.inference_mode()
     def predict(self, items):
         """Run the good items together, pass the errors through; if the batch fails, retry item by item."""
         if self.max_batch_size == 1:  # without batching LitServe passes the request itself, not a list
@@ -162,8 +164,8 @@ class CaptionAPI(_ModelAPI):
         """One generation call per group of equal decoding settings; greedy requests share one call."""
         tok = self.model.tokenizer
         results: dict[int, dict] = {}
-        order = sorted(range(len(items)), key=lambda i: self._group(items[i]))
-        for _, group in groupby(order, key=lambda i: self._group(items[i])):
+        order = sorted(range(len(items)), key=lambda i: self._group(items[i], i))
+        for _, group in groupby(order, key=lambda i: self._group(items[i], i)):
             rows = list(group)
             first = items[rows[0]]
             longest = max(items[i]["max_new_tokens"] for i in rows)
@@ -185,12 +187,15 @@ class CaptionAPI(_ModelAPI):
         return [results[i] for i in range(len(items))]
 
     @staticmethod
-    def _group(item: dict) -> tuple:
-        """Greedy requests decode together whatever their max tokens (cut afterwards); beams and sampling group by
-        equal settings, and sampling by seed, so a request's result does not depend on its neighbours."""
-        if item["num_beams"] == 1 and item["top_p"] == 0:
-            return (0, 0.0, 0, 0)
-        return (item["num_beams"], item["top_p"], item["max_new_tokens"], item["seed"])
+    def _group(item: dict, index: int) -> tuple:
+        """Greedy requests decode together whatever their max tokens (cut afterwards), beam search groups by equal
+        settings, and a sampled request decodes alone with its own seeded generator: a request's result never depends
+        on its neighbours."""
+        if item["top_p"] > 0:
+            return (2, index)
+        if item["num_beams"] == 1:
+            return (0, 0)
+        return (1, item["num_beams"] * 1000 + item["max_new_tokens"])
 
 
 class AnswerAPI(CaptionAPI):
@@ -219,11 +224,16 @@ class EmbedAPI(_ModelAPI):
 
     def decode_request(self, request: dict):
         """Every image decoded (one that does not fails this request)."""
-        pixels = []
+        pixels, total = [], 0
         for i, data in enumerate(request["images"]):
             item = self._pixels(data, f"images[{i}]")
             if isinstance(item, ItemError):
                 return item
+            total += self._last_size
+            if total > MAX_REQUEST_PIXELS:
+                return ItemError(
+                    413, f"images[{i}]", f"the images hold more than {MAX_REQUEST_PIXELS:,} pixels together"
+                )
             pixels.append(item)
         return {"pixels": pixels, "texts": request["texts"]}
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -27,12 +28,16 @@ def start_server(checkpoint: str, *options: str, timeout_s: float = 180.0) -> tu
 
     port = free_port()
     argv = [sys.executable, "-m", "mlm.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port), *options]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the server runs, and a full pipe would block it
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"mlm serve exited with {process.returncode}: {process.stdout.read().decode()[-2000:]}")
+            stop_server(process)  # workers it started may outlive it
+            log.seek(0)
+            raise RuntimeError(f"mlm serve exited with {process.returncode}: {log.read().decode()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return process, url

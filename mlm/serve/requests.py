@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import unicodedata
 from typing import Any
 
 from mlm.data.text import check_text
@@ -49,34 +49,52 @@ def _image(value: Any, field: str) -> str:
     return value.split(",", 1)[-1] if value.startswith("data:") else value
 
 
+def _number(value, kind: type):
+    """A JSON number, or a form value's text read as one (None when it is neither)."""
+    if isinstance(value, str) and len(value) <= 40:  # a multipart form value
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        return None
+    return value
+
+
 def _int(body: dict, field: str, default: int, low: int, high: int) -> int:
-    value = body.get(field, default)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # a multipart form value
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(field, f"expected an integer from {low} to {high}, got {json.dumps(value)[:40]}")
+    value = _number(body.get(field, default), int)
+    if value is None or not low <= value <= high:
+        raise BadRequest(field, f"expected an integer from {low} to {high}, got {_shown(body.get(field))}")
     return value
 
 
 def _float(body: dict, field: str, default: float, low: float, high: float) -> float:
-    value = body.get(field, default)
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise BadRequest(field, f"expected a number from {low:g} to {high:g}, got {json.dumps(value)[:40]}")
+    value = _number(body.get(field, default), float)
+    if value is None or not low <= value <= high:  # NaN fails both comparisons
+        raise BadRequest(field, f"expected a number from {low:g} to {high:g}, got {_shown(body.get(field))}")
     return float(value)
+
+
+def _shown(value) -> str:
+    return "a file" if isinstance(value, (bytes, bytearray)) else repr(value)[:40]
 
 
 def _text(body: dict, field: str, max_chars: int) -> str:
     if field not in body:
         raise BadRequest(field, "missing")
+    return _checked_text(body[field], field, max_chars)
+
+
+def _checked_text(value, field: str, max_chars: int) -> str:
+    """check_text, and no control or format characters (other than tab and newline) that no question holds."""
     try:
-        return check_text(body[field], field, max_chars)
+        text = check_text(value, field, max_chars)
     except ValueError as err:
         raise BadRequest(field, str(err).split(": ", 1)[-1]) from None
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cf") and c not in "\t\n"), None)
+    if bad is not None:
+        raise BadRequest(field, f"holds the control character U+{ord(bad):04X}")
+    return text
 
 
 def _decoding(body: dict) -> dict:
@@ -116,10 +134,7 @@ def check_embed(body: dict) -> dict:
     images = [_image(v, f"images[{i}]") for i, v in enumerate(_list(body, "images"))]
     texts = []
     for i, text in enumerate(_list(body, "texts")):
-        try:
-            texts.append(check_text(text, f"texts[{i}]", MAX_QUESTION_CHARS))
-        except ValueError as err:
-            raise BadRequest(f"texts[{i}]", str(err).split(": ", 1)[-1]) from None
+        texts.append(_checked_text(text, f"texts[{i}]", MAX_QUESTION_CHARS))
     if not images and not texts:
         raise BadRequest("images", "give images and/or texts to embed")
     return {"images": images, "texts": texts}

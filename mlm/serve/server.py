@@ -30,6 +30,7 @@ def build_server(
     """The LitServer for a checkpoint (``images``: a folder to index for /v1/search; without it that path is 404)."""
     import litserve as ls
 
+    from mlm.inference import load_model
     from mlm.run_folder import resolve_checkpoint
     from mlm.serve.apis import AnswerAPI, CaptionAPI, EmbedAPI, SearchAPI
     from mlm.serve.gateway import Gateway, Metrics
@@ -43,7 +44,8 @@ def build_server(
         raise ValueError(f"--device {device}: use cpu or cuda")
     if images is not None and not Path(images).is_dir():
         raise FileNotFoundError(f"--images {images}: no such folder")
-    folder = str(resolve_checkpoint(checkpoint))  # a missing or broken checkpoint is named before any worker starts
+    folder = str(resolve_checkpoint(checkpoint))
+    load_model(folder, "cpu")  # a broken checkpoint is named here in one line, not in a traceback from every worker
     batching = {"max_batch_size": max_batch, "batch_timeout": max_wait_ms / 1000.0}
     apis = [cls(folder, api_path=path, **batching) for cls, path in
             ((CaptionAPI, "/v1/caption"), (AnswerAPI, "/v1/answer"), (EmbedAPI, "/v1/embed"))]  # fmt: skip

@@ -146,3 +146,17 @@ def test_same_predictions_as_clip_benchmark(tiny_model, tmp_path):
     confusion = torch.zeros(len(folder.classes), len(folder.classes), dtype=torch.long)
     confusion.index_put_((target, logits.argmax(1)), torch.ones_like(target), accumulate=True)
     assert ours["confusion"] == confusion.tolist()
+
+
+def test_one_class_and_unreadable_images(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    for k in range(2):
+        _png(tmp_path / "only" / "red" / f"{k}.png", (255, 0, 0))
+    assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "only"), "--task", "zeroshot",
+                 "--out", str(tmp_path / "r1")]) == 0  # fmt: skip
+    assert "top-1 100.00" in capsys.readouterr().out  # one class: every image is in it
+    (tmp_path / "bad" / "red").mkdir(parents=True)
+    (tmp_path / "bad" / "red" / "x.png").write_bytes(b"not a png")
+    code = main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "bad"), "--task", "zeroshot"])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "none of its 1 images could be read" in err and "Traceback" not in err

@@ -122,3 +122,17 @@ def test_the_apis_without_a_server_batched_and_unbatched(tiny_run, tiny_model):
     assert alone["caption"] == out[0]["caption"] and alone["batch_size"] == 1
     assert out[0]["caption"].split()[:2] == out[2]["caption"].split()  # greedy, cut at its own max_new_tokens
     assert batched.encode_response(junk).status_code == 400
+
+
+def test_a_sampled_request_does_not_depend_on_its_batch(tiny_run):
+    from mlm.serve.apis import CaptionAPI
+
+    run, synth = tiny_run
+    api = CaptionAPI(str(run), "/v1/caption", max_batch_size=4, batch_timeout=0.01)
+    api.setup("cpu")
+    sampled = {"num_beams": 1, "top_p": 0.9, "max_new_tokens": 6, "seed": 3}
+    a = api.decode_request({"image": _image(synth, 0)[1], **sampled})
+    b = api.decode_request({"image": _image(synth, 1)[1], **sampled})
+    together = api.predict([a, b, api.decode_request({"image": _image(synth, 2)[1], **sampled, "top_p": 0.0})])
+    assert together[0]["caption"] == api.predict([a])[0]["caption"]
+    assert together[1]["caption"] == api.predict([b])[0]["caption"]

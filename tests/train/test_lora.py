@@ -89,3 +89,38 @@ def test_lora_fine_tuning_checkpoint_and_merged_export(tiny_run, tmp_path, capsy
 
     assert main(["export", str(tmp_path / "ft"), "--out", str(out)]) == 2  # never over a folder with files
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target_modules": None}, "target_modules=None must be a list"),
+        ({"target_modules": ".*proj"}, "must be a list of module names"),
+        ({"r": 2**31}, "must be an integer from 1 to 4096"),
+        ({"use_dora": True}, "use_dora=True is not a plain LoRA adapter"),
+        ({"peft_type": "IA3"}, "expected the adapter_config.json of a LoRA adapter"),
+    ],
+)
+def test_crafted_adapter_configs_are_refused_in_one_line(tmp_path, change, message):
+    import shutil
+
+    config = load_config(CONFIGS / "tiny-synthetic.yaml", ["train.lora.rank=2"])
+    model = MLMModel(config.model)
+    lora_settings(model, config.train.lora)
+    model.save_pretrained(tmp_path / "m")
+    settings = json.loads((tmp_path / "m" / ADAPTER_CONFIG).read_text())
+    (tmp_path / "m" / ADAPTER_CONFIG).write_text(json.dumps({**settings, **change}))
+    with pytest.raises(ValueError, match=rf"adapter_config\.json: not a usable LoRA adapter config \(.*{message}"):
+        MLMModel.from_pretrained(tmp_path / "m")
+    shutil.rmtree(tmp_path / "m")
+
+
+def test_adapter_weights_that_do_not_fit_are_named(tmp_path):
+    config = load_config(CONFIGS / "tiny-synthetic.yaml", ["train.lora.rank=2"])
+    model = MLMModel(config.model)
+    lora_settings(model, config.train.lora)
+    model.save_pretrained(tmp_path / "m")
+    settings = json.loads((tmp_path / "m" / ADAPTER_CONFIG).read_text())
+    (tmp_path / "m" / ADAPTER_CONFIG).write_text(json.dumps({**settings, "r": 3}))  # weights are rank 2
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: not adapter weights for"):
+        MLMModel.from_pretrained(tmp_path / "m")
