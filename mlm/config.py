@@ -122,6 +122,9 @@ class TrainConfig:
     clip_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     grad_checkpointing: bool = False
+    grad_compression: str = "none"  # DDP gradients as none | fp16 | bf16 | int8 | int4 | powersgd (train/comm.py)
+    grad_compression_full_every: int = 0  # int8/int4: every N-th step in full precision; 0 = never
+    grad_compression_rank: int = 4  # powersgd: the rank of the low-rank approximation
     compile: bool = False
     deterministic: bool = False
     contrastive_loss: str = "infonce"  # infonce | siglip

@@ -13,6 +13,7 @@ import reprlib
 VQA_MODES = ("generative", "rank", "embedding")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
+GRAD_COMPRESSION = ("none", "fp16", "bf16", "int8", "int4", "powersgd")
 LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "k_proj", "v_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MAX_LIST = 1000  # config lists are short (levels, betas, trackers); longer ones are refused, never walked
 
@@ -46,7 +47,8 @@ _RANGES = [
     ("train.vqa_turns", 1, 64), ("train.lr", 0.0, 10.0),
     ("train.max_time_s", 0.0, 1e9), ("train.lora.rank", 0, 4096), ("train.lora.alpha", 1e-6, 1e6),
     ("train.lora.dropout", 0.0, 0.99),
-    ("train.word_weight", 0.0, 1e3),
+    ("train.word_weight", 0.0, 1e3), ("train.grad_compression_full_every", 0, 1 << 30),
+    ("train.grad_compression_rank", 1, 1024),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
 ]  # fmt: skip
 
@@ -119,6 +121,7 @@ def check_run(cfg) -> None:
     _check_choices({
         "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
         "train.contrastive_loss": (cfg.train.contrastive_loss, CONTRASTIVE_LOSSES),
+        "train.grad_compression": (cfg.train.grad_compression, GRAD_COMPRESSION),
         "eval.vqa_mode": (cfg.eval.vqa_mode, VQA_MODES),
     })  # fmt: skip
     t = cfg.train

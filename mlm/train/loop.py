@@ -23,7 +23,7 @@ from mlm.config import Config, ConfigError
 from mlm.data.dataset import build_dataset
 from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
-from mlm.train import init_from, sampler, setup
+from mlm.train import comm, init_from, sampler, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
 from mlm.train.losses import ImageTextLoss, word_idf
 from mlm.train.schedule import build_optimizer, build_scheduler
@@ -155,6 +155,7 @@ class Trainer:
                 )
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = c.train.batch_size  # no prepared loader
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
+        self.comm_hook = comm.register(self.model, c.train, accel)  # DDP gradients compressed, when asked
         captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
         idf = word_idf(self.tokenizer, captions) if captions else None
         self.loss_fn = ImageTextLoss.from_config(c.train, accel.process_index, accel.num_processes, idf)
@@ -376,6 +377,7 @@ class Trainer:
             "validation": self._metrics,
             "last_checkpoint": self.last_checkpoint,
             "processes": accel.num_processes,
+            "grad_bytes_sent": getattr(self.comm_hook, "bytes_sent", None),  # by this process, compressed hooks
             "global_batch": self.global_batch,
             "mixed_precision": accel.mixed_precision,
             **peak_memory_mb(accel.device),
