@@ -25,7 +25,9 @@ CONFIG_KEYS = ("model_type", "format")  # written beside the model settings, not
 DECODING_KEYS = ("max_new_tokens", "num_beams", "top_p")  # what a format-1 eval section says about decoding
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that must hold an object; a broken one is named with the reason."""
+    path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -54,7 +56,7 @@ def model_config(data: dict | ModelConfig, where: str = "config") -> ModelConfig
 def read_config(path: str | Path) -> ModelConfig:
     """A checkpoint's model settings from its config.json (either format); a broken or invalid one is named."""
     path = Path(path)
-    return model_config(_read_json(path), str(path))
+    return model_config(read_json_object(path), str(path))
 
 
 def config_json(config: ModelConfig) -> dict:
@@ -65,8 +67,8 @@ def config_json(config: ModelConfig) -> dict:
 def read_decoding(config_path: str | Path, generation_path: str | Path | None) -> DecodingConfig:
     """The saved decoding defaults: generation_config.json, else a format-1 config.json's eval section, else none."""
     if generation_path is not None:
-        return DecodingConfig.from_dict(_read_json(Path(generation_path)), str(generation_path))
-    data = _read_json(Path(config_path))
+        return DecodingConfig.from_dict(read_json_object(Path(generation_path)), str(generation_path))
+    data = read_json_object(Path(config_path))
     section = data.get("eval") if is_run_config(data) else None
     if not isinstance(section, dict):
         return DecodingConfig()

@@ -9,7 +9,6 @@ resuming live in :mod:`mlm.train.checkpoint`.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -47,13 +46,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def read_trainer_state(checkpoint: str | Path) -> dict:
     """The readable trainer state of a checkpoint, checked: step, time and counters of the right types."""
+    from mlm.model_files import read_json_object
+
     path = Path(checkpoint) / TRAINER_STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    state = read_json_object(path)
     step, elapsed, nonfinite = state.get("step"), state.get("elapsed_s", 0.0), state.get("nonfinite", {})
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"{path}: 'step' must be a non-negative integer, got {step!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from abc import abstractmethod
 from dataclasses import dataclass
 from itertools import groupby
 from queue import Empty
@@ -136,9 +137,9 @@ class _ModelAPI(ls.LitAPI):
             out[i] = result
         return out
 
+    @abstractmethod
     def run(self, items: list) -> list:
-        """Outputs of good items (subclasses)."""
-        raise NotImplementedError
+        """Outputs of good items, in order (each endpoint's own)."""
 
     def encode_response(self, output):
         """The JSON response, or this request's own error."""
