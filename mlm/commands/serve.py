@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="a request waiting longer gets 504")
     parser.add_argument("--images", help="a folder to index at start-up for /v1/search")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per worker (default: the cores shared among the workers)")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     server = build_server(args.checkpoint, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           workers=args.workers, device=args.device, max_upload_mb=args.max_upload_mb,
-                          timeout_s=args.timeout_s, images=args.images)  # fmt: skip
+                          timeout_s=args.timeout_s, images=args.images, threads=args.threads)  # fmt: skip
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
           f"wait {args.max_wait_ms:g} ms); Ctrl+C stops it", flush=True)  # fmt: skip
     serve(server, args.host, args.port)

@@ -80,15 +80,17 @@ class WaitingBatchLoop(BatchedLoop):
 class _ModelAPI(ls.LitAPI):
     """Loads the checkpoint in each worker; decodes images; answers errors item by item."""
 
-    def __init__(self, checkpoint: str, api_path: str, max_batch_size: int, batch_timeout: float):
+    def __init__(self, checkpoint: str, api_path: str, max_batch_size: int, batch_timeout: float, threads: int = 0):
         loop = WaitingBatchLoop() if max_batch_size > 1 else "auto"
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path, loop=loop)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.threads = checkpoint, threads
 
     def setup(self, device) -> None:
         """Load the model (with its tokenizer) on this worker's device."""
         from mlm.inference import image_transform, load_model
 
+        if self.threads:
+            torch.set_num_threads(self.threads)  # workers and the HTTP process share the cores
         self.model = load_model(self.checkpoint, str(device))
         self.transform = image_transform(self.model)
 
