@@ -38,3 +38,12 @@ def test_form_values_are_read_as_their_types():
     assert checked["num_beams"] == 3 and checked["max_new_tokens"] == 7 and checked["top_p"] == 0.0
     assert base64.b64decode(checked["image"]) == b"\x89PNG bytes"
     assert check_request("/v1/answer", {"image": IMAGE, "question": "is it\tred?\n"})["question"] == "is it\tred?"
+
+
+def test_server_settings_are_checked_before_anything_starts(tmp_path):
+    from mlm.serve.server import build_server
+
+    with pytest.raises(ValueError, match="--threads >= 0; got 32, 10.0, 1, 10.0, 30.0, -1"):
+        build_server(str(tmp_path), threads=-1)
+    with pytest.raises(FileNotFoundError, match="--images .*: no such folder"):
+        build_server(str(tmp_path), images=str(tmp_path / "none"))
