@@ -160,6 +160,11 @@ class EvalConfig:
     vqa_mode: str = "generative"  # generative | rank | embedding (no fusion: pooled image vs "question answer" text)
     max_samples: int = 0  # 0 = all
 
+    @classmethod
+    def from_decoding(cls, decoding) -> EvalConfig:
+        """Default evaluation settings that decode as a model's saved :class:`~mlm.generation.DecodingConfig`."""
+        return cls(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams, top_p=decoding.top_p)
+
     def decoding(self):
         """These decoding settings as the :class:`~mlm.generation.DecodingConfig` a model saves as its defaults."""
         from mlm.generation import DecodingConfig

@@ -63,12 +63,10 @@ def check_overrides(overrides: list[str]) -> None:
 def eval_config(model, overrides: list[str]):
     """A run config for evaluating ``model``: its model settings, the default data and eval settings with decoding
     as the checkpoint saved it, and the eval.*/data.* overrides applied."""
-    from mlm.config import Config, apply_overrides, config_from_dict
+    from mlm.config import Config, EvalConfig, apply_overrides, config_from_dict
 
     check_overrides(overrides)
-    data = Config(model=model.config).to_dict()
-    saved = model.generation_config
-    data["eval"].update(max_new_tokens=saved.max_new_tokens, num_beams=saved.num_beams, top_p=saved.top_p)
+    data = Config(model=model.config, eval=EvalConfig.from_decoding(model.generation_config)).to_dict()
     return config_from_dict(apply_overrides(data, overrides))
 
 

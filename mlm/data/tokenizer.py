@@ -76,6 +76,11 @@ class MLMTokenizer:
         unk = getattr(self.tokenizer.model, "unk_token", None)
         return self.tokenizer.token_to_id(unk) if unk else None
 
+    def cannot_spell(self, text: str) -> bool:
+        """Whether the tokenizer writes some of ``text`` as the unknown-word token."""
+        unk = self.unk_id
+        return unk is not None and unk in self.tokenize(text)
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added special tokens included."""

@@ -315,9 +315,7 @@ def _plot_captions(groups: list[ImageGroup], captions: list[str], path: Path) ->
 def _eval_config(model: MLMModel, cfg: Config | EvalConfig | None) -> EvalConfig:
     if cfg is None:  # the defaults, decoding as the model's saved generation_config
         saved = getattr(model, "generation_config", None)
-        if saved is None:
-            return EvalConfig()
-        return EvalConfig(max_new_tokens=saved.max_new_tokens, num_beams=saved.num_beams, top_p=saved.top_p)
+        return EvalConfig() if saved is None else EvalConfig.from_decoding(saved)
     return cfg.eval if isinstance(cfg, Config) else cfg
 
 

@@ -144,8 +144,7 @@ def class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) ->
 
 def unknown_words(model, classes: Sequence[str]) -> list[str]:
     """Class names with a word the model's tokenizer maps to [UNK] (their prompts cannot name them)."""
-    unk = model.tokenizer.unk_id
-    return [name for name in classes if unk is not None and unk in model.tokenizer.tokenize(prompt_name(name))]
+    return [name for name in classes if model.tokenizer.cannot_spell(prompt_name(name))]
 
 
 def zeroshot_metrics(logits: Tensor, labels: Tensor, classes: Sequence[str]) -> dict:

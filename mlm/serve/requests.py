@@ -40,13 +40,15 @@ def _image(value: Any, field: str) -> str:
         value = base64.b64encode(value).decode("ascii")
     if not isinstance(value, str) or not value:
         raise BadRequest(field, "expected an image: a base64 string in JSON or a file in a multipart form")
+    if value.startswith("data:"):  # a data URL: data:image/png;base64,<data>
+        value = value.split(",", 1)[-1]
     try:
-        raw = base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
+        raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(field, "not valid base64") from None
     if not raw:
         raise BadRequest(field, "the image is empty")
-    return value.split(",", 1)[-1] if value.startswith("data:") else value
+    return value
 
 
 def _number(value, kind: type):

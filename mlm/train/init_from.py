@@ -48,8 +48,7 @@ def load_tokenizer(config: Config):
 def report_new_words(tokenizer, texts) -> dict[str, int]:
     """Count the distinct words of ``texts`` that the tokenizer can only write as [UNK]; log one line."""
     words = {w for text in texts for w in re.findall(r"[^\W_]+(?:'[^\W_]+)?", text.lower())}  # punctuation apart
-    unk_id = tokenizer.unk_id
-    unknown = {w for w in words if unk_id in tokenizer.tokenize(w)} if unk_id is not None else set()
+    unknown = {w for w in words if tokenizer.cannot_spell(w)}
     logger.info("init-from: %d of %d distinct words of the training text are not in the model's vocabulary ([UNK])%s",
                 len(unknown), len(words), f", e.g. {', '.join(sorted(unknown)[:5])}" if unknown else "")  # fmt: skip
     return {"words": len(words), "unknown": len(unknown)}
