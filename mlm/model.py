@@ -76,6 +76,14 @@ def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
     return text_mask
 
 
+def _scalar_logits_as_vectors(state_dict, prefix, *_args) -> None:
+    """Checkpoints written before FSDP support hold logit_scale and logit_bias as 0-d tensors."""
+    for name in ("logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
+
+
 class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["vision-language", "mla", "coca"]):
     """Shared-weight vision-language model: contrastive embeddings, captioning and VQA from one encoder."""
 
@@ -98,8 +106,10 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         self.decoder = MultimodalDecoder(m, self.encoder.token_embed)
         # SuperClass (Huang et al., 2024): the pooled image classifies the words of its caption
         self.word_head = nn.Linear(m.embed_dim, m.vocab_size) if m.word_head else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        # one-element vectors, not scalars: FSDP2 cannot shard a 0-d parameter; forward returns them as scalars
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
+        self._register_load_state_dict_pre_hook(_scalar_logits_as_vectors)
         self.tokenizer = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
@@ -182,8 +192,8 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         return MLMOutput(
             image_embeds=image.embeds,
             text_embeds=text.embeds,
-            logit_scale=self.logit_scale.exp().clamp(max=100.0),
-            logit_bias=self.logit_bias,
+            logit_scale=self.logit_scale.exp().clamp(max=100.0).squeeze(0),
+            logit_bias=self.logit_bias.squeeze(0),
             logits=logits,
             image_tokens=image.tokens,
             word_logits=self.word_head(image.projected) if self.word_head is not None else None,

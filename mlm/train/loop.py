@@ -377,6 +377,7 @@ class Trainer:
             "validation": self._metrics,
             "last_checkpoint": self.last_checkpoint,
             "processes": accel.num_processes,
+            "distributed": str(accel.distributed_type.value),  # NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
             "grad_bytes_sent": getattr(self.comm_hook, "bytes_sent", None),  # by this process, compressed hooks
             "global_batch": self.global_batch,
             "mixed_precision": accel.mixed_precision,

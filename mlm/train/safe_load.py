@@ -8,7 +8,8 @@ The ``.metadata`` file of a sharded (torch.distributed.checkpoint) save is a pla
 reads with ``pickle.load``; it is checked with an unpickler that admits only those dataclasses. Its shards
 (``.distcp``) hold tensors, which torch reads with ``weights_only=True``, and non-tensor items, which its default
 planner reads without the weights-only restriction: every such item named by the metadata is checked with
-``weights_only=True`` too. Links to folders are refused (a walk would not follow them, the loader would).
+``weights_only=True`` too. DeepSpeed's ZeRO optimizer files (``zero_pp_rank_*``) may also hold its loss scaler,
+stage enum and fragment addresses, three data classes named one by one. Links to folders are refused (a walk would not follow them, the loader would).
 """
 
 from __future__ import annotations
@@ -58,11 +59,29 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
+# DeepSpeed's ZeRO optimizer files hold three plain-data classes of its own besides tensors
+_DEEPSPEED_DATA = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"), ("deepspeed.runtime.zero.config",
+                   "ZeroStageEnum"), ("deepspeed.utils.tensor_fragment", "fragment_address"))  # fmt: skip
+
+
+def _deepspeed_data_classes(path) -> list:
+    """The classes of _DEEPSPEED_DATA for a DeepSpeed optimizer file (DeepSpeed installed); else none."""
+    import importlib
+
+    if not str(getattr(path, "name", "")).startswith("zero_pp_rank_"):
+        return []
+    try:
+        return [getattr(importlib.import_module(module), name) for module, name in _DEEPSPEED_DATA]
+    except (ImportError, AttributeError):
+        return []
+
+
 def _check_torch_pickle(path) -> None:
     """Load a torch.save file with weights_only=True (accelerate's numpy allowance included)."""
     from accelerate.utils import load
 
-    load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(_deepspeed_data_classes(path)):
+        load(path, map_location="cpu", weights_only=True)
 
 
 def _reason(err: Exception) -> str:

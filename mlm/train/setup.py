@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mlm.config import Config
+from mlm.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def build_accelerator(config: Config):
     """The Accelerator for this run: precision, trackers (``csv`` and any accelerate tracker name), run folder."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration
 
     from mlm.train.tracking import CSVTracker
 
@@ -82,15 +82,46 @@ def build_accelerator(config: Config):
     device_type = state.device.type
     output_dir = Path(t.output_dir)
     trackers = [CSVTracker("run", output_dir) if name == "csv" else name for name in t.trackers]
+    mixed_precision = resolve_mixed_precision(t.mixed_precision, device_type)
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_mixed_precision(t.mixed_precision, device_type),
+        mixed_precision=mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
         dynamo_backend="inductor" if t.compile else None,  # None: accelerate's own config/env decides
     )
+    if cpu and accelerator.state.distributed_type == DistributedType.MULTI_CPU:
+        _shard_on_cpu(state, accelerator, mixed_precision)
     return accelerator
+
+
+def _shard_on_cpu(state, accelerator, mixed_precision: str) -> None:
+    """Honour an FSDP or DeepSpeed ``accelerate launch`` config on CPU processes.
+
+    accelerate turns both on for accelerator devices only, and on CPU processes would silently train plain DDP.
+    FSDP2's ``fully_shard`` and DeepSpeed's CPU accelerator both run over the gloo group accelerate has set up, so
+    the plugin the launcher described is installed in accelerate's state (PartialState too: every AcceleratorState()
+    copies its fields over its own).
+    """
+    from accelerate import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise ConfigError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 needs CUDA)")
+        state.distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings of the launch
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* settings of the launch
+        plugin.set_mixed_precision(mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        state.distributed_type = accelerator.state.distributed_type = DistributedType.DEEPSPEED
+        accelerator.state.deepspeed_plugins = plugin
+    else:
+        return
+    logger.info("%s on %d CPU processes over gloo", accelerator.state.distributed_type.value,
+                accelerator.num_processes)  # fmt: skip
 
 
 def start_trackers(accelerator, config: Config) -> None:

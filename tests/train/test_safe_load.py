@@ -154,3 +154,22 @@ def test_a_payload_inside_a_sharded_checkpoint_item_is_refused(tmp_path):
     (tmp_path / "state" / "shards").symlink_to(tmp_path / "bad", target_is_directory=True)
     with pytest.raises(UnsafeCheckpointError, match="a link to a folder"):
         check_state_folder(tmp_path / "state")
+
+
+def test_deepspeed_optimizer_files_admit_its_three_data_classes_only(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "fp32": torch.ones(3)}
+    good = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save(state, good)
+    check_file(good)  # what ZeRO-2 writes loads as data
+    torch.save(state, tmp_path / "optimizer.bin")
+    with pytest.raises(UnsafeCheckpointError, match="optimizer.bin: refused"):
+        check_file(tmp_path / "optimizer.bin")  # the allowance holds for DeepSpeed's own files only
+    marker = tmp_path / "pwned"
+    _crafted(tmp_path / "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker)
+    with pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt: refused"):
+        check_file(tmp_path / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert not marker.exists()
