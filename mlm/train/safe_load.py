@@ -9,7 +9,8 @@ reads with ``pickle.load``; it is checked with an unpickler that admits only tho
 (``.distcp``) hold tensors, which torch reads with ``weights_only=True``, and non-tensor items, which its default
 planner reads without the weights-only restriction: every such item named by the metadata is checked with
 ``weights_only=True`` too. DeepSpeed's ZeRO optimizer files (``zero_pp_rank_*``) may also hold its loss scaler,
-stage enum and fragment addresses, three data classes named one by one. Links to folders are refused (a walk would not follow them, the loader would).
+stage enum and fragment addresses, three data classes named one by one. Links to folders are refused (a walk
+would not follow them, the loader would).
 """
 
 from __future__ import annotations
