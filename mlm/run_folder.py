@@ -2,7 +2,8 @@
 
 ``<output_dir>/checkpoints/step_000123/`` holds ``model/`` (a model folder: config.json, generation_config.json,
 model.safetensors, tokenizer.json), ``state/`` (accelerate's optimizer, scheduler and RNG states),
-``trainer_state.json`` (step, time, counters and the run config) and ``trainer_tensors.safetensors``. Reading this
+``trainer_state.json`` (step, time, counters and the run config), ``trainer_tensors.safetensors`` and, with
+compressed gradients, ``process_tensors_<rank>.safetensors``. Reading this
 layout needs nothing of the training code, so loading a model for inference does not import it; saving, pruning and
 resuming live in :mod:`mlm.train.checkpoint`.
 """
@@ -17,6 +18,7 @@ MODEL_DIR = "model"
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_tensors.safetensors"
+PROCESS_TENSORS = "process_tensors_{}.safetensors"  # per process: the compressed-gradient hook's residuals
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:

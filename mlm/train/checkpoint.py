@@ -6,7 +6,8 @@ Layout of one checkpoint, ``<output_dir>/checkpoints/step_000123/``:
   tokenizer.json): a model you can load with ``MLMModel.from_pretrained`` and no other file;
 - ``state/``   -- ``accelerator.save_state``: optimizer, scheduler, grad scaler and RNG states of every process;
 - ``trainer_state.json`` -- the trainer's own state (step, time, skip counters) and the run config;
-- ``trainer_tensors.safetensors`` -- the trainer's tensors, when it has any (the hard-negative sampler's embeddings).
+- ``trainer_tensors.safetensors`` -- the trainer's tensors, when it has any (the hard-negative sampler's embeddings);
+- ``process_tensors_<rank>.safetensors`` -- each process's own tensors (the compressed-gradient hook's residuals).
 
 Nothing in a checkpoint needs code to load: before resuming, every pickle-based file under ``state/`` is checked to
 load with ``weights_only=True`` (:mod:`mlm.train.safe_load`) and a file that would not is refused by name.
@@ -32,6 +33,7 @@ from mlm.errors import first_line
 from mlm.lora import apply_lora, has_lora
 from mlm.run_folder import (  # noqa: F401 - the layout is re-exported for the training code and its tests
     MODEL_DIR,
+    PROCESS_TENSORS,
     STATE_DIR,
     TRAINER_STATE,
     TRAINER_TENSORS,
@@ -128,9 +130,10 @@ def save_checkpoint(
     trainer_state: dict,
     keep_last: int,
     tensors: dict[str, torch.Tensor] | None = None,
+    process_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save model, accelerate state, trainer state (JSON) and trainer tensors (safetensors) for ``step``
-    atomically; every process must call this."""
+    """Save model, accelerate state, trainer state (JSON), trainer tensors and this process's own tensors
+    (safetensors) for ``step`` atomically; every process must call this."""
     root = checkpoints_root(output_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"{_TMP_PREFIX}{final.name}"
@@ -148,6 +151,9 @@ def save_checkpoint(
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TRAINER_TENSORS))
+    if process_tensors:
+        own = tmp / PROCESS_TENSORS.format(accelerator.process_index)
+        save_file({k: v.detach().cpu().contiguous() for k, v in process_tensors.items()}, str(own))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)  # a crash right after the rename must not find truncated files under the new name
@@ -195,6 +201,19 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> tuple[dict, dict[str
                 os.symlink(path.resolve(), Path(view) / path.name)
         _load_state(accelerator, Path(view), state)
     return trainer_state, tensors
+
+
+def load_process_tensors(checkpoint: str | Path, process_index: int) -> dict[str, torch.Tensor]:
+    """This process's own tensors of a checkpoint; empty when it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / PROCESS_TENSORS.format(process_index)
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types on a broken file
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
 
 
 def _load_state(accelerator, folder: Path, shown: Path) -> None:

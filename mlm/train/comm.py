@@ -8,13 +8,18 @@
   packed two per byte; every process all-gathers the codes and fp32 scales and averages the dequantized gradients.
   ``train.grad_compression_full_every: N`` sends every N-th step in full precision (and clears the residuals).
 
-Each hook counts the bytes this process sends; :func:`register` does nothing (one info line) with one process.
+Each hook state counts the payload bytes this process sends and has ``state_dict()`` / ``load_state_dict()``, so a
+checkpoint keeps the residuals (per parameter name, per process) and a resumed run continues exactly. DDP lays its
+buckets out anew after the first step of every process, so a resumed run first takes one uncounted, uncompressed
+step with zero gradients (``passthrough``) to reach the layout the interrupted run had. :func:`register` does
+nothing (one info line) with one process.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -47,68 +52,197 @@ def dequantize(codes: Tensor, scales: Tensor, bits: int, numel: int) -> Tensor:
     return (values.view(-1, CHUNK).float() * scales[:, None]).view(-1)[:numel]
 
 
-class QuantizedAllReduce:
-    """The state of the int8/int4 hook (:func:`quantized_hook`): bits, error-feedback residuals, bytes sent."""
+def _done(value: Tensor) -> torch.futures.Future:
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(value)
+    return future
 
-    def __init__(self, bits: int, full_every: int = 0, error_feedback: bool = True):
+
+def _all_reduce_mean(grad: Tensor) -> torch.futures.Future:
+    world = dist.get_world_size()
+    dist.all_reduce(grad)
+    return _done(grad.div_(world))
+
+
+class HookState:
+    """What every hook state has: the bytes it sent, a pass-through switch and a (tensor) state dict."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.passthrough = False  # one plain, uncounted all-reduce round (bucket re-layout after a resume)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors to checkpoint, per process."""
+        return {"bytes_sent": torch.tensor(self.bytes_sent, dtype=torch.int64)}
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Restore from :meth:`state_dict`'s tensors."""
+        self.bytes_sent = int(tensors["bytes_sent"])
+
+    def communicate(self, bucket) -> torch.futures.Future:
+        """Average the bucket's gradient over the processes."""
+        raise NotImplementedError
+
+    def __call__(self, bucket) -> torch.futures.Future:
+        """Run one bucket through the hook (or plainly, in a pass-through round)."""
+        if self.passthrough:
+            return _all_reduce_mean(bucket.buffer())
+        return self.communicate(bucket)
+
+
+def comm_hook(state: HookState, bucket):  # no annotations: DDP compares them to its own types
+    """The DDP communication hook of every mode (``model.register_comm_hook(state, comm_hook)``)."""
+    return state(bucket)
+
+
+quantized_hook = comm_hook  # the name the int8/int4 hook had
+
+
+class QuantizedAllReduce(HookState):
+    """The int8/int4 hook: bits, error-feedback residuals (per parameter), full rounds, bytes sent."""
+
+    def __init__(self, bits: int, full_every: int = 0, error_feedback: bool = True, names: dict | None = None):
+        super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}: 4 or 8")
         self.bits, self.full_every, self.error_feedback = bits, full_every, error_feedback
-        self.residuals: dict[int, Tensor] = {}
+        self.names = names or {}  # id(parameter) -> its name, so residuals survive DDP's bucket re-layout
+        self.residuals: dict[str, Tensor] = {}
         self.step = 0  # completed steps (a step ends with the last bucket)
-        self.bytes_sent = 0
 
     def _full_round(self) -> bool:
         return self.full_every > 0 and (self.step + 1) % self.full_every == 0
 
-    def communicate(self, bucket):
+    def _slices(self, bucket) -> list[tuple[str, int, int]]:
+        """(parameter name, offset, numel) of each gradient in the bucket's flat buffer."""
+        found, offset = [], 0
+        for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+            found.append((self.names.get(id(param), f"id{id(param)}"), offset, grad.numel()))
+            offset += grad.numel()
+        return found
+
+    def communicate(self, bucket) -> torch.futures.Future:
         """Average the bucket's gradient over the processes from quantized codes (or in full on a full round)."""
-        group = dist.group.WORLD
-        world = dist.get_world_size(group)
-        grad, index = bucket.buffer(), bucket.index()
+        world = dist.get_world_size()
+        grad = bucket.buffer()
+        slices = self._slices(bucket)
         if self._full_round():
-            self.residuals.pop(index, None)
-            dist.all_reduce(grad, group=group)
-            grad.div_(world)
+            for name, _, _ in slices:
+                self.residuals.pop(name, None)
             self.bytes_sent += grad.numel() * grad.element_size()
+            future = _all_reduce_mean(grad)
         else:
-            wanted = grad.float() + self.residuals.get(index, 0.0)
+            wanted = grad.float().clone()
+            for name, offset, numel in slices:
+                if name in self.residuals:
+                    wanted[offset : offset + numel] += self.residuals[name]
             codes, scales = quantize(wanted, self.bits)
             if self.error_feedback:
-                self.residuals[index] = wanted - dequantize(codes, scales, self.bits, grad.numel())
+                dropped = wanted - dequantize(codes, scales, self.bits, grad.numel())
+                for name, offset, numel in slices:
+                    self.residuals[name] = dropped[offset : offset + numel].clone()
             all_codes = [torch.empty_like(codes) for _ in range(world)]
             all_scales = [torch.empty_like(scales) for _ in range(world)]
-            dist.all_gather(all_codes, codes, group=group)
-            dist.all_gather(all_scales, scales, group=group)
+            dist.all_gather(all_codes, codes)
+            dist.all_gather(all_scales, scales)
             total = sum(dequantize(c, s, self.bits, grad.numel()) for c, s in zip(all_codes, all_scales, strict=True))
             grad.copy_(total / world)
             self.bytes_sent += codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
+            future = _done(grad)
         if bucket.is_last():
             self.step += 1
-        future: torch.futures.Future = torch.futures.Future()
-        future.set_result(grad)
         return future
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """Step, bytes and the residual of every parameter."""
+        residuals = {f"residual.{name}": value for name, value in self.residuals.items()}
+        return {**super().state_dict(), "step": torch.tensor(self.step), **residuals}
 
-def quantized_hook(state: QuantizedAllReduce, bucket):  # no annotations: DDP compares them to its own types
-    """The int8/int4 DDP communication hook (``model.register_comm_hook(QuantizedAllReduce(...), quantized_hook)``)."""
-    return state.communicate(bucket)
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Restore step, bytes and residuals."""
+        super().load_state_dict(tensors)
+        self.step = int(tensors["step"])
+        self.residuals = {
+            k.removeprefix("residual."): v.float() for k, v in tensors.items() if k.startswith("residual.")
+        }
 
 
-class HalfPrecision:
-    """The state of :func:`half_precision_hook`: which of PyTorch's hooks, and the bytes it sent."""
+class HalfPrecision(HookState):
+    """PyTorch's fp16/bf16 compression hook, counting the two bytes it sends per value."""
 
     def __init__(self, dtype: torch.dtype):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        self.dtype, self.bytes_sent = dtype, 0
+        super().__init__()
+        self.dtype = dtype
         self.hook = default_hooks.fp16_compress_hook if dtype == torch.float16 else default_hooks.bf16_compress_hook
 
+    def communicate(self, bucket) -> torch.futures.Future:
+        """Cast, all-reduce and cast back (PyTorch's hook)."""
+        self.bytes_sent += bucket.buffer().numel() * 2
+        return self.hook(None, bucket)
 
-def half_precision_hook(state: HalfPrecision, bucket):
-    """PyTorch's fp16/bf16 compression hook, counting the two bytes it sends per value."""
-    state.bytes_sent += bucket.buffer().numel() * 2
-    return state.hook(None, bucket)
+
+class LowRank(HookState):
+    """PyTorch's PowerSGD hook and state (rank-r factors with error feedback and warm start), with byte counts and a
+    checkpointable state: its step, per-bucket errors and factors, and the generator its first factors came from."""
+
+    def __init__(self, rank: int):
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as power_sgd
+
+        super().__init__()
+        self.hook = power_sgd.powerSGD_hook
+        self.state = power_sgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
+                                             use_error_feedback=True, warm_start=True)  # fmt: skip
+
+    def communicate(self, bucket) -> torch.futures.Future:
+        """One PowerSGD round (plain all-reduce for its first steps, as PowerSGD needs)."""
+        state = self.state
+        before = state.total_numel_after_compression
+        if state.iter < state.start_powerSGD_iter:
+            self.bytes_sent += bucket.buffer().numel() * bucket.buffer().element_size()
+        future = self.hook(state, bucket)
+        self.bytes_sent += (state.total_numel_after_compression - before) * bucket.buffer().element_size()
+        return future
+
+    _DICTS = ("error_dict", "p_memory_dict", "q_memory_dict")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Step, bytes, the per-bucket tensors and the numpy generator's state."""
+        state = self.state
+        tensors = {**super().state_dict(), "iter": torch.tensor(state.iter)}
+        for field in self._DICTS:
+            tensors.update({f"{field}.{index}": value for index, value in getattr(state, field).items()})
+        _, keys, pos, has_gauss, cached = state.rng.get_state()
+        tensors["rng.keys"] = torch.from_numpy(keys.astype(np.int64))
+        tensors["rng.rest"] = torch.tensor([pos, has_gauss, cached], dtype=torch.float64)
+        return tensors
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        super().load_state_dict(tensors)
+        state = self.state
+        state.iter = int(tensors["iter"])
+        for field in self._DICTS:
+            prefix = f"{field}."
+            setattr(state, field, {int(k[len(prefix) :]): v for k, v in tensors.items() if k.startswith(prefix)})
+        pos, has_gauss, cached = tensors["rng.rest"].tolist()
+        keys = tensors["rng.keys"].numpy().astype(np.uint32)
+        state.rng.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+
+
+def tagged_state(state: HookState, mode: str) -> dict[str, Tensor]:
+    """The state's tensors for a checkpoint, with the mode they belong to."""
+    return {**state.state_dict(), "mode": torch.tensor(MODES.index(mode))}
+
+
+def restore(state: HookState, tensors: dict[str, Tensor], mode: str) -> None:
+    """Load a checkpoint's hook state when it was saved by the same mode; otherwise the hook starts fresh."""
+    saved = MODES[int(tensors["mode"])] if "mode" in tensors else None
+    if saved == mode:
+        state.load_state_dict(tensors)
+    else:
+        logger.info("the checkpoint holds no %s gradient state (it has %s); the hook starts fresh", mode, saved)
 
 
 def _check_backend(dtype: torch.dtype, mode: str) -> None:
@@ -123,29 +257,38 @@ def _check_backend(dtype: torch.dtype, mode: str) -> None:
         ) from None
 
 
-def register(model, train, accelerator):
-    """Register the hook ``train.grad_compression`` names on a DDP-wrapped model; returns it (None when off)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as power_sgd
-
+def build_state(train, names: dict | None = None) -> HookState | None:
+    """The hook state ``train.grad_compression`` names (None for ``none``)."""
     mode = train.grad_compression
     if mode not in MODES:
         raise ValueError(f"train.grad_compression={mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
         return None
-    if accelerator.num_processes == 1 or not hasattr(model, "register_comm_hook"):
-        logger.info("train.grad_compression=%s: one process, nothing is communicated; training uncompressed", mode)
-        return None
     if mode in ("fp16", "bf16"):
         dtype = torch.float16 if mode == "fp16" else torch.bfloat16
         _check_backend(dtype, mode)
-        state = HalfPrecision(dtype)
-        model.register_comm_hook(state, half_precision_hook)
-    elif mode == "powersgd":
-        state = power_sgd.PowerSGDState(process_group=None, matrix_approximation_rank=train.grad_compression_rank,
-                                        start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)  # fmt: skip
-        model.register_comm_hook(state, power_sgd.powerSGD_hook)
-    else:
-        state = QuantizedAllReduce(4 if mode == "int4" else 8, train.grad_compression_full_every)
-        model.register_comm_hook(state, quantized_hook)
+        return HalfPrecision(dtype)
+    if mode == "powersgd":
+        return LowRank(train.grad_compression_rank)
+    bits = 4 if mode == "int4" else 8
+    feedback = getattr(train, "grad_compression_error_feedback", True)
+    return QuantizedAllReduce(bits, train.grad_compression_full_every, feedback, names)
+
+
+def register(model, train, accelerator) -> HookState | None:
+    """Register the hook ``train.grad_compression`` names on a DDP-wrapped model; returns its state (None when off)."""
+    mode = train.grad_compression
+    if mode not in MODES:
+        raise ValueError(f"train.grad_compression={mode!r} is not one of {', '.join(MODES)}")
+    if mode == "none":
+        return None
+    if accelerator.num_processes == 1:
+        logger.info("train.grad_compression=%s: one process, nothing is communicated; training uncompressed", mode)
+        return None
+    if not hasattr(model, "register_comm_hook"):
+        kind = getattr(getattr(accelerator, "distributed_type", None), "value", type(model).__name__)
+        raise ValueError(f"train.grad_compression={mode}: gradient compression runs under DDP only, not {kind}")
+    state = build_state(train, {id(p): name for name, p in model.named_parameters()})
+    model.register_comm_hook(state, comm_hook)
     logger.info("gradients travel as %s between %d processes", mode, accelerator.num_processes)
     return state

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,34 +27,11 @@ from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, exp
 from mlm.train.losses import ImageTextLoss, word_idf
 from mlm.train.schedule import build_optimizer, build_scheduler
 from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
+from mlm.train.trainer_state import TrainerState
 
 logger = logging.getLogger(__name__)
 
 PARTS = ("loss", "contrastive", "caption", "vqa", "words")
-
-
-@dataclass
-class TrainerState:
-    """Checkpointed beyond model/optimizer/RNG: progress and counters (JSON), sampler embeddings (safetensors)."""
-
-    step: int = 0  # optimizer steps taken, skipped ones included (each consumes grad_accum_steps micro-batches)
-    elapsed_s: float = 0.0  # training time of earlier sessions of this run
-    nonfinite: dict = field(default_factory=lambda: {"skipped": 0, "consecutive": 0})
-    grouping: torch.Tensor | None = None  # (N, E) text embeddings the hard-negative sampler groups this epoch by
-
-    def progress(self) -> dict:
-        """The JSON part."""
-        return {"step": self.step, "elapsed_s": self.elapsed_s, "nonfinite": dict(self.nonfinite)}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The safetensors part."""
-        return {} if self.grouping is None else {"grouping": self.grouping}
-
-    def restore(self, progress: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore from a checkpoint's trainer state and tensors."""
-        self.step, self.elapsed_s = int(progress["step"]), float(progress.get("elapsed_s", 0.0))
-        self.nonfinite = {"skipped": 0, "consecutive": 0, **progress.get("nonfinite", {})}
-        self.grouping = tensors.get("grouping")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -87,6 +63,7 @@ class Trainer:
         if self.checkpoint is not None:
             self.state.restore(*ckpt.load_checkpoint(accel, self.checkpoint))
             self.guard.load_state_dict(self.state.nonfinite)
+            self._restore_comm_hook()
             logger.info("resumed from %s at step %d", self.checkpoint, self.state.step)
         self.last_checkpoint = str(self.checkpoint) if self.checkpoint else None
 
@@ -145,20 +122,32 @@ class Trainer:
         model.to(accel.device)
         optimizer = build_optimizer(model, c.train)
         scheduler = build_scheduler(optimizer, c.train)
-        deepspeed = accel.state.deepspeed_plugin
-        if deepspeed is not None:
-            # DeepSpeed steps its engine on every backward, so accumulation would have to live in its own config.
-            if c.train.grad_accum_steps != 1:
-                raise ConfigError(
-                    f"train.grad_accum_steps={c.train.grad_accum_steps} is not supported under DeepSpeed; "
-                    "set gradient_accumulation_steps in the DeepSpeed config and train.grad_accum_steps=1"
-                )
-            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = c.train.batch_size  # no prepared loader
+        setup.configure_deepspeed(accel, c.train)
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
         self.comm_hook = comm.register(self.model, c.train, accel)  # DDP gradients compressed, when asked
+        self._relayout = False
         captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
         idf = word_idf(self.tokenizer, captions) if captions else None
         self.loss_fn = ImageTextLoss.from_config(c.train, accel.process_index, accel.num_processes, idf)
+
+    def _restore_comm_hook(self) -> None:
+        """The compressed-gradient hook's residuals of this process, and one re-layout step before training."""
+        if self.comm_hook is None:
+            return
+        comm.restore(self.comm_hook, ckpt.load_process_tensors(self.checkpoint, self.accelerator.process_index),
+                     self.config.train.grad_compression)  # fmt: skip
+        self._relayout = True
+
+    def _relayout_buckets(self, batches):
+        """DDP lays its buckets out anew after a process's first step; take that step uncompressed with zero
+        gradients, so the resumed steps see the buckets (and quantization chunks) the interrupted run saw."""
+        first = next(batches)
+        self.comm_hook.passthrough = True
+        self._forward_backward(first, sync=True, scale=0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.comm_hook.passthrough = False
+        yield first
+        yield from batches
 
     @property
     def unwrapped(self):
@@ -192,9 +181,9 @@ class Trainer:
             return
         if not (resumed_inside and self.state.grouping is not None):
             texts = [r.captions[0] if r.captions else r.question or "" for r in self.dataset.source]
-            c = self.config
+            c, accel = self.config, self.accelerator
             self.state.grouping = sampler.text_embeddings(self.unwrapped, self.tokenizer, texts, c.eval.batch_size,
-                                                  c.model.max_text_len, self.accelerator.device)  # fmt: skip
+                c.model.max_text_len, accel.device, accel.process_index, accel.num_processes)  # fmt: skip
         self.sampler.set_features(self.state.grouping.float())
 
     def _any(self, *flags: bool) -> list[bool]:
@@ -249,8 +238,9 @@ class Trainer:
         self.state.nonfinite = self.guard.state_dict()
         self.state.elapsed_s = self._elapsed()
         readable = {**self.state.progress(), "samples": self.samples_seen, "config": self.config.to_dict()}
+        own = comm.tagged_state(self.comm_hook, self.config.train.grad_compression) if self.comm_hook else None
         path = ckpt.save_checkpoint(self.accelerator, self.model, self.output_dir, self.state.step, readable,
-                                    self.config.train.keep_last, self.state.tensors())  # fmt: skip
+                                    self.config.train.keep_last, self.state.tensors(), own)  # fmt: skip
         self.last_checkpoint = str(path)
         return self.last_checkpoint
 
@@ -278,6 +268,7 @@ class Trainer:
         """Start a new logging interval: loss sums over applied steps, step count, pure training seconds."""
         self._sums = torch.zeros(len(PARTS), device=self.accelerator.device)
         self._applied, self._steps, self._train_s = 0, 0, 0.0
+        self._bytes_before = getattr(self.comm_hook, "bytes_sent", 0)
 
     def _log(self) -> dict[str, float]:
         """Log the mean loss parts of the interval's applied steps, the lr and the training throughput."""
@@ -288,6 +279,8 @@ class Trainer:
         values["lr"] = self.scheduler.get_last_lr()[0]
         values["samples_per_s"] = self.global_batch * self._steps / max(self._train_s, 1e-9)
         values["skipped_steps"] = self.guard.skipped
+        if self.comm_hook is not None:  # payload this process sent per step (compressed gradients)
+            values["grad_bytes_per_step"] = (self.comm_hook.bytes_sent - self._bytes_before) / max(self._steps, 1)
         self.accelerator.log(values, step=self.state.step)
         loss = f"{values['loss']:.3f}" if "loss" in values else "skipped"
         lr, sps = values["lr"], values["samples_per_s"]
@@ -316,6 +309,8 @@ class Trainer:
         self._elapsed_before, self._started = self.state.elapsed_s, time.perf_counter()
         status, self._last, self._metrics = "completed", {}, {}
         batches = self._micro_batches()
+        if self._relayout:
+            batches = self._relayout_buckets(batches)
         self._reset_interval()
         self._bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not accel.is_main_process, desc="train")
         with StopSignal() as stop, explain_oom(self.config):

@@ -72,16 +72,30 @@ def caption_features(texts: list[str], dim: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_embeddings(model, tokenizer, texts: list[str], batch_size: int, max_len: int, device) -> torch.Tensor:
-    """(N, E) float16 embeddings of ``texts`` by ``model.encode_text`` in eval mode (grouping features)."""
+def text_embeddings(
+    model, tokenizer, texts: list[str], batch_size: int, max_len: int, device, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """(N, E) float16 embeddings of ``texts`` by ``model.encode_text`` in eval mode (grouping features).
+
+    With ``world`` processes each embeds one share and the shares are all-gathered, so the work is done once, not
+    on every process; shares are padded to one length, as FSDP needs every process to run as many forwards.
+    """
+    share = -(-len(texts) // world)
+    mine = texts[rank * share : (rank + 1) * share]
+    mine = mine + [texts[-1]] * (share - len(mine))
     was_training = model.training
     model.eval()
     chunks = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = tokenizer.encode_batch(texts[start : start + batch_size], max_len)
-        chunks.append(model.encode_text(ids.to(device), normalize=True, text_mask=mask.to(device)).float().cpu())
+    for start in range(0, len(mine), batch_size):
+        ids, mask = tokenizer.encode_batch(mine[start : start + batch_size], max_len)
+        chunks.append(model.encode_text(ids.to(device), normalize=True, text_mask=mask.to(device)).float())
     model.train(was_training)
-    return torch.cat(chunks).half()  # half: a large dataset's features ride along in every checkpoint
+    found = torch.cat(chunks)
+    if world > 1:
+        shares = [torch.empty_like(found) for _ in range(world)]
+        torch.distributed.all_gather(shares, found.contiguous())
+        found = torch.cat(shares)[: len(texts)]
+    return found.cpu().half()  # half: a large dataset's features ride along in every checkpoint
 
 
 def similarity_order(features: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -124,6 +124,20 @@ def _shard_on_cpu(state, accelerator, mixed_precision: str) -> None:
                 accelerator.num_processes)  # fmt: skip
 
 
+def configure_deepspeed(accelerator, train) -> None:
+    """Fit a DeepSpeed run's config to the loop (nothing to do without DeepSpeed)."""
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is None:
+        return
+    # DeepSpeed steps its engine on every backward, so accumulation would have to live in its own config.
+    if train.grad_accum_steps != 1:
+        raise ConfigError(
+            f"train.grad_accum_steps={train.grad_accum_steps} is not supported under DeepSpeed; "
+            "set gradient_accumulation_steps in the DeepSpeed config and train.grad_accum_steps=1"
+        )
+    deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = train.batch_size  # no prepared loader
+
+
 def start_trackers(accelerator, config: Config) -> None:
     """Open the run's trackers (metrics.csv, TensorBoard logs/); called when training starts, so a run that fails
     during set-up leaves no log files behind."""
