@@ -1,0 +1,152 @@
+"""``mlm bench comm``: compressed DDP gradients, each mode a real 2-process ``accelerate launch`` run over gloo.
+
+Every row trains the same config from the same seed for ``--steps`` steps with one ``train.grad_compression`` mode
+(``int4-no-ef`` is int4 with ``train.grad_compression_error_feedback=false``) and reports the payload bytes one
+process sent per step, against the fp32 gradient (4 bytes a parameter: what uncompressed DDP all-reduces), the
+step time, and the loss after the last steps (the mean of the last logging interval) with its gap to ``none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODES = {
+    "none": [],
+    "fp16": ["train.grad_compression=fp16"],
+    "bf16": ["train.grad_compression=bf16"],
+    "int8": ["train.grad_compression=int8"],
+    "int4": ["train.grad_compression=int4"],
+    "int4-no-ef": ["train.grad_compression=int4", "train.grad_compression_error_feedback=false"],
+    "powersgd": ["train.grad_compression=powersgd"],
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mlm bench comm`` (``--json OUT`` is added by the bench command)."""
+    parser.add_argument("--config", default="configs/tiny-synthetic.yaml", help="the config every row trains")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="applied to every row")  # fmt: skip
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated rows: {', '.join(MODES)}")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per row (default: 300)")
+    parser.add_argument("--processes", type=int, default=2, help="processes per run (default: 2)")
+    parser.add_argument("--data", help="data to train on (default: the config's data.train)")
+    parser.add_argument("--out", help="keep the rows' run folders here (default: a temporary folder, removed)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, tiny data, a few steps (for tests)")
+
+
+def _modes(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        raise ValueError(f"--modes {spec}: rows are {', '.join(MODES)}")
+    return names
+
+
+def _launch(args, config_file: Path) -> subprocess.CompletedProcess:
+    """One ``accelerate launch`` of ``mlm train`` on CPU processes, one torch thread each."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(args.processes), "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mlm.cli", "train", "--config", str(config_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def _bytes_per_step(metrics: Path) -> float | None:
+    """Mean of the logged grad_bytes_per_step values (None when the run had no hook)."""
+    with metrics.open() as f:
+        values = [float(row["value"]) for row in csv.DictReader(f) if row["name"] == "grad_bytes_per_step"]
+    return sum(values) / len(values) if values else None
+
+
+def _row(args, name: str, data: str, root: Path) -> dict:
+    """Train one mode and read its summary, metrics and parameter count."""
+    from mlm.bench.ablate import QUICK
+    from mlm.config import load_config
+    from mlm.model import MLMModel
+
+    run_dir = root / name
+    batch = load_config(args.config, args.overrides).train.batch_size
+    sets = [*(QUICK if args.quick else []), *args.overrides, f"data.train={data}", f"train.output_dir={run_dir}",
+            f"train.max_steps={args.steps}", "train.max_time_s=0", "train.save_every=0", "train.eval_every=0",
+            "train.trackers=[csv]", f"train.batch_size={max(1, batch // args.processes)}", *MODES[name]]  # fmt: skip
+    if args.quick:
+        sets += ["train.log_every=1", "train.batch_size=4"]
+    config = load_config(args.config, sets)
+    config_file = root / f"{name}.yaml"
+    config.save(config_file)
+    result = _launch(args, config_file)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+        raise RuntimeError(f"bench comm: the {name} run failed (exit {result.returncode}): " + " | ".join(tail))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model = MLMModel.from_pretrained(Path(summary["last_checkpoint"]) / "model")
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what DDP reduces
+    sent = _bytes_per_step(run_dir / "metrics.csv")
+    fp32 = 4 * params
+    return {
+        "mode": name,
+        "switches": MODES[name],
+        "steps": summary["steps"],
+        "processes": summary["processes"],
+        "global_batch": summary["global_batch"],
+        "bytes_per_step": round(sent if sent is not None else fp32, 1),
+        "bytes_ratio": round((sent if sent is not None else fp32) / fp32, 4),
+        "step_s": round(summary["time_s"] / max(summary["steps"], 1), 4),
+        "samples_per_s": summary["samples_per_s"],
+        "loss": summary["final_losses"].get("loss"),
+    }
+
+
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """Train every mode; return the report and a Markdown table."""
+    from mlm.data.synthetic import generate
+
+    names = _modes(args.modes)
+    if args.steps < 1 or args.processes < 2:
+        raise ValueError("--steps must be >= 1 and --processes >= 2 (one process communicates nothing)")
+    if args.quick:
+        args.steps = min(args.steps, 4)
+    with tempfile.TemporaryDirectory(prefix="mlm-bench-comm-") as tmp:
+        data = args.data
+        if args.quick and not data:
+            generate(Path(tmp) / "data", n_images=40, size=32, seed=0)
+            data = str(Path(tmp) / "data")
+        if not data:
+            from mlm.config import load_config
+
+            data = load_config(args.config, args.overrides).data.train
+        root = Path(args.out) if args.out else Path(tmp) / "runs"
+        root.mkdir(parents=True, exist_ok=True)
+        rows = {name: _row(args, name, data, root) for name in names}
+    base = rows.get("none")
+    for row in rows.values():
+        gap = None
+        if base is not None and base["loss"] and row["loss"] is not None:
+            gap = round(100.0 * (row["loss"] - base["loss"]) / base["loss"], 2)
+        row["loss_gap_pct"] = gap
+    report = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "processes": args.processes,
+              "data": args.data or "config", "rows": rows}  # fmt: skip
+    return report, _table(report)
+
+
+def _table(report: dict) -> str:
+    """Markdown: one row per mode."""
+    lines = [
+        f"{report['processes']} processes (gloo), {report['steps']} steps, config {report['config']}",
+        "",
+        "| mode | bytes/step | vs fp32 | step s | samples/s | loss | gap to none |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["rows"].values():
+        gap = "—" if row["loss_gap_pct"] is None else f"{row['loss_gap_pct']:+.2f}%"
+        loss = "—" if row["loss"] is None else f"{row['loss']:.4f}"
+        lines.append(f"| {row['mode']} | {row['bytes_per_step']:,.0f} | {row['bytes_ratio']:.3f} | {row['step_s']:.3f} "
+                     f"| {row['samples_per_s']:.1f} | {loss} | {gap} |")  # fmt: skip
+    return "\n".join(lines)
