@@ -125,6 +125,7 @@ class TrainConfig:
     grad_compression: str = "none"  # DDP gradients as none | fp16 | bf16 | int8 | int4 | powersgd (train/comm.py)
     grad_compression_full_every: int = 0  # int8/int4: every N-th step in full precision; 0 = never
     grad_compression_rank: int = 4  # powersgd: the rank of the low-rank approximation
+    grad_compression_start: int = 0  # steps sent in full precision before compression starts (powersgd: >= 2)
     grad_compression_error_feedback: bool = True  # int8/int4: send later what rounding dropped (off: for ablation)
     compile: bool = False
     deterministic: bool = False

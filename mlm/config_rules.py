@@ -48,7 +48,7 @@ _RANGES = [
     ("train.max_time_s", 0.0, 1e9), ("train.lora.rank", 0, 4096), ("train.lora.alpha", 1e-6, 1e6),
     ("train.lora.dropout", 0.0, 0.99),
     ("train.word_weight", 0.0, 1e3), ("train.grad_compression_full_every", 0, 1 << 30),
-    ("train.grad_compression_rank", 1, 1024),
+    ("train.grad_compression_rank", 1, 1024), ("train.grad_compression_start", 0, 1 << 30),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
 ]  # fmt: skip
 

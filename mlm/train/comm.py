@@ -101,7 +101,8 @@ quantized_hook = comm_hook  # the name the int8/int4 hook had
 class QuantizedAllReduce(HookState):
     """The int8/int4 hook: bits, error-feedback residuals (per parameter), full rounds, bytes sent."""
 
-    def __init__(self, bits: int, full_every: int = 0, error_feedback: bool = True, names: dict | None = None):
+    def __init__(self, bits: int, full_every: int = 0, error_feedback: bool = True, names: dict | None = None,
+                 start: int = 0):  # fmt: skip
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}: 4 or 8")
@@ -109,9 +110,10 @@ class QuantizedAllReduce(HookState):
         self.names = names or {}  # id(parameter) -> its name, so residuals survive DDP's bucket re-layout
         self.residuals: dict[str, Tensor] = {}
         self.step = 0  # completed steps (a step ends with the last bucket)
+        self.start = start  # steps sent in full before the first compressed one
 
     def _full_round(self) -> bool:
-        return self.full_every > 0 and (self.step + 1) % self.full_every == 0
+        return self.step < self.start or (self.full_every > 0 and (self.step + 1) % self.full_every == 0)
 
     def _slices(self, bucket) -> list[tuple[str, int, int]]:
         """(parameter name, offset, numel) of each gradient in the bucket's flat buffer."""
@@ -187,13 +189,15 @@ class LowRank(HookState):
     """PyTorch's PowerSGD hook and state (rank-r factors with error feedback and warm start), with byte counts and a
     checkpointable state: its step, per-bucket errors and factors, and the generator its first factors came from."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, start: int = 2):
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as power_sgd
 
         super().__init__()
         self.hook = power_sgd.powerSGD_hook
-        self.state = power_sgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
-                                             use_error_feedback=True, warm_start=True)  # fmt: skip
+        # PowerSGD needs >= 2 plain steps: DDP re-lays its buckets out after the first
+        self.state = power_sgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                                             start_powerSGD_iter=max(2, start), use_error_feedback=True,
+                                             warm_start=True)  # fmt: skip
 
     def communicate(self, bucket) -> torch.futures.Future:
         """One PowerSGD round (plain all-reduce for its first steps, as PowerSGD needs)."""
@@ -268,11 +272,12 @@ def build_state(train, names: dict | None = None) -> HookState | None:
         dtype = torch.float16 if mode == "fp16" else torch.bfloat16
         _check_backend(dtype, mode)
         return HalfPrecision(dtype)
+    start = getattr(train, "grad_compression_start", 0)
     if mode == "powersgd":
-        return LowRank(train.grad_compression_rank)
+        return LowRank(train.grad_compression_rank, start)
     bits = 4 if mode == "int4" else 8
     feedback = getattr(train, "grad_compression_error_feedback", True)
-    return QuantizedAllReduce(bits, train.grad_compression_full_every, feedback, names)
+    return QuantizedAllReduce(bits, train.grad_compression_full_every, feedback, names, start)
 
 
 def register(model, train, accelerator) -> HookState | None:

@@ -12,7 +12,7 @@ from mlm.cli import main
 TINY = [f"--set={s}" for s in TINY_MODEL]
 
 
-@pytest.mark.parametrize("name", ["train", "ablate", "quality", "probe"])
+@pytest.mark.parametrize("name", ["train", "ablate", "quality", "probe", "comm"])
 def test_add_arguments_imports_no_torch(name):
     code = f"import sys, argparse, mlm.bench.{name} as m; m.add_arguments(argparse.ArgumentParser()); "
     code += "print('torch' in sys.modules)"
@@ -75,3 +75,22 @@ def test_bench_serve_quick_writes_the_keys(tiny_run, tmp_path):
     assert {"caption_throughput_ratio", "caption_p99_over_single", "mixed", "rows"} <= set(report)
     assert {r["batching"] for r in report["rows"]} == {"on", "off"} and report["mixed"]["failed_good"] == 0
     assert all(set(r) >= {"throughput_rps", "p50_ms", "p95_ms", "p99_ms", "failed"} for r in report["rows"])
+
+
+def test_bench_comm_refuses_bad_rows_before_training(capsys):
+    assert main(["bench", "comm", "--quick", "--modes", "int2"]) == 2
+    assert "--modes int2: rows are none, fp16, bf16, int8, int4, int4-no-ef, powersgd, powersgd-warm" in capsys.readouterr().err
+    assert main(["bench", "comm", "--quick", "--processes", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_comm_quick_runs_two_processes_per_mode(tmp_path):
+    out = tmp_path / "comm.json"
+    assert main(["bench", "comm", "--quick", "--modes", "none,int4-no-ef,int4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["none", "int4-no-ef", "int4"]
+    for row in rows.values():
+        assert set(row) >= {"bytes_per_step", "bytes_ratio", "step_s", "samples_per_s", "loss", "loss_gap_pct"}
+        assert row["processes"] == 2 and row["steps"] == 4
+    assert rows["none"]["bytes_ratio"] == 1.0 and rows["none"]["loss_gap_pct"] == 0.0
+    assert rows["int4"]["bytes_ratio"] < 1 / 7 and rows["int4"]["loss"] != rows["none"]["loss"]

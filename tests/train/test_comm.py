@@ -98,6 +98,11 @@ def test_fp16_hook_and_bad_modes(tmp_path):
     assert one is None  # one process: nothing to compress
     with pytest.raises(ValueError, match="bits=3"):
         QuantizedAllReduce(3)
+    fsdp = SimpleNamespace(num_processes=2, distributed_type=SimpleNamespace(value="FSDP"))
+    with pytest.raises(
+        ValueError, match="train.grad_compression=int4: gradient compression runs under DDP only, not FSDP"
+    ):
+        register(nn.Linear(2, 2), SimpleNamespace(grad_compression="int4"), fsdp)  # no register_comm_hook
     with pytest.raises(ValueError, match="'int2' is not one of none, fp16"):
         register(None, SimpleNamespace(grad_compression="int2"), SimpleNamespace(num_processes=2))
 
