@@ -2,8 +2,8 @@
 
 Every row trains the same config from the same seed for ``--steps`` steps with one ``train.grad_compression`` mode
 (``int4-no-ef`` is int4 with ``train.grad_compression_error_feedback=false``; ``powersgd-warm`` starts PowerSGD
-after the learning-rate warmup, ``train.grad_compression_start`` = ``train.warmup_steps``) and reports the payload bytes one
-process sent per step, against the fp32 gradient (4 bytes a parameter: what uncompressed DDP all-reduces), the
+after the learning-rate warmup, ``train.grad_compression_start`` = ``train.warmup_steps``) and reports the payload
+bytes one process sent per step, against the fp32 gradient (4 bytes a parameter: what uncompressed DDP all-reduces), the
 step time, and the loss after the last steps (the mean of the last logging interval) with its gap to ``none``.
 """
 
@@ -78,7 +78,8 @@ def _row(args, name: str, data: str, root: Path) -> dict:
     switches = [s.format(warmup=base.warmup_steps) for s in MODES[name]]
     sets = [*(QUICK if args.quick else []), *args.overrides, f"data.train={data}", f"train.output_dir={run_dir}",
             f"train.max_steps={args.steps}", "train.max_time_s=0", "train.save_every=0", "train.eval_every=0",
-            "train.trackers=[csv]", f"train.batch_size={max(1, base.batch_size // args.processes)}", *switches]  # fmt: skip
+            "train.trackers=[csv]", f"train.batch_size={max(1, base.batch_size // args.processes)}",
+            *switches]  # fmt: skip
     if args.quick:
         sets += ["train.log_every=1", "train.batch_size=4"]
     config = load_config(args.config, sets)

@@ -79,7 +79,7 @@ def test_bench_serve_quick_writes_the_keys(tiny_run, tmp_path):
 
 def test_bench_comm_refuses_bad_rows_before_training(capsys):
     assert main(["bench", "comm", "--quick", "--modes", "int2"]) == 2
-    assert "--modes int2: rows are none, fp16, bf16, int8, int4, int4-no-ef, powersgd, powersgd-warm" in capsys.readouterr().err
+    assert "--modes int2: rows are none, fp16, bf16, int8, int4, int4-no-ef, powersgd" in capsys.readouterr().err
     assert main(["bench", "comm", "--quick", "--processes", "1"]) == 2
 
 
