@@ -74,6 +74,9 @@ def build_accelerator(config: Config):
     # A multi-process launch (torchrun, `accelerate launch --multi_gpu`) on a machine without CUDA runs DDP on CPU
     # over gloo; accelerate needs to be told, or each process would train alone.
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        # accelerate imports DeepSpeed (when installed) while saving; told the device, it does not warn about it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     state = PartialState(cpu=cpu)
     if state.num_processes == 1 and AcceleratorState._shared_state:
         # accelerate keeps one global state per process; a second run in the same process (a notebook, the tests)
