@@ -25,6 +25,7 @@ from huggingface_hub import PyTorchModelHubMixin, constants
 from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
 
+from mlm import model_files
 from mlm.config import Config, ModelConfig
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.pooling import POOLING
@@ -76,14 +77,6 @@ def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
     return text_mask
 
 
-def _scalar_logits_as_vectors(state_dict, prefix, *_args) -> None:
-    """Checkpoints written before FSDP support hold logit_scale and logit_bias as 0-d tensors."""
-    for name in ("logit_scale", "logit_bias"):
-        value = state_dict.get(prefix + name)
-        if value is not None and value.dim() == 0:
-            state_dict[prefix + name] = value.reshape(1)
-
-
 class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["vision-language", "mla", "coca"]):
     """Shared-weight vision-language model: contrastive embeddings, captioning and VQA from one encoder."""
 
@@ -109,7 +102,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         # one-element vectors, not scalars: FSDP2 cannot shard a 0-d parameter; forward returns them as scalars
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
-        self._register_load_state_dict_pre_hook(_scalar_logits_as_vectors)
+        self._register_load_state_dict_pre_hook(model_files.scalar_logits_as_vectors)
         self.tokenizer = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)

@@ -100,3 +100,11 @@ def load_weights(model, weights: str | Path, strict: bool = True, device: str = 
         load_model(model, str(weights), strict=strict, device=device)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
         raise ValueError(f"{weights}: not usable weights for this config.json ({first_line(err)})") from None
+
+
+def scalar_logits_as_vectors(state_dict, prefix, *_args) -> None:
+    """Checkpoints written before FSDP support hold logit_scale and logit_bias as 0-d tensors."""
+    for name in ("logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)

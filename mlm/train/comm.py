@@ -17,6 +17,7 @@ nothing (one info line) with one process.
 
 from __future__ import annotations
 
+import abc
 import logging
 
 import numpy as np
@@ -64,7 +65,7 @@ def _all_reduce_mean(grad: Tensor) -> torch.futures.Future:
     return _done(grad.div_(world))
 
 
-class HookState:
+class HookState(abc.ABC):
     """What every hook state has: the bytes it sent, a pass-through switch and a (tensor) state dict."""
 
     def __init__(self):
@@ -79,9 +80,9 @@ class HookState:
         """Restore from :meth:`state_dict`'s tensors."""
         self.bytes_sent = int(tensors["bytes_sent"])
 
+    @abc.abstractmethod
     def communicate(self, bucket) -> torch.futures.Future:
         """Average the bucket's gradient over the processes."""
-        raise NotImplementedError
 
     def __call__(self, bucket) -> torch.futures.Future:
         """Run one bucket through the hook (or plainly, in a pass-through round)."""
@@ -261,13 +262,9 @@ def _check_backend(dtype: torch.dtype, mode: str) -> None:
         ) from None
 
 
-def build_state(train, names: dict | None = None) -> HookState | None:
-    """The hook state ``train.grad_compression`` names (None for ``none``)."""
+def _build_state(train, names: dict) -> HookState:
+    """The hook state of ``train.grad_compression`` (a mode other than none)."""
     mode = train.grad_compression
-    if mode not in MODES:
-        raise ValueError(f"train.grad_compression={mode!r} is not one of {', '.join(MODES)}")
-    if mode == "none":
-        return None
     if mode in ("fp16", "bf16"):
         dtype = torch.float16 if mode == "fp16" else torch.bfloat16
         _check_backend(dtype, mode)
@@ -293,7 +290,7 @@ def register(model, train, accelerator) -> HookState | None:
     if not hasattr(model, "register_comm_hook"):
         kind = getattr(getattr(accelerator, "distributed_type", None), "value", type(model).__name__)
         raise ValueError(f"train.grad_compression={mode}: gradient compression runs under DDP only, not {kind}")
-    state = build_state(train, {id(p): name for name, p in model.named_parameters()})
+    state = _build_state(train, {id(p): name for name, p in model.named_parameters()})
     model.register_comm_hook(state, comm_hook)
     logger.info("gradients travel as %s between %d processes", mode, accelerator.num_processes)
     return state
