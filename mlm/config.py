@@ -68,6 +68,7 @@ class ModelConfig:
     decoder_layers: int = 2
     cross_pos_keys: bool = False  # cross-attention keys carry each patch's position in their RoPE dims
     word_head: bool = False  # a linear head on the pooled image embedding over the vocabulary (train.word_weight)
+    word_head_patches: bool = False  # the word head scores every patch; a word's logit is its best patch's (MIL)
     dropout: float = 0.0
     norm_eps: float = 1e-6
     mla: MLAConfig = field(default_factory=MLAConfig)

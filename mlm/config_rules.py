@@ -129,6 +129,8 @@ def check_run(cfg) -> None:
         raise ConfigError(f"train.swap_negatives={t.swap_negatives} needs data.swap_groups (groups of words to swap)")
     if t.swap_negatives and t.contrastive_loss != "infonce":
         raise ConfigError(f"train.swap_negatives={t.swap_negatives} only applies to train.contrastive_loss=infonce")
+    if cfg.model.word_head_patches and not cfg.model.word_head:
+        raise ConfigError("model.word_head_patches needs model.word_head: true (the head it applies per patch)")
     if t.word_weight and not cfg.model.word_head:
         raise ConfigError(f"train.word_weight={t.word_weight} needs model.word_head: true (the head it trains)")
     if t.lora.rank and not t.lora.target_modules:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mlm import model_files
 from mlm.config import Config, ModelConfig
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
-from mlm.encoders.pooling import POOLING
+from mlm.encoders.pooling import POOLING, WordHead
 from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
 from mlm.generation import DecodingCache, DecodingConfig, generate_from_prompts
@@ -98,7 +98,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         self.pooler = POOLING[m.pooling](m.dim, m.levels, m.pool_hidden_dim, m.embed_dim, m.level_weight_init)
         self.decoder = MultimodalDecoder(m, self.encoder.token_embed)
         # SuperClass (Huang et al., 2024): the pooled image classifies the words of its caption
-        self.word_head = nn.Linear(m.embed_dim, m.vocab_size) if m.word_head else None
+        self.word_head = WordHead(m.embed_dim, m.vocab_size, m.word_head_patches) if m.word_head else None
         # one-element vectors, not scalars: FSDP2 cannot shard a 0-d parameter; forward returns them as scalars
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
@@ -189,7 +189,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             logit_bias=self.logit_bias.squeeze(0),
             logits=logits,
             image_tokens=image.tokens,
-            word_logits=self.word_head(image.projected) if self.word_head is not None else None,
+            word_logits=None if self.word_head is None else self.word_head.logits(image, self.pooler.proj),
             negative_embeds=(
                 self.encode_text(negative_ids, normalize=True, text_mask=negative_mask)
                 if negative_ids is not None

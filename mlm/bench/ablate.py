@@ -38,6 +38,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
     ),
     "vqa-turns": (["train.vqa_turns=3", "model.max_text_len=64"], "3 questions about one image per VQA row"),
     "words": (["model.word_head=true", "train.word_weight=1.0"], "the pooled image predicts its caption's words"),
+    "words-patches": (
+        ["model.word_head=true", "model.word_head_patches=true", "train.word_weight=1.0"],
+        "each caption word is predicted from its best patch (multiple-instance)",
+    ),
 }
 QUICK = [  # a model and schedule small enough for the test suite
     "model.dim=32", "model.n_layers=2", "model.levels=[local, global]", "model.image_size=32", "model.patch_size=8",

@@ -115,3 +115,19 @@ class MeanPooling(nn.Module):
 
 
 POOLING = {"hierarchical": HierarchicalPooling, "mean": MeanPooling}
+
+
+class WordHead(nn.Linear):
+    """SuperClass's word head (Huang et al., 2024): caption-word logits (B, V) of each image, from its pooled
+    embedding, or with ``patches`` from every patch through the shared projection, each word keeping its best
+    patch (multiple-instance learning: a word must be found somewhere, so every patch learns what it is not)."""
+
+    def __init__(self, embed_dim: int, vocab_size: int, patches: bool = False):
+        super().__init__(embed_dim, vocab_size)
+        self.patches = patches
+
+    def logits(self, image, proj: nn.Module) -> Tensor:
+        """Word logits of image features (``projected`` (B, E), ``tokens`` (B, N, C)); ``proj`` maps C to E."""
+        if not self.patches:
+            return self(image.projected)
+        return self(proj(image.tokens)).amax(dim=1)  # (B, N, V) -> (B, V)

@@ -207,3 +207,23 @@ def test_word_weight_needs_the_head_and_the_idf():
         load_config(None, ["train.word_weight=0.5"])
     with pytest.raises(ValueError, match="needs the token IDF"):
         ImageTextLoss.from_config(TrainConfig(word_weight=0.5))
+    with pytest.raises(ConfigError, match="model.word_head_patches needs model.word_head: true"):
+        load_config(None, ["model.word_head_patches=true"])
+
+
+def test_patch_word_logits_are_each_words_best_patch():
+    from tiny_checkpoint import TINY_MODEL
+
+    from mlm.config import load_config
+    from mlm.model import MLMModel
+
+    config = load_config(None, [*TINY_MODEL, "model.word_head=true", "model.word_head_patches=true"]).model
+    model = MLMModel(config).eval()
+    images = torch.randn(2, 3, config.image_size, config.image_size)
+    ids = torch.randint(1, config.vocab_size, (2, 6))
+    with torch.no_grad():
+        out = model(images, ids, torch.ones_like(ids, dtype=torch.bool))
+        image = model.image_features(images)
+        per_patch = model.word_head(model.pooler.proj(image.tokens))  # (B, N, V)
+    assert per_patch.shape[1] == image.tokens.shape[1] > 1
+    torch.testing.assert_close(out.word_logits, per_patch.max(dim=1).values)

@@ -80,3 +80,57 @@ def test_every_batch_holds_the_configured_share_of_vqa_records():
     assert len(natural) == 15
     with pytest.raises(ValueError, match="train.vqa_fraction=1.5"):
         GlobalBatchSampler(60, batch_size=4, seed=0, is_vqa=is_vqa, vqa_fraction=1.5)
+
+
+class _CountingEncoder(torch.nn.Module):
+    """encode_text stand-in: a fixed function of the ids; counts its calls (FSDP needs equal counts per process)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def encode_text(self, ids, normalize=True, text_mask=None):
+        self.calls += 1
+        return torch.nn.functional.normalize(torch.stack([ids.float().sum(1), ids.float().max(1).values], 1), dim=-1)
+
+
+class _Ids:
+    """Tokenizer stand-in: a text's character codes, right-padded."""
+
+    def encode_batch(self, texts, max_len):
+        ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+        for row, text in enumerate(texts):
+            codes = torch.tensor([ord(c) for c in text[:max_len]])
+            ids[row, : len(codes)] = codes
+        return ids, ids > 0
+
+
+TEXTS = [f"caption number {i}" for i in range(11)]  # 11: the shares of 2 processes are padded to 6 each
+
+
+def _share_worker(rank, world_size, init_file, out_file):
+    from mlm.train.sampler import text_embeddings
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = _CountingEncoder()
+        found = text_embeddings(model, _Ids(), TEXTS, 4, 24, torch.device("cpu"), rank, world_size)
+        torch.save({"embeddings": found, "calls": model.calls}, f"{out_file}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_grouping_embeddings_are_shared_out_and_gathered(tmp_path):
+    import torch.multiprocessing as mp
+
+    from mlm.train.sampler import text_embeddings
+
+    out = tmp_path / "share"
+    mp.start_processes(_share_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="fork")
+    alone = _CountingEncoder()
+    expected = text_embeddings(alone, _Ids(), TEXTS, 4, 24, torch.device("cpu"))
+    results = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    for result in results:
+        assert torch.equal(result["embeddings"], expected)  # every process gets all N, in order
+    assert [r["calls"] for r in results] == [2, 2] and alone.calls == 3  # 6 texts each in batches of 4
