@@ -39,12 +39,13 @@ def test_bench_train_compares_ours_with_open_clip_coca(tmp_path, capsys):
 
 def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     out = tmp_path / "ablate.json"
-    rows = "baseline,mean-pool,no-fusion,no-pos-keys,vqa-turns,words"
+    rows = "baseline,mean-pool,no-fusion,no-pos-keys,vqa-turns,words,words-patches"
     argv = ["bench", "ablate", "--quick", "--budget-s", "1", "--rows", rows, "--row", "mine=train.lr=1e-3",
             "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "vqa-turns", "words", "mine"]
+    assert list(rows) == ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "vqa-turns", "words", "words-patches",
+                          "mine"]  # fmt: skip
     for row in rows.values():
         assert set(row) >= {"t2i_R@1", "i2t_R@1", "vqa", "shape", "position", "params", "step_s", "steps"}
     assert rows["no-fusion"]["steps"] == rows["baseline"]["steps"]  # an evaluation switch re-scores the baseline
@@ -52,6 +53,7 @@ def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     # one position projection per decoder layer: dim (32) x qk_rope_head_dim (4) in the quick model's 1 layer
     assert rows["baseline"]["params"] - rows["no-pos-keys"]["params"] == 32 * 4
     assert rows["words"]["params"] > rows["baseline"]["params"]  # the word head
+    assert rows["words-patches"]["params"] == rows["words"]["params"]  # the same head, read per patch
     assert main(["bench", "ablate", "--quick", "--rows", "nonsense"]) == 2
 
 
