@@ -113,8 +113,11 @@ def _shard_on_cpu(state, accelerator, mixed_precision: str) -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         if os.environ.get("FSDP_VERSION", "1") != "2":
             raise ConfigError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 needs CUDA)")
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings of the launch
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)  # as accelerate does for its own FSDP runs
         state.distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings of the launch
+        accelerator.state.fsdp_plugin = plugin
     elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* settings of the launch
         plugin.set_mixed_precision(mixed_precision)
