@@ -150,10 +150,9 @@ def save_checkpoint(
         pretrained.save_pretrained(tmp / MODEL_DIR)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TRAINER_TENSORS))
+            _write_tensors(tensors, tmp / TRAINER_TENSORS)
     if process_tensors:
-        own = tmp / PROCESS_TENSORS.format(accelerator.process_index)
-        save_file({k: v.detach().cpu().contiguous() for k, v in process_tensors.items()}, str(own))
+        _write_tensors(process_tensors, tmp / PROCESS_TENSORS.format(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)  # a crash right after the rename must not find truncated files under the new name
@@ -179,17 +178,12 @@ def _legacy_tensors(state: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(accelerator, checkpoint: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore the accelerate state (model, optimizer, scheduler, scaler, RNG) after checking that no file needs
     code to load; return the trainer state and the trainer tensors."""
-    from safetensors.torch import load_file
-
     checkpoint = Path(checkpoint)
     state = checkpoint / STATE_DIR
     check_state_folder(state)
     trainer_state = read_trainer_state(checkpoint)
     tensors_file = checkpoint / TRAINER_TENSORS
-    try:
-        tensors = load_file(str(tensors_file)) if tensors_file.exists() else _legacy_tensors(state)
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own types on a broken file
-        raise ValueError(f"{tensors_file}: not a readable safetensors file ({err})") from None
+    tensors = _read_tensors(tensors_file) if tensors_file.exists() else _legacy_tensors(state)
     legacy = [p for p in state.iterdir() if _LEGACY_CUSTOM.match(p.name)]
     if not legacy:
         _load_state(accelerator, state, state)
@@ -205,11 +199,19 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> tuple[dict, dict[str
 
 def load_process_tensors(checkpoint: str | Path, process_index: int) -> dict[str, torch.Tensor]:
     """This process's own tensors of a checkpoint; empty when it has none."""
+    path = Path(checkpoint) / PROCESS_TENSORS.format(process_index)
+    return _read_tensors(path) if path.is_file() else {}
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Save tensors (moved to the CPU, contiguous) as a safetensors file."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a broken one is named in one line."""
     from safetensors.torch import load_file
 
-    path = Path(checkpoint) / PROCESS_TENSORS.format(process_index)
-    if not path.is_file():
-        return {}
     try:
         return load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own types on a broken file
