@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,11 @@ def _modes(spec: str) -> list[str]:
 def _launch(args, config_file: Path) -> subprocess.CompletedProcess:
     """One ``accelerate launch`` of ``mlm train`` on CPU processes, one torch thread each."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(args.processes), "--num_machines", "1"]
+    with socket.socket() as probe:  # a free port: the next row's launch must not race for the default 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [str(accelerate), "launch", "--main_process_port", str(port), "--multi_gpu", "--num_processes",
+           str(args.processes), "--num_machines", "1"]  # fmt: skip
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mlm.cli", "train", "--config", str(config_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -92,16 +97,16 @@ def _row(args, name: str, data: str, root: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     model = MLMModel.from_pretrained(Path(summary["last_checkpoint"]) / "model")
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what DDP reduces
-    sent = _bytes_per_step(run_dir / "metrics.csv")
     fp32 = 4 * params
+    sent = _bytes_per_step(run_dir / "metrics.csv") or fp32  # no hook: DDP all-reduces the fp32 gradient
     return {
         "mode": name,
         "switches": switches,
         "steps": summary["steps"],
         "processes": summary["processes"],
         "global_batch": summary["global_batch"],
-        "bytes_per_step": round(sent if sent is not None else fp32, 1),
-        "bytes_ratio": round((sent if sent is not None else fp32) / fp32, 4),
+        "bytes_per_step": round(sent, 1),
+        "bytes_ratio": round(sent / fp32, 4),
         "step_s": round(summary["time_s"] / max(summary["steps"], 1), 4),
         "samples_per_s": summary["samples_per_s"],
         "loss": summary["final_losses"].get("loss"),

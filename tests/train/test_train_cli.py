@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,14 @@ def _config_file(synth_dir, run_dir, *overrides) -> Path:
     path = run_dir.parent / f"{run_dir.name}.yaml"
     tiny_config(synth_dir, run_dir, *overrides).save(path)
     return path
+
+
+def _accelerate(*args: str) -> list[str]:
+    """``accelerate launch`` on a free port: back-to-back launches must not race for the default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [str(VENV_BIN / "accelerate"), "launch", "--main_process_port", str(port), *args]
 
 
 def _env():
@@ -56,7 +65,7 @@ def test_accelerate_launch_two_cpu_processes(synth_dir, tmp_path):
     run_dir = tmp_path / "ddp"
     config = _config_file(synth_dir, run_dir, "train.max_steps=4", "train.batch_size=4", "train.save_every=2")
     # `--multi_gpu` picks accelerate's torchrun launcher; without CUDA, mlm train runs the processes' DDP on CPU (gloo).
-    launch = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch = _accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1")
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd = [*launch, "-m", "mlm.cli", "train", "--config", str(config)]
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=500)
@@ -68,7 +77,7 @@ def test_accelerate_launch_two_cpu_processes(synth_dir, tmp_path):
 
 
 def _launch(config_file: str, config: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", config_file, "--num_processes", "2"]
+    cmd = _accelerate("--config_file", config_file, "--num_processes", "2")
     cmd += ["--mixed_precision", "no", "-m", "mlm.cli", "train", "--config", str(config), *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=500)
 
@@ -101,7 +110,7 @@ def test_shipped_sharded_configs_train_save_and_resume_exactly_on_cpu(engine, sy
 def test_compressed_gradients_resume_exactly_and_log_their_bytes(mode, synth_dir, tmp_path):
     from safetensors.torch import load_file
 
-    launch = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch = _accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1")
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mlm.cli", "train"]
     sets = ("train.max_steps=6", "train.batch_size=4", "train.save_every=3", f"train.grad_compression={mode}")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
