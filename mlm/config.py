@@ -69,6 +69,8 @@ class ModelConfig:
     cross_pos_keys: bool = False  # cross-attention keys carry each patch's position in their RoPE dims
     word_head: bool = False  # a linear head on the pooled image embedding over the vocabulary (train.word_weight)
     word_head_patches: bool = False  # the word head scores every patch; a word's logit is its best patch's (MIL)
+    cross_null: bool = False  # the decoder's cross-attention can attend to a learned "nothing here" token
+    match_head: bool = False  # a match / no-match head on the decoder (image-text matching, train.match_weight)
     dropout: float = 0.0
     norm_eps: float = 1e-6
     mla: MLAConfig = field(default_factory=MLAConfig)
@@ -135,6 +137,7 @@ class TrainConfig:
     caption_weight: float = 2.0
     vqa_weight: float = 1.0
     word_weight: float = 0.0  # predict the caption's words from the pooled image (SuperClass); needs model.word_head
+    match_weight: float = 0.0  # image-text matching through the decoder with hard negatives; needs model.match_head
     hard_negative_strength: float = 0.0
     hard_negative_sampler: bool = False
     swap_negatives: int = 0  # captions per caption row with one word swapped (data.swap_groups), as extra negatives

@@ -46,7 +46,7 @@ _RANGES = [
     ("train.eval_every", 0, 1 << 40), ("train.swap_negatives", 0, 64),
     ("train.vqa_turns", 1, 64), ("train.lr", 0.0, 10.0),
     ("train.max_time_s", 0.0, 1e9), ("train.lora.rank", 0, 4096), ("train.lora.alpha", 1e-6, 1e6),
-    ("train.lora.dropout", 0.0, 0.99),
+    ("train.lora.dropout", 0.0, 0.99), ("train.match_weight", 0.0, 1e3),
     ("train.word_weight", 0.0, 1e3), ("train.grad_compression_full_every", 0, 1 << 30),
     ("train.grad_compression_rank", 1, 1024), ("train.grad_compression_start", 0, 1 << 30),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
@@ -133,5 +133,7 @@ def check_run(cfg) -> None:
         raise ConfigError("model.word_head_patches needs model.word_head: true (the head it applies per patch)")
     if t.word_weight and not cfg.model.word_head:
         raise ConfigError(f"train.word_weight={t.word_weight} needs model.word_head: true (the head it trains)")
+    if t.match_weight and not cfg.model.match_head:
+        raise ConfigError(f"train.match_weight={t.match_weight} needs model.match_head: true (the head it trains)")
     if t.lora.rank and not t.lora.target_modules:
         raise ConfigError(f"train.lora.rank={t.lora.rank} needs train.lora.target_modules (names of Linear layers)")

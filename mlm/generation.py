@@ -337,3 +337,21 @@ def generate_from_prompts(
         for row, output in zip(rows, outputs, strict=True):
             results[row] = output
     return results
+
+
+@torch.no_grad()
+def cache_bytes(model) -> dict[str, int]:
+    """Measure decoding cache sizes in the model's dtype: bytes per generated token and per image.
+
+    Keys: ``encoder`` and ``decoder`` (self-attention caches, per token, all layers), ``per_token`` (their sum)
+    and ``per_image`` (the cross-attention image latents, computed once per image).
+    """
+    n_patches = model.encoder.grid[0] * model.encoder.grid[1]
+    dtype = model.logit_scale.dtype
+    image_tokens = torch.zeros(1, n_patches, model.config.dim, device=model.device, dtype=dtype)
+    cache = model.start_decoding(image_tokens, total_len=1)
+    model.decode_step(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache)
+    encoder = sum(c.bytes_per_token() for c in cache.encoder)
+    decoder = sum(c.bytes_per_token() for c in cache.decoder)
+    per_image = sum(c.bytes_per_token() * c.length for c in cache.contexts)
+    return {"encoder": encoder, "decoder": decoder, "per_token": encoder + decoder, "per_image": per_image}

@@ -31,7 +31,8 @@ from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.pooling import POOLING, WordHead
 from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
-from mlm.generation import DecodingCache, DecodingConfig, generate_from_prompts
+from mlm.fusion.matching import MatchHead, match_logits
+from mlm.generation import DecodingCache, DecodingConfig, cache_bytes, generate_from_prompts
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
 from mlm.model_files import config_json, load_weights, model_config, read_config, read_decoding, resolve_file
 
@@ -53,6 +54,8 @@ class MLMOutput:
     image_tokens: Tensor | None = None  # (B, N, C) final image states read by the decoder
     negative_embeds: Tensor | None = None  # (M, E) L2-normalised swapped-word negative captions, when given
     word_logits: Tensor | None = None  # (B, V) the caption words predicted from each image, with model.word_head
+    match_logits: Tensor | None = None  # (P, 2) no match / match of image-text pairs, with model.match_head
+    match_labels: Tensor | None = None  # (P,) 1 where the pair matches
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Features:
     tokens: Tensor  # (B, T, C) final encoder states
     pool_weights: dict[str, Tensor]  # level -> (B, T) softmax pooling weights over positions
     projected: Tensor | None = None  # (B, E) the embeddings before L2 normalisation
+    mask: Tensor | None = None  # (B, T) True at real tokens (text)
 
 
 def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
@@ -99,6 +103,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         self.decoder = MultimodalDecoder(m, self.encoder.token_embed)
         # SuperClass (Huang et al., 2024): the pooled image classifies the words of its caption
         self.word_head = WordHead(m.embed_dim, m.vocab_size, m.word_head_patches) if m.word_head else None
+        self.match_head = MatchHead(m.dim) if m.match_head else None  # ALBEF/BLIP's image-text matching
         # one-element vectors, not scalars: FSDP2 cannot shard a 0-d parameter; forward returns them as scalars
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
@@ -136,7 +141,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         mask = check_text_mask(text_ids, text_mask)
         out = self.encoder.encode_text(text_ids)
         pooled = self.pooler(out.levels, mask)
-        return Features(pooled.embeds, out.tokens, pooled.weights, pooled.projected)
+        return Features(pooled.embeds, out.tokens, pooled.weights, pooled.projected, mask)
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         """Return image embeddings (B, E), L2-normalised when ``normalize`` (open_clip's signature)."""
@@ -174,27 +179,32 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         text_mask: Tensor | None = None,
         negative_ids: Tensor | None = None,
         negative_mask: Tensor | None = None,
+        match: dict | None = None,
     ) -> MLMOutput:
         """Return image/text embeddings, logit scale and bias, and LM logits for a batch of image-text pairs;
-        negative_ids (M, T') are extra captions embedded for the contrastive loss only."""
+        negative_ids (M, T') are extra captions for the contrastive loss; with ``model.match_head``, ``match``
+        (``rows``, ``groups``, ``negative_owner``; :func:`mlm.fusion.matching.match_logits`) adds matching logits."""
         image = self.image_features(images)
         mask = check_text_mask(text_ids, text_mask)
         text_out = self.encoder.encode_text(text_ids)  # one causal pass feeds pooling and the decoder
         text = self.pooler(text_out.levels, mask)
-        logits = self._decode(text_out.tokens, start=0, total_len=text_ids.shape[1], context=image.tokens)
+        T = text_ids.shape[1]
+        states = self._decode(text_out.tokens, start=0, total_len=T, context=image.tokens, hidden=True)
+        negatives = None if negative_ids is None else self.text_features(negative_ids, negative_mask)
+        matched = (None, None)
+        if self.match_head is not None and match is not None:
+            matched = match_logits(self, image, text, text_out.tokens, states, mask, negatives, **match)
         return MLMOutput(
             image_embeds=image.embeds,
             text_embeds=text.embeds,
             logit_scale=self.logit_scale.exp().clamp(max=100.0).squeeze(0),
             logit_bias=self.logit_bias.squeeze(0),
-            logits=logits,
+            logits=self.decoder.lm_head(states),
             image_tokens=image.tokens,
             word_logits=None if self.word_head is None else self.word_head.logits(image, self.pooler.proj),
-            negative_embeds=(
-                self.encode_text(negative_ids, normalize=True, text_mask=negative_mask)
-                if negative_ids is not None
-                else None
-            ),
+            negative_embeds=None if negatives is None else negatives.embeds,
+            match_logits=matched[0],
+            match_labels=matched[1],
         )
 
     def start_decoding(self, image_tokens: Tensor, total_len: int) -> DecodingCache:
@@ -318,22 +328,9 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         prompts = [vqa_prompt(q.strip()) for q in questions]
         return self.generate(images, prompts, **generate_kwargs)
 
-    @torch.no_grad()
     def kv_cache_bytes(self) -> dict[str, int]:
-        """Measure decoding cache sizes in the model's dtype: bytes per generated token and per image.
-
-        Keys: ``encoder`` and ``decoder`` (self-attention caches, per token, all layers), ``per_token`` (their sum)
-        and ``per_image`` (the cross-attention image latents, computed once per image).
-        """
-        n_patches = self.encoder.grid[0] * self.encoder.grid[1]
-        dtype = self.logit_scale.dtype
-        image_tokens = torch.zeros(1, n_patches, self.config.dim, device=self.device, dtype=dtype)
-        cache = self.start_decoding(image_tokens, total_len=1)
-        self.decode_step(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache)
-        encoder = sum(c.bytes_per_token() for c in cache.encoder)
-        decoder = sum(c.bytes_per_token() for c in cache.decoder)
-        per_image = sum(c.bytes_per_token() * c.length for c in cache.contexts)
-        return {"encoder": encoder, "decoder": decoder, "per_token": encoder + decoder, "per_image": per_image}
+        """Decoding cache sizes in the model's dtype (see :func:`mlm.generation.cache_bytes`)."""
+        return cache_bytes(self)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write model.safetensors (tied weights stored once), config.json, generation_config.json, tokenizer.json

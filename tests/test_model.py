@@ -138,9 +138,12 @@ def test_loading_a_folder_without_weights_names_the_missing_file(tmp_path):
         MLMModel.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("attention", ["mla", "gqa"])
-def test_cached_step_by_step_decoding_equals_one_full_forward(attention):
-    model = tiny_model(f"model.attention={attention}", "model.top_k=3")
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.attention=mla"], ["model.attention=gqa"], ["model.cross_null=true", "model.cross_pos_keys=true"]],
+)
+def test_cached_step_by_step_decoding_equals_one_full_forward(overrides):
+    model = tiny_model(*overrides, "model.top_k=3")
     images, ids, _ = batch(2, 9)
     with torch.no_grad():
         image_tokens = model.encoder.encode_image(images).tokens
@@ -274,3 +277,12 @@ def test_a_model_trained_on_four_captions_generates_them_back():
     ]  # fmt: skip
     retrieved = (model.encode_image(images, True) @ model.encode_text(ids, True, text_mask=mask).T).argmax(dim=1)
     assert retrieved.tolist() == [0, 1, 2, 3]
+
+
+def test_the_null_token_is_one_more_key_the_decoder_reads_and_learns():
+    model = tiny_model("model.cross_null=true", "model.cross_pos_keys=true").train()
+    images, ids, mask = batch()
+    contexts = model.decoder.encode_contexts(model.encoder.encode_image(images).tokens)
+    assert contexts[0].length == 16 + 1  # 4x4 patches after the null token
+    summed_losses(model(images, ids, mask), ids, mask).backward()
+    assert model.decoder.null_token.grad.abs().sum() > 0

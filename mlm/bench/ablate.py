@@ -42,6 +42,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.word_head=true", "model.word_head_patches=true", "train.word_weight=1.0"],
         "each caption word is predicted from its best patch (multiple-instance)",
     ),
+    "cross-null": (["model.cross_null=true"], "the decoder's cross-attention can attend to a learned null token"),
+    "match": (
+        ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
+        "the decoder tells matching from hard-negative image-text pairs (ITM)",
+    ),
 }
 QUICK = [  # a model and schedule small enough for the test suite
     "model.dim=32", "model.n_layers=2", "model.levels=[local, global]", "model.image_size=32", "model.patch_size=8",

@@ -31,7 +31,7 @@ class AttentionMaps:
     pool: dict[str, Tensor]  # level -> (gh, gw) pooling weights over patches (sum to 1)
     level_weights: dict[str, float]  # level -> learned mixing weight of that level's pooled vector
     words: list[str]
-    word_maps: Tensor  # (W, gh, gw) cross-attention over patches while producing each word (each sums to 1)
+    word_maps: Tensor  # (W, gh, gw) cross-attention over patches per word (the null token left out)
 
 
 @torch.no_grad()
@@ -89,7 +89,8 @@ def attention_maps(model: MLMModel, pixels: Tensor, caption: str) -> AttentionMa
     pool = {level: w[0].float().cpu().view(*grid) for level, w in features.pool_weights.items()}
     level_weights = dict(zip(model.pooler.levels, model.pooler.level_weights.tolist(), strict=True))
     text = torch.tensor([[model.tokenizer.bos_id, *ids]], device=model.device)  # (1, T)
-    weights = cross_attention(model, features.tokens, text)[:, 0].mean(dim=(0, 1)).float().cpu()  # (T, N)
+    weights = cross_attention(model, features.tokens, text)[:, 0].mean(dim=(0, 1)).float().cpu()  # (T, [1 +] N)
+    weights = weights[:, -grid[0] * grid[1] :]  # the patches (a null token's share, model.cross_null, left out)
     # the query at position t reads the image to produce token t + 1: row k produces caption token k
     rows = torch.tensor(token_word)
     word_maps = torch.stack([weights[: len(ids)][rows == w].mean(dim=0) for w in range(len(words))])  # (W, N)

@@ -4,7 +4,10 @@ As in CoCa (Yu et al., 2022) the unimodal text pass of the shared encoder is reu
 through layers that add cross-modal attention over the image tokens, then a final norm and an LM head whose weight
 is the text token embedding (tied, as in GPT-2 / nanoGPT). Logits at position t predict token t + 1. With
 ``model.cross_pos_keys`` the decoder holds the patch grid's 2-D sin-cos table, the position features of the
-cross-attention's positional keys.
+cross-attention's positional keys. With ``model.cross_null`` every cross-attention also sees one learned token
+before the image's: a place for a query's attention to go when the image holds nothing it asks for (an attention
+sink, as ViT registers, Darcet et al., 2024, give a transformer's attention), so "is there a red star?" can read
+"nothing matched" instead of an average of whatever is there.
 """
 
 from __future__ import annotations
@@ -30,15 +33,26 @@ class MultimodalDecoder(nn.Module):
         self.grad_checkpointing = False
         grid = (cfg.image_size // cfg.patch_size,) * 2
         table = image_pos_table("sincos", grid, cfg.dim) if cfg.cross_pos_keys else None  # (1, N, C)
+        self.null_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02) if cfg.cross_null else None
+        if table is not None and self.null_token is not None:
+            table = torch.cat([table.new_zeros(1, 1, cfg.dim), table], dim=1)  # the null token has no place
         self.register_buffer("context_pos", table, persistent=False)  # rebuilt from the config, not saved
 
     def new_caches(self) -> list:
         """Return one empty self-attention cache per layer."""
         return [layer.self_attn.new_cache() for layer in self.layers]
 
+    def with_null(self, image_tokens: Tensor) -> Tensor:
+        """Image tokens (B, N, C) as the cross-attention reads them: after the null token (B, 1 + N, C) if any."""
+        if self.null_token is None:
+            return image_tokens
+        null = self.null_token.to(image_tokens.dtype).expand(image_tokens.shape[0], -1, -1)
+        return torch.cat([null, image_tokens], dim=1)
+
     def encode_contexts(self, image_tokens: Tensor) -> list:
         """Return every layer's cross-attention cache for image tokens (B, N, C)."""
-        return [layer.encode_context(image_tokens, self.context_pos) for layer in self.layers]
+        context = self.with_null(image_tokens)
+        return [layer.encode_context(context, self.context_pos) for layer in self.layers]
 
     def forward(
         self,
@@ -50,8 +64,9 @@ class MultimodalDecoder(nn.Module):
         mask: Tensor | None,
         caches: list | None = None,
         absorbed: bool = False,
+        hidden: bool = False,
     ) -> Tensor:
-        """Return LM logits (B, T, V) for text states (B, T, C).
+        """Return LM logits (B, T, V) for text states (B, T, C), or with ``hidden`` the normed states (B, T, C).
 
         Give either ``context`` (image tokens (B, N, C), training) or ``contexts`` (per-layer caches from
         :meth:`encode_contexts`, decoding); ``caches`` are the per-layer self-attention caches.
@@ -59,6 +74,7 @@ class MultimodalDecoder(nn.Module):
         if (context is None) == (contexts is None):
             raise ValueError("give exactly one of context (image tokens) or contexts (encoded per layer)")
         x = text_states
+        context = None if context is None else self.with_null(context)
         for i, layer in enumerate(self.layers):
             ctx = context if contexts is None else contexts[i]
             cache = caches[i] if caches is not None else None
@@ -67,4 +83,5 @@ class MultimodalDecoder(nn.Module):
                 x = checkpoint(layer, x, context=ctx, rope=rope, mask=mask, context_pos=pos, use_reentrant=False)
             else:
                 x = layer(x, context=ctx, rope=rope, mask=mask, cache=cache, absorbed=absorbed, context_pos=pos)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if hidden else self.lm_head(x)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from mlm.config import Config, ConfigError
 from mlm.data.dataset import build_dataset
+from mlm.fusion.matching import match_inputs
 from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
 from mlm.train import comm, init_from, sampler, setup
@@ -31,7 +32,7 @@ from mlm.train.trainer_state import TrainerState
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("loss", "contrastive", "caption", "vqa", "words")
+PARTS = ("loss", "contrastive", "caption", "vqa", "words", "match")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -199,7 +200,8 @@ class Trainer:
         with contextlib.nullcontext() if sync else accel.no_sync(self.model):
             with accel.autocast():
                 out = self.model(batch["images"], batch["text_ids"], batch["text_mask"],
-                                 batch.get("negative_ids"), batch.get("negative_mask"))  # fmt: skip
+                                 batch.get("negative_ids"), batch.get("negative_mask"),
+                                 match_inputs(batch) if self.config.train.match_weight else None)  # fmt: skip
                 loss, parts = self.loss_fn(out, batch)
             if self._any(not bool(torch.isfinite(loss.detach())))[0]:
                 return None

@@ -231,6 +231,19 @@ class WordLoss(_GlobalBatch):
         return self.world_size * per_row.sum() / total + anchor
 
 
+class MatchLoss(_GlobalBatch):
+    """Image-text matching (ALBEF / BLIP): cross-entropy of the decoder's match / no-match logits, normalised by the
+    global number of pairs."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss of (P, 2) logits against (P,) labels (1 = match) over every process's pairs."""
+        total = int(gather_counts(torch.tensor([labels.numel()], device=logits.device), self.world_size).sum())
+        anchor = 0.0 * logits.sum()
+        if total == 0:
+            return anchor
+        return self.world_size * F.cross_entropy(logits.float(), labels, reduction="sum") / total + anchor
+
+
 class ImageTextLoss(nn.Module):
     """CoCa-style total: weighted contrastive (caption rows) + caption CE (caption rows) + VQA CE (VQA rows)."""
 
@@ -244,13 +257,15 @@ class ImageTextLoss(nn.Module):
         world_size: int = 1,
         words: WordLoss | None = None,
         word_weight: float = 0.0,
+        match_weight: float = 0.0,
     ):
         super().__init__()
         self.contrastive = contrastive
         self.token_ce = TokenCrossEntropy(rank, world_size)
         self.words = words
         self.weights = {"contrastive": contrastive_weight, "caption": caption_weight, "vqa": vqa_weight,
-                        "words": word_weight if words is not None else 0.0}  # fmt: skip
+                        "words": word_weight if words is not None else 0.0, "match": match_weight}  # fmt: skip
+        self.match = MatchLoss(rank, world_size)
 
     @classmethod
     def from_config(
@@ -275,10 +290,10 @@ class ImageTextLoss(nn.Module):
             raise ValueError("train.word_weight needs the token IDF of the training captions (see word_idf)")
         words = WordLoss(idf, rank, world_size) if train.word_weight else None
         return cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size,
-                   words, train.word_weight)  # fmt: skip
+                   words, train.word_weight, train.match_weight)  # fmt: skip
 
     def forward(self, output, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (weighted total, unweighted parts ``contrastive``, ``caption``, ``vqa``, ``words``) for an
+        """Return (weighted total, unweighted parts ``contrastive``, ``caption``, ``vqa``, ``words``, ``match``) for an
         MLMOutput."""
         is_vqa = batch["is_vqa"].to(output.logits.device)
         caption_rows = ~is_vqa
@@ -298,7 +313,10 @@ class ImageTextLoss(nn.Module):
             "caption": self.token_ce(output.logits, batch["labels"], caption_rows),
             "vqa": self.token_ce(output.logits, batch["labels"], is_vqa),
             "words": torch.zeros((), device=output.logits.device),
+            "match": torch.zeros((), device=output.logits.device),
         }
+        if getattr(output, "match_logits", None) is not None:
+            parts["match"] = self.match(output.match_logits, output.match_labels)
         if self.words is not None:
             parts["words"] = self.words(output.word_logits, batch["text_ids"].to(output.logits.device), caption_rows)
         total = sum(self.weights[name] * value for name, value in parts.items() if self.weights[name])
