@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 
 import torch
@@ -77,7 +78,8 @@ class Validator:
 
     @torch.no_grad()
     def vqa(self, model, device: torch.device) -> dict[str, float]:
-        """Official VQA accuracy of greedy answers to the VQA records."""
+        """Official VQA accuracy of greedy answers to the VQA records, overall and per question type
+        (``vqa/<type>``, "_" for spaces, when the records have types): when each kind of question is learned."""
         from mlm.eval.vqa import vqa_accuracy
 
         predictions, annotations = {}, []
@@ -89,9 +91,15 @@ class Validator:
                 key = record.question_id if record.question_id is not None else f"q{i}"
                 predictions[key] = answer
                 annotations.append({"question_id": key, "answers": [{"answer": a} for a in record.answers]})
+                if record.question_type:
+                    annotations[-1]["question_type"] = record.question_type
         if not annotations:
             return {}
-        return {"vqa_accuracy": vqa_accuracy(predictions, annotations)["overall"]}
+        scores = vqa_accuracy(predictions, annotations)
+        # "what shape is" -> vqa/what_shape_is: a metric name that every tracker and the CSV log keep as it is
+        per_type = {"vqa/" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"): value
+                    for name, value in scores["per_question_type"].items()}  # fmt: skip
+        return {"vqa_accuracy": scores["overall"], **per_type}
 
     def __call__(self, model, device: torch.device, autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
         """All validation metrics (percent), keyed ``val/<name>``; the model is left in training mode."""

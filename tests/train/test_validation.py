@@ -38,6 +38,10 @@ def test_retrieval_matches_embeddings_computed_one_image_at_a_time(synth_dir, tm
     assert metrics["val/image_to_text_R@1"] == expected["image_to_text_R@1"]
     assert metrics["val/text_to_image_R@1"] == expected["text_to_image_R@1"]
     assert 0.0 <= metrics["val/vqa_accuracy"] <= 100.0
+    types = {r.question_type for r in validator.questions}
+    assert types and {k for k in metrics if k.startswith("val/vqa/")} == {
+        f"val/vqa/{t.replace(' ', '_')}" for t in types
+    }
 
 
 def test_the_loop_logs_validation_metrics(synth_dir, tmp_path):
