@@ -69,6 +69,7 @@ class ModelConfig:
     cross_pos_keys: bool = False  # cross-attention keys carry each patch's position in their RoPE dims
     word_head: bool = False  # a linear head on the pooled image embedding over the vocabulary (train.word_weight)
     word_head_patches: bool = False  # the word head scores every patch; a word's logit is its best patch's (MIL)
+    cross_pos_values: bool = False  # the image tokens the decoder reads get a learned projection of their position
     cross_null: bool = False  # the decoder's cross-attention can attend to a learned "nothing here" token
     match_head: bool = False  # a match / no-match head on the decoder (image-text matching, train.match_weight)
     dropout: float = 0.0

@@ -99,9 +99,9 @@ def check_model(m) -> None:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:
         raise ConfigError(f"model.local_window_2d={m.local_window_2d} must be odd")
-    if (m.image_pos_embed == "sincos" or m.cross_pos_keys) and m.dim % 4:
+    if (m.image_pos_embed == "sincos" or m.cross_pos_keys or m.cross_pos_values) and m.dim % 4:
         raise ConfigError(f"model.dim={m.dim} must be a multiple of 4 for 2-D sin-cos positions "
-                          "(model.image_pos_embed=sincos or model.cross_pos_keys)")  # fmt: skip
+                          "(model.image_pos_embed=sincos, model.cross_pos_keys or model.cross_pos_values)")  # fmt: skip
     if m.mla.qk_rope_head_dim % 4:
         raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be a multiple of 4 (2-D RoPE)")
     if m.attention == "gqa" and m.mla.n_heads % m.mla.n_kv_heads:

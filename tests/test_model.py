@@ -140,10 +140,16 @@ def test_loading_a_folder_without_weights_names_the_missing_file(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["model.attention=mla"], ["model.attention=gqa"], ["model.cross_null=true", "model.cross_pos_keys=true"]],
+    [
+        ["model.attention=mla"],
+        ["model.attention=gqa"],
+        ["model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true"],
+    ],
 )
 def test_cached_step_by_step_decoding_equals_one_full_forward(overrides):
     model = tiny_model(*overrides, "model.top_k=3")
+    if model.decoder.pos_values is not None:
+        torch.nn.init.normal_(model.decoder.pos_values.weight)  # it starts at zero
     images, ids, _ = batch(2, 9)
     with torch.no_grad():
         image_tokens = model.encoder.encode_image(images).tokens
@@ -279,10 +285,11 @@ def test_a_model_trained_on_four_captions_generates_them_back():
     assert retrieved.tolist() == [0, 1, 2, 3]
 
 
-def test_the_null_token_is_one_more_key_the_decoder_reads_and_learns():
-    model = tiny_model("model.cross_null=true", "model.cross_pos_keys=true").train()
+def test_the_null_token_and_position_values_are_what_the_decoder_reads_and_learns():
+    model = tiny_model("model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true").train()
     images, ids, mask = batch()
     contexts = model.decoder.encode_contexts(model.encoder.encode_image(images).tokens)
     assert contexts[0].length == 16 + 1  # 4x4 patches after the null token
     summed_losses(model(images, ids, mask), ids, mask).backward()
     assert model.decoder.null_token.grad.abs().sum() > 0
+    assert model.decoder.pos_values.weight.grad.abs().sum() > 0  # zero at the start, and it learns

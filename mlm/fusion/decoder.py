@@ -7,7 +7,9 @@ is the text token embedding (tied, as in GPT-2 / nanoGPT). Logits at position t 
 cross-attention's positional keys. With ``model.cross_null`` every cross-attention also sees one learned token
 before the image's: a place for a query's attention to go when the image holds nothing it asks for (an attention
 sink, as ViT registers, Darcet et al., 2024, give a transformer's attention), so "is there a red star?" can read
-"nothing matched" instead of an average of whatever is there.
+"nothing matched" instead of an average of whatever is there. With ``model.cross_pos_values`` the image tokens the
+decoder reads also carry a learned projection of their patch position, so what a query reads from an object says
+where it is (positional keys only say where to look).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ class MultimodalDecoder(nn.Module):
         self.lm_head.weight = token_embed.weight  # tied: one tensor, (V, C)
         self.grad_checkpointing = False
         grid = (cfg.image_size // cfg.patch_size,) * 2
-        table = image_pos_table("sincos", grid, cfg.dim) if cfg.cross_pos_keys else None  # (1, N, C)
+        patches = image_pos_table("sincos", grid, cfg.dim) if cfg.cross_pos_keys or cfg.cross_pos_values else None
+        self.pos_values = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.cross_pos_values else None
+        if self.pos_values is not None:
+            nn.init.zeros_(self.pos_values.weight)  # starts as the plain image tokens
+        self.register_buffer("patch_pos", patches if cfg.cross_pos_values else None, persistent=False)
+        table = patches if cfg.cross_pos_keys else None  # (1, N, C)
         self.null_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02) if cfg.cross_null else None
         if table is not None and self.null_token is not None:
             table = torch.cat([table.new_zeros(1, 1, cfg.dim), table], dim=1)  # the null token has no place
@@ -42,8 +49,11 @@ class MultimodalDecoder(nn.Module):
         """Return one empty self-attention cache per layer."""
         return [layer.self_attn.new_cache() for layer in self.layers]
 
-    def with_null(self, image_tokens: Tensor) -> Tensor:
-        """Image tokens (B, N, C) as the cross-attention reads them: after the null token (B, 1 + N, C) if any."""
+    def image_context(self, image_tokens: Tensor) -> Tensor:
+        """Image tokens (B, N, C) as the cross-attention reads them: plus their projected positions with
+        ``model.cross_pos_values``, after the null token (B, 1 + N, C) with ``model.cross_null``."""
+        if self.pos_values is not None:
+            image_tokens = image_tokens + self.pos_values(self.patch_pos.to(image_tokens.dtype))
         if self.null_token is None:
             return image_tokens
         null = self.null_token.to(image_tokens.dtype).expand(image_tokens.shape[0], -1, -1)
@@ -51,7 +61,7 @@ class MultimodalDecoder(nn.Module):
 
     def encode_contexts(self, image_tokens: Tensor) -> list:
         """Return every layer's cross-attention cache for image tokens (B, N, C)."""
-        context = self.with_null(image_tokens)
+        context = self.image_context(image_tokens)
         return [layer.encode_context(context, self.context_pos) for layer in self.layers]
 
     def forward(
@@ -74,7 +84,7 @@ class MultimodalDecoder(nn.Module):
         if (context is None) == (contexts is None):
             raise ValueError("give exactly one of context (image tokens) or contexts (encoded per layer)")
         x = text_states
-        context = None if context is None else self.with_null(context)
+        context = None if context is None else self.image_context(context)
         for i, layer in enumerate(self.layers):
             ctx = context if contexts is None else contexts[i]
             cache = caches[i] if caches is not None else None
