@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "mlm.commands.train",
     "mlm.commands.eval",
     "mlm.commands.export",
+    "mlm.commands.compress",
     "mlm.commands.predict",
     "mlm.commands.demo",
     "mlm.commands.serve",

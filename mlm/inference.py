@@ -55,7 +55,12 @@ def load_model(path: str | Path, device: str | None = None) -> MLMModel:
 
     folder = resolve_checkpoint(path)
     config = read_config(folder / "config.json")  # read here so that a broken file is named
-    model = MLMModel.from_pretrained(str(folder), config=config).to(pick_device(device)).eval()
+    model = MLMModel.from_pretrained(str(folder), config=config).eval()
+    quantized = getattr(model, "quantization", None) is not None
+    target = torch.device("cpu") if quantized and not device else pick_device(device)
+    if quantized and target.type != "cpu":
+        raise ValueError(f"{folder} is an INT8 model, which runs on the CPU; pass --device cpu")
+    model = model.to(target)
     if model.tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer.json; captions and questions need the model's tokenizer")
     return model

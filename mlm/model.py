@@ -26,6 +26,7 @@ from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
 
 from mlm import model_files
+from mlm.compress import int8
 from mlm.config import Config, ModelConfig
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.pooling import POOLING, WordHead
@@ -34,7 +35,7 @@ from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.matching import MatchHead, match_logits
 from mlm.generation import DecodingCache, DecodingConfig, cache_bytes, generate_from_prompts
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
-from mlm.model_files import config_json, load_weights, model_config, read_config, read_decoding, resolve_file
+from mlm.model_files import config_json, model_config, read_config, read_decoding, resolve_file
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +337,9 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         """Write model.safetensors (tied weights stored once), config.json, generation_config.json, tokenizer.json
         when set, and LoRA adapters in PEFT's files (the base weights keep their names)."""
         weights = str(save_directory / constants.SAFETENSORS_SINGLE_FILE)
-        if has_lora(self):
+        if int8.is_quantized(self):
+            int8.save_int8(self, save_directory, weights)
+        elif has_lora(self):
             save_file(base_state_dict(self), weights, metadata={"format": "pt"})
             save_adapter(self, save_directory)
         else:
@@ -384,8 +387,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         if tokenizer is None and tokenizer_file is not None:
             tokenizer = MLMTokenizer.from_file(tokenizer_file)
         model = cls(config, tokenizer=tokenizer, **model_kwargs)
-        weights = resolve_file(model_id, constants.SAFETENSORS_SINGLE_FILE, hub_kwargs)
-        load_weights(model, weights, strict=strict, device=str(map_location))
+        model_files.load_model_weights(model, model_id, hub_kwargs, strict, str(map_location))
         adapter = resolve_file(model_id, ADAPTER_CONFIG, hub_kwargs, required=False)
         if adapter is not None:
             load_adapter(model, adapter, resolve_file(model_id, ADAPTER_WEIGHTS, hub_kwargs))

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from mlm.config import ConfigError, ModelConfig, model_config_from_dict
@@ -100,6 +100,19 @@ def load_weights(model, weights: str | Path, strict: bool = True, device: str = 
         load_model(model, str(weights), strict=strict, device=device)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own types on truncated or random files
         raise ValueError(f"{weights}: not usable weights for this config.json ({first_line(err)})") from None
+
+
+def load_model_weights(model, model_id: str, hub_kwargs: dict, strict: bool, device: str) -> None:
+    """Load a folder's model.safetensors into ``model``: plain weights, or INT8 codes when the folder holds
+    quantization_config.json (:mod:`mlm.compress.int8`, CPU only)."""
+    from mlm.compress import int8
+
+    weights = resolve_file(model_id, constants.SAFETENSORS_SINGLE_FILE, hub_kwargs)
+    quantized = resolve_file(model_id, int8.QUANT_FILE, hub_kwargs, required=False)
+    if quantized is not None:
+        int8.load_int8(model, weights, quantized)
+    else:
+        load_weights(model, weights, strict=strict, device=device)
 
 
 def scalar_logits_as_vectors(state_dict, prefix, *_args) -> None:

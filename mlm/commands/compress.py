@@ -1,0 +1,56 @@
+"""``mlm compress CHECKPOINT OUT --int8``: a smaller model folder for CPU inference.
+
+``--int8`` is post-training dynamic INT8 of the Linear layers (:mod:`mlm.compress.int8`, through torchao). The
+folder is written beside OUT under a temporary name and renamed when it is complete, so a failure leaves nothing
+half-written. It loads with the normal loader (``MLMModel.from_pretrained`` and every ``mlm`` command), on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``compress`` command."""
+    parser = sub.add_parser("compress", help="write a compressed model folder (INT8) for CPU inference")
+    parser.add_argument("checkpoint", help="model folder, checkpoint step_* folder or run folder")
+    parser.add_argument("out", help="new folder to write (must not exist or be empty)")
+    parser.add_argument("--int8", action="store_true", help="dynamic INT8 of the Linear layers (torchao)")
+    parser.set_defaults(func=run)
+
+
+def _size(folder: Path) -> int:
+    return (folder / "model.safetensors").stat().st_size
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load on the CPU, compress, write to a temporary folder, rename; print what was written."""
+    from mlm.compress import int8
+    from mlm.model import MLMModel
+    from mlm.run_folder import resolve_checkpoint
+
+    if not args.int8:
+        raise ValueError("choose a compression: --int8")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: already exists and is not an empty folder; choose a new one")
+    folder = resolve_checkpoint(args.checkpoint)
+    if (folder / int8.QUANT_FILE).is_file():
+        raise ValueError(f"{folder}: already compressed ({int8.QUANT_FILE}); compress the float model")
+    model = MLMModel.from_pretrained(str(folder)).eval()
+    names = int8.quantize_int8(model)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    before, after = _size(folder), _size(out)
+    print(f"wrote {out}: {len(names)} Linear layers in INT8 (torchao dynamic), model.safetensors "
+          f"{before:,} -> {after:,} bytes ({after / before:.3f}x)")  # fmt: skip
+    return 0

@@ -1,0 +1,73 @@
+"""mlm compress --int8: a smaller folder that loads with the normal loader, runs the commands, and refuses bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from mlm import inference
+from mlm.cli import main
+from mlm.compress import int8
+from mlm.model import MLMModel
+from mlm.run_folder import resolve_checkpoint
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "model"
+    assert main(["compress", str(tiny_run[0]), str(out), "--int8"]) == 0
+    return out
+
+
+def test_int8_codes_round_trip_exactly_and_outputs_stay_close(tiny_run, compressed):
+    float_model = inference.load_model(tiny_run[0], "cpu")
+    quantized = inference.load_model(tiny_run[0], "cpu")
+    names = int8.quantize_int8(quantized)
+    assert "decoder.lm_head" not in names and not any(n.endswith("kv_b_proj") for n in names)
+    loaded = MLMModel.from_pretrained(str(compressed))
+    assert loaded.quantization["modules"] == names
+    for name in names:  # the file holds the in-memory model's codes and scales
+        torch.testing.assert_close(loaded.get_submodule(name).weight.qdata, quantized.get_submodule(name).weight.qdata)
+    assert loaded.decoder.lm_head.weight is loaded.encoder.token_embed.weight  # still tied
+    torch.manual_seed(0)
+    images, ids = torch.randn(4, 3, 32, 32), torch.randint(4, 60, (4, 9))
+    with torch.no_grad():
+        ours = loaded(images, ids)
+        torch.testing.assert_close(ours.logits, quantized(images, ids).logits)  # loaded == saved
+        reference = float_model(images, ids)
+    cosine = torch.nn.functional.cosine_similarity(ours.image_embeds, reference.image_embeds, dim=-1)
+    assert cosine.min() > 0.98
+    size = (compressed / "model.safetensors").stat().st_size
+    assert size < 0.4 * (resolve_checkpoint(tiny_run[0]) / "model.safetensors").stat().st_size  # measured 0.345
+
+
+def test_the_commands_run_an_int8_model(tiny_run, compressed, capsys):
+    images = sorted(str(p) for p in (tiny_run[1] / "images").glob("*.png"))[:2]
+    assert main(["caption", *images, "--checkpoint", str(compressed), "--json"]) == 0
+    assert all(row["caption"] for row in json.loads(capsys.readouterr().out))
+    assert main(["ask", images[0], "what color is the shape?", "--checkpoint", str(compressed), "--json"]) == 0
+
+
+def test_bad_input_is_one_line_and_nothing_is_written(tiny_run, compressed, tmp_path, capsys, monkeypatch):
+    assert main(["compress", str(tiny_run[0]), str(tmp_path / "a")]) == 2
+    assert "choose a compression: --int8" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["compress", str(tiny_run[0]), str(tmp_path / "full"), "--int8"]) == 2
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    (tmp_path / "not-a-model").mkdir()
+    assert main(["compress", str(tmp_path / "not-a-model"), str(tmp_path / "b"), "--int8"]) == 2
+    assert main(["compress", str(compressed), str(tmp_path / "c"), "--int8"]) == 2
+    assert "already compressed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "not-a-model"]  # no partial folder left
+    other = tmp_path / "other"
+    shutil.copytree(compressed, other)
+    config = json.loads((other / int8.QUANT_FILE).read_text())
+    config["modules"][0] = "encoder.blocks.9.attn.q_proj"
+    (other / int8.QUANT_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="is not a Linear layer of this model"):
+        MLMModel.from_pretrained(str(other))
+    monkeypatch.setattr(inference, "pick_device", lambda device=None: torch.device("cuda"))
+    with pytest.raises(ValueError, match="INT8 model, which runs on the CPU"):
+        inference.load_model(compressed, "cuda")
