@@ -71,3 +71,15 @@ def test_bad_input_is_one_line_and_nothing_is_written(tiny_run, compressed, tmp_
     monkeypatch.setattr(inference, "pick_device", lambda device=None: torch.device("cuda"))
     with pytest.raises(ValueError, match="INT8 model, which runs on the CPU"):
         inference.load_model(compressed, "cuda")
+
+
+def test_bench_compress_measures_float_and_int8(tiny_run, tmp_path):
+    out = tmp_path / "compress.json"
+    argv = ["bench", "compress", "--checkpoint", str(tiny_run[0]), "--data", str(tiny_run[1]), "--threads", "1"]
+    assert main([*argv, "--repeats", "1", "--batch-size", "4", "--max-samples", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["rows"]] == ["float", "int8"]
+    keys = {"size_bytes", "size_ratio", "params", "caption_s_1t", "caption_s_1t_ratio", "embed_s_1t", "t2i_R@1",
+            "vqa", "CIDEr", "vqa_delta"}  # fmt: skip
+    assert all(keys <= set(r) for r in report["rows"])
+    assert report["rows"][0]["size_ratio"] == 1.0 and report["rows"][1]["size_ratio"] < 0.4

@@ -12,7 +12,7 @@ from mlm.cli import main
 TINY = [f"--set={s}" for s in TINY_MODEL]
 
 
-@pytest.mark.parametrize("name", ["train", "ablate", "quality", "probe", "comm"])
+@pytest.mark.parametrize("name", ["train", "ablate", "quality", "probe", "comm", "compress"])
 def test_add_arguments_imports_no_torch(name):
     code = f"import sys, argparse, mlm.bench.{name} as m; m.add_arguments(argparse.ArgumentParser()); "
     code += "print('torch' in sys.modules)"

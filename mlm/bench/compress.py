@@ -1,0 +1,139 @@
+"""``mlm bench compress --checkpoint CKPT``: the float model against its compressed forms, same data, same run.
+
+Per variant: size of model.safetensors, parameters, CPU latency (caption a batch greedily, and embed a batch of
+images and texts) at each ``--threads`` count, and text→image R@1, VQA accuracy and CIDEr from our evaluation code.
+Ratios are to the float model measured in the same run. Variants so far: ``float`` and ``int8``
+(:mod:`mlm.compress.int8`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mlm bench compress`` (``--json OUT`` is added by the bench command)."""
+    parser.add_argument("--checkpoint", required=True, help="model, checkpoint or run folder (float)")
+    parser.add_argument("--data", help="evaluation source (default: data.test of the run that trained it)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per timed batch")
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to time")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="caption length of the timed captioning")
+    parser.add_argument("--max-samples", type=int, default=0, help="records scored per task (0: all)")
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _latency(model, pixels, texts, threads: list[int], repeats: int, max_new_tokens: int) -> dict:
+    """Median seconds to caption and to embed the batch, per thread count."""
+    import torch
+
+    from mlm.inference import embed_texts
+
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                out[f"caption_s_{n}t"] = _median_s(
+                    lambda: model.generate(pixels, max_new_tokens=max_new_tokens, num_beams=1), repeats
+                )
+                out[f"embed_s_{n}t"] = _median_s(
+                    lambda: (model.encode_image(pixels, normalize=True), embed_texts(model, texts)), repeats
+                )
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _quality(model, records, max_samples: int) -> dict:
+    from mlm.commands.eval_model import eval_config
+    from mlm.eval.runner import evaluate
+
+    cfg = eval_config(model, [f"eval.max_samples={max_samples}"] if max_samples else [])
+    results = evaluate(model, records, ["retrieval", "vqa", "caption"], cfg, caption_metric_names=["CIDEr"])
+    return {"t2i_R@1": results["retrieval"]["text_to_image_R@1"], "vqa": results["vqa"]["overall"],
+            "CIDEr": results["caption"]["CIDEr"]}  # fmt: skip
+
+
+def _params(model) -> int:
+    return sum(getattr(p, "qdata", p).numel() for p in model.parameters())
+
+
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """Compress the checkpoint in a temporary folder, measure every variant; return the report and a table."""
+    import torch
+
+    from mlm.commands.eval_model import _run_test_data
+    from mlm.compress import int8
+    from mlm.eval.runner import open_eval_source
+    from mlm.inference import image_batches, image_transform, load_model
+    from mlm.run_folder import resolve_checkpoint
+
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    if not threads or min(threads) < 1 or args.repeats < 1 or args.batch_size < 1:
+        raise ValueError("--threads, --repeats and --batch-size must be positive")
+    folder = resolve_checkpoint(args.checkpoint)
+    data = args.data or _run_test_data(args.checkpoint)
+    if not data:
+        raise ValueError(f"give --data SOURCE: {args.checkpoint} has no run config naming data.test")
+    records = list(open_eval_source(data, split=args.split))
+    float_model = load_model(folder, "cpu")
+    captioned = [r for r in records if not r.is_vqa and r.captions][: args.batch_size]
+    _, pixels = next(image_batches([r.image for r in captioned], image_transform(float_model), args.batch_size))
+    texts = [r.captions[0] for r in captioned]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mlm-bench-compress-") as tmp:
+        quantized = load_model(folder, "cpu")
+        int8.quantize_int8(quantized)
+        quantized.save_pretrained(Path(tmp) / "int8")
+        variants = [("float", folder, float_model), ("int8", Path(tmp) / "int8", load_model(Path(tmp) / "int8"))]
+        for name, path, model in variants:
+            row = {"variant": name, "size_bytes": (path / "model.safetensors").stat().st_size, "params": _params(model)}
+            row.update(_latency(model, pixels, texts, threads, args.repeats, args.max_new_tokens))
+            row.update(_quality(model, records, args.max_samples))
+            rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["size_ratio"] = row["size_bytes"] / base["size_bytes"]
+        for key in [k for k in base if k.endswith("t") and k.startswith(("caption_s", "embed_s"))]:
+            row[f"{key}_ratio"] = row[key] / base[key]
+        for key in ("t2i_R@1", "vqa", "CIDEr"):
+            row[f"{key}_delta"] = row[key] - base[key]
+    report = {"checkpoint": str(folder), "data": str(data), "split": args.split, "batch_size": len(texts),
+              "threads": threads, "torch_version": torch.__version__, "rows": rows}  # fmt: skip
+    return report, _table(report)
+
+
+def _table(report: dict) -> str:
+    threads = report["threads"]
+    head = ["variant", "size MB", "× size", "params"]
+    head += [f"{what} s ({n}t) ×" for n in threads for what in ("caption", "embed")]
+    head += ["t2i R@1", "VQA", "CIDEr"]
+    lines = [f"| {' | '.join(head)} |", "|" + " --- |" * len(head)]
+    for r in report["rows"]:
+        cells = [r["variant"], f"{r['size_bytes'] / 1e6:.2f}", f"{r['size_ratio']:.3f}", f"{r['params']:,}"]
+        for n in threads:
+            for what in ("caption", "embed"):
+                key = f"{what}_s_{n}t"
+                cells.append(f"{r[key]:.3f} ({r[key + '_ratio']:.2f}×)")
+        cells += [f"{r['t2i_R@1']:.1f} ({r['t2i_R@1_delta']:+.1f})", f"{r['vqa']:.1f} ({r['vqa_delta']:+.1f})",
+                  f"{r['CIDEr']:.1f} ({r['CIDEr_delta']:+.1f})"]  # fmt: skip
+        lines.append(f"| {' | '.join(cells)} |")
+    where = f"{report['checkpoint']} on {report['data']} ({report['split']})"
+    title = f"mlm bench compress: {where}, batch {report['batch_size']}"
+    return "\n".join([title, *lines])
