@@ -36,13 +36,16 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.cross_pos_keys=false"],
         "cross-attention keys without the patch positions (content only)",
     ),
-    "vqa-turns": (["train.vqa_turns=3", "model.max_text_len=64"], "3 questions about one image per VQA row"),
-    "words": (["model.word_head=true", "train.word_weight=1.0"], "the pooled image predicts its caption's words"),
-    "words-patches": (
-        ["model.word_head=true", "model.word_head_patches=true", "train.word_weight=1.0"],
-        "each caption word is predicted from its best patch (multiple-instance)",
+    # the shipped tiny config packs 3 questions per VQA row, has the per-patch word objective, the null token and
+    # position values on, so these rows switch one of them off (or the word head to the pooled image)
+    "one-turn": (["train.vqa_turns=1", "model.max_text_len=40"], "one question per VQA row instead of 3"),
+    "words-pooled": (["model.word_head_patches=false"], "caption words predicted from the pooled image, not per patch"),
+    "no-words": (
+        ["model.word_head=false", "model.word_head_patches=false", "train.word_weight=0"],
+        "no word objective",
     ),
-    "cross-null": (["model.cross_null=true"], "the decoder's cross-attention can attend to a learned null token"),
+    "no-null": (["model.cross_null=false"], "no null token in the decoder's cross-attention"),
+    "no-pos-values": (["model.cross_pos_values=false"], "image tokens the decoder reads without their positions"),
     "match": (
         ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
         "the decoder tells matching from hard-negative image-text pairs (ITM)",

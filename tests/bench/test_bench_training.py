@@ -39,21 +39,23 @@ def test_bench_train_compares_ours_with_open_clip_coca(tmp_path, capsys):
 
 def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     out = tmp_path / "ablate.json"
-    rows = "baseline,mean-pool,no-fusion,no-pos-keys,vqa-turns,words,words-patches"
-    argv = ["bench", "ablate", "--quick", "--budget-s", "1", "--rows", rows, "--row", "mine=train.lr=1e-3",
+    names = ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "one-turn", "words-pooled", "no-words", "no-null",
+             "no-pos-values"]  # fmt: skip
+    argv = ["bench", "ablate", "--quick", "--budget-s", "1", "--rows", ",".join(names), "--row", "mine=train.lr=1e-3",
             "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "vqa-turns", "words", "words-patches",
-                          "mine"]  # fmt: skip
+    assert list(rows) == [*names, "mine"]
     for row in rows.values():
         assert set(row) >= {"t2i_R@1", "i2t_R@1", "vqa", "shape", "position", "params", "step_s", "steps"}
     assert rows["no-fusion"]["steps"] == rows["baseline"]["steps"]  # an evaluation switch re-scores the baseline
     assert rows["mean-pool"]["params"] < rows["baseline"]["params"]  # no per-level scorers
     # one position projection per decoder layer: dim (32) x qk_rope_head_dim (4) in the quick model's 1 layer
     assert rows["baseline"]["params"] - rows["no-pos-keys"]["params"] == 32 * 4
-    assert rows["words"]["params"] > rows["baseline"]["params"]  # the word head
-    assert rows["words-patches"]["params"] == rows["words"]["params"]  # the same head, read per patch
+    assert rows["words-pooled"]["params"] == rows["baseline"]["params"]  # the same head, on the pooled image
+    assert rows["no-words"]["params"] < rows["baseline"]["params"]  # no word head
+    assert rows["baseline"]["params"] - rows["no-null"]["params"] == 32  # one null token of width 32
+    assert rows["baseline"]["params"] - rows["no-pos-values"]["params"] == 32 * 32  # the position projection
     assert main(["bench", "ablate", "--quick", "--rows", "nonsense"]) == 2
 
 
