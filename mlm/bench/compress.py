@@ -2,8 +2,8 @@
 
 Per variant: size of model.safetensors, parameters, CPU latency (caption a batch greedily, and embed a batch of
 images and texts) at each ``--threads`` count, and text→image R@1, VQA accuracy and CIDEr from our evaluation code.
-Ratios are to the float model measured in the same run. Variants so far: ``float`` and ``int8``
-(:mod:`mlm.compress.int8`).
+Ratios are to the float model measured in the same run. Variants so far: ``float``, ``int8-torchao`` and
+``int8-fbgemm`` (:mod:`mlm.compress.int8`).
 """
 
 from __future__ import annotations
@@ -70,10 +70,6 @@ def _quality(model, records, max_samples: int) -> dict:
             "CIDEr": results["caption"]["CIDEr"]}  # fmt: skip
 
 
-def _params(model) -> int:
-    return sum(getattr(p, "qdata", p).numel() for p in model.parameters())
-
-
 def run(args: argparse.Namespace) -> tuple[dict, str]:
     """Compress the checkpoint in a temporary folder, measure every variant; return the report and a table."""
     import torch
@@ -98,12 +94,18 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     texts = [r.captions[0] for r in captioned]
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlm-bench-compress-") as tmp:
-        quantized = load_model(folder, "cpu")
-        int8.quantize_int8(quantized)
-        quantized.save_pretrained(Path(tmp) / "int8")
-        variants = [("float", folder, float_model), ("int8", Path(tmp) / "int8", load_model(Path(tmp) / "int8"))]
+        variants = [("float", folder, float_model)]
+        for engine in int8.ENGINES:
+            quantized = load_model(folder, "cpu")
+            int8.quantize_int8(quantized, engine=engine)
+            quantized.save_pretrained(Path(tmp) / engine)
+            variants.append((f"int8-{engine}", Path(tmp) / engine, load_model(Path(tmp) / engine)))
         for name, path, model in variants:
-            row = {"variant": name, "size_bytes": (path / "model.safetensors").stat().st_size, "params": _params(model)}
+            row = {
+                "variant": name,
+                "size_bytes": (path / "model.safetensors").stat().st_size,
+                "params": int8.parameter_count(model),
+            }
             row.update(_latency(model, pixels, texts, threads, args.repeats, args.max_new_tokens))
             row.update(_quality(model, records, args.max_samples))
             rows.append(row)

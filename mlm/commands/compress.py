@@ -1,6 +1,7 @@
 """``mlm compress CHECKPOINT OUT --int8``: a smaller model folder for CPU inference.
 
-``--int8`` is post-training dynamic INT8 of the Linear layers (:mod:`mlm.compress.int8`, through torchao). The
+``--int8`` is post-training dynamic INT8 of the Linear layers (:mod:`mlm.compress.int8`; ``--engine torchao`` or
+``fbgemm``). The
 folder is written beside OUT under a temporary name and renamed when it is complete, so a failure leaves nothing
 half-written. It loads with the normal loader (``MLMModel.from_pretrained`` and every ``mlm`` command), on the CPU.
 """
@@ -18,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("compress", help="write a compressed model folder (INT8) for CPU inference")
     parser.add_argument("checkpoint", help="model folder, checkpoint step_* folder or run folder")
     parser.add_argument("out", help="new folder to write (must not exist or be empty)")
-    parser.add_argument("--int8", action="store_true", help="dynamic INT8 of the Linear layers (torchao)")
+    parser.add_argument("--int8", action="store_true", help="dynamic INT8 of the Linear layers")
+    parser.add_argument(
+        "--engine",
+        choices=["torchao", "fbgemm"],
+        default="torchao",
+        help="INT8 kernels: torchao (maintained) or fbgemm via torch.ao (deprecated, faster on CPU)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -41,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if (folder / int8.QUANT_FILE).is_file():
         raise ValueError(f"{folder}: already compressed ({int8.QUANT_FILE}); compress the float model")
     model = MLMModel.from_pretrained(str(folder)).eval()
-    names = int8.quantize_int8(model)
+    names = int8.quantize_int8(model, engine=args.engine)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         model.save_pretrained(tmp)
@@ -51,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     before, after = _size(folder), _size(out)
-    print(f"wrote {out}: {len(names)} Linear layers in INT8 (torchao dynamic), model.safetensors "
+    print(f"wrote {out}: {len(names)} Linear layers in dynamic INT8 ({args.engine}), model.safetensors "
           f"{before:,} -> {after:,} bytes ({after / before:.3f}x)")  # fmt: skip
     return 0

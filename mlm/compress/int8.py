@@ -1,15 +1,18 @@
-"""Post-training dynamic INT8 for CPU inference, through torchao.
+"""Post-training dynamic INT8 for CPU inference: torchao, or fbgemm through ``torch.ao.quantization``.
 
-torchao is PyTorch's maintained quantization library (``torch.ao.quantization``'s dynamic path warns that it is
-deprecated in torch 2.14). Every ``nn.Linear`` gets int8 weights with one scale per output row, and its input is
-quantized per token when it runs (``Int8DynamicActivationInt8WeightConfig``), except two that stay float: the LM
+Two engines. ``torchao`` is PyTorch's maintained quantization library (``Int8DynamicActivationInt8WeightConfig``).
+``fbgemm`` is ``torch.ao.quantization.quantize_dynamic`` with per-channel weights: deprecated in torch 2.14, but
+its kernels run this project's layers about twice as fast on the CPUs we measured (README, "Compression"). With
+either, every ``nn.Linear`` gets int8 weights with one scale per output row, and its input is quantized per token
+when it runs, except two that stay float: the LM
 head, whose weight is the token embedding, and MLA's up-projection ``kv_b_proj``, whose weight the absorbed decode
 folds into the queries and outputs. Embedding tables (the token embedding, which is also the LM head) and
 convolution kernels (the patch embedding) are stored as int8 with one scale per row / output channel and run in
 float: quantizing rounds them to those values, so the file is small and the model in memory is the one it holds.
 
 A compressed model is the normal folder plus ``quantization_config.json``; its model.safetensors holds each
-quantized weight as ``<layer>.weight.int8`` (int8) and ``<layer>.weight.scale`` (fp32). Loading builds the float
+quantized weight as ``<layer>.weight.int8`` (int8) and ``<layer>.weight.scale`` (fp32; fbgemm also
+``<layer>.weight.zero_point``). Loading builds the float
 model, quantizes the listed layers the same way and copies the stored codes and scales in, so a load gives exactly
 the model that was saved; nothing is unpickled.
 """
@@ -65,25 +68,46 @@ def _check_cpu(model: nn.Module) -> None:
         raise ValueError(f"INT8 is for CPU inference; the model is on {device} (load it on the CPU)")
 
 
-def quantize_int8(model: nn.Module, names: list[str] | None = None) -> list[str]:
-    """Quantize ``names`` (default: :func:`quantizable`) in place; returns the names and marks the model."""
+ENGINES = ("torchao", "fbgemm")
+
+
+def _quantize_layers(model: nn.Module, names: list[str], engine: str) -> None:
+    """Swap in the engine's dynamic INT8 for the named Linear layers."""
+    wanted = set(names)
+    if engine == "fbgemm":
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
+        for name in names:  # scales rounded to fp32, as the file stores them, so memory and file agree
+            module = model.get_submodule(name)
+            weight = module.weight()
+            scales, zeros = weight.q_per_channel_scales().float().double(), weight.q_per_channel_zero_points()
+            module.set_weight_bias(torch._make_per_channel_quantized_tensor(weight.int_repr(), scales, zeros, 0),
+                                   module.bias())  # fmt: skip
+        return
     logging.getLogger("torch.utils._pytree").addFilter(_drop_enum_notice)  # torchao's import-time registrations
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
-        raise ValueError("INT8 models need torchao: pip install -e '.[compress]'") from None
+        raise ValueError("INT8 with torchao needs it installed: pip install -e '.[compress]'") from None
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda _m, fqn: fqn in wanted)
 
+
+def quantize_int8(model: nn.Module, names: list[str] | None = None, engine: str = "torchao") -> list[str]:
+    """Quantize ``names`` (default: :func:`quantizable`) in place with ``engine`` (torchao, or fbgemm through
+    ``torch.ao.quantization``); round the embedding tables to their int8 values; mark the model; return the names."""
+    if engine not in ENGINES:
+        raise ValueError(f"INT8 engine {engine!r}: use one of {', '.join(ENGINES)}")
     _check_cpu(model)
     names = quantizable(model) if names is None else list(names)
-    wanted = set(names)
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda _m, fqn: fqn in wanted)
+    _quantize_layers(model, names, engine)
     tables = embeddings(model)
     with torch.no_grad():
         for name in tables:
             weight = model.get_submodule(name).weight
             codes, scale = int8_rows(weight)
             weight.copy_((codes.float() * scale).to(weight.dtype))
-    model.quantization = {"method": METHOD, "library": "torchao", "modules": names, "embeddings": tables}
+    model.quantization = {"method": METHOD, "library": engine, "modules": names, "embeddings": tables}
     return names
 
 
@@ -92,16 +116,41 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quantization", None) is not None
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of a float or INT8 model (fbgemm's packed weights and biases included, tied ones once)."""
+    total = sum(getattr(p, "qdata", p).numel() for p in model.parameters())
+    if is_quantized(model) and model.quantization["library"] == "fbgemm":
+        for name in model.quantization["modules"]:
+            module = model.get_submodule(name)
+            total += module.weight().numel() + (0 if module.bias() is None else module.bias().numel())
+    return total
+
+
+def _layer_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A quantized layer's weight as int8 codes and per-row scales (fbgemm: float64 scales and zero points)."""
+    module = model.get_submodule(name)
+    if model.quantization["library"] == "fbgemm":
+        weight = module.weight()
+        out = {"weight.int8": weight.int_repr(), "weight.scale": weight.q_per_channel_scales().float(),
+               "weight.zero_point": weight.q_per_channel_zero_points().to(torch.int8)}  # fmt: skip
+        if module.bias() is not None:
+            out["bias"] = module.bias()
+    else:
+        out = {"weight.int8": module.weight.qdata, "weight.scale": module.weight.scale.float()}
+    return {f"{name}.{key}": t.detach().cpu().contiguous() for key, t in out.items()}
+
+
 def int8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The quantized model's tensors for safetensors: int8 codes and scales for quantized weights, tied tensors once."""
-    names = set(model.quantization["modules"])
+    names = model.quantization["modules"]
     tables = set(model.quantization["embeddings"])
-    out, seen = {}, set()
+    out = {key: t for name in names for key, t in _layer_tensors(model, name).items()}
+    seen = set()
     for name, tensor in model.state_dict().items():
-        layer = name.removesuffix(".weight")
-        if layer in names and name.endswith(".weight"):
-            out[f"{name}.int8"] = tensor.qdata.detach().cpu().contiguous()
-            out[f"{name}.scale"] = tensor.scale.detach().float().cpu().contiguous()
+        layer = name.rsplit(".", 1)[0]
+        if layer in out or any(name.startswith(f"{n}.") for n in names):
+            if name.endswith(".bias") and name not in out and isinstance(tensor, torch.Tensor):
+                out[name] = tensor.detach().cpu().contiguous()  # torchao keeps the float bias
             continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
@@ -132,6 +181,8 @@ def read_quantization(path: str | Path) -> dict:
         raise ValueError(
             f"{path}: method must be {METHOD!r}, got {data.get('method') if isinstance(data, dict) else data!r}"
         )
+    if data.get("library") not in ENGINES:
+        raise ValueError(f"{path}: library must be one of {', '.join(ENGINES)}, got {data.get('library')!r}")
     for field in ("modules", "embeddings"):
         value = data.get(field)
         if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
@@ -153,32 +204,37 @@ def load_int8(model: nn.Module, weights: str | Path, quant_file: str | Path) -> 
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not usable weights ({str(err).splitlines()[0]})") from None
+    fbgemm = config["library"] == "fbgemm"
     codes = {}
     for layer in config["modules"]:
+        parts = ("int8", "scale", "zero_point") if fbgemm else ("int8", "scale")
         try:
-            codes[layer] = tensors.pop(f"{layer}.weight.int8"), tensors.pop(f"{layer}.weight.scale")
+            codes[layer] = [tensors.pop(f"{layer}.weight.{part}") for part in parts]
         except KeyError:
             raise ValueError(f"{weights}: no int8 weight for {layer!r} listed in {quant_file}") from None
     for table in config["embeddings"]:
         if type(known.get(table)) not in STORED_INT8:
             raise ValueError(f"{quant_file}: {table!r} is not an embedding or convolution of this model")
         try:
-            codes_, scale = tensors.pop(f"{table}.weight.int8"), tensors.pop(f"{table}.weight.scale")
+            table_codes, scale = tensors.pop(f"{table}.weight.int8"), tensors.pop(f"{table}.weight.scale")
         except KeyError:
             raise ValueError(f"{weights}: no int8 table for {table!r} listed in {quant_file}") from None
-        tensors[f"{table}.weight"] = codes_.float() * scale
+        tensors[f"{table}.weight"] = table_codes.float() * scale
     result = model.load_state_dict(tensors, strict=False)
     expected = {f"{m}.weight" for m in config["modules"]} | {"decoder.lm_head.weight"}
     wrong = sorted(set(result.missing_keys) - expected) + sorted(result.unexpected_keys)
     if wrong:
         raise ValueError(f"{weights}: does not fit this config.json ({wrong[0]!r} missing or unexpected)")
-    quantize_int8(model, config["modules"])
-    for layer, (qdata, scale) in codes.items():
-        weight = known[layer].weight
-        if weight.qdata.shape != qdata.shape or weight.scale.shape != scale.shape:
-            raise ValueError(
-                f"{weights}: {layer}.weight has shape {tuple(qdata.shape)}, expected {tuple(weight.qdata.shape)}"
-            )
+    shapes = {layer: tuple(known[layer].weight.shape) for layer in config["modules"]}
+    quantize_int8(model, config["modules"], config["library"])
+    for layer, stored in codes.items():
+        if tuple(stored[0].shape) != shapes[layer]:
+            raise ValueError(f"{weights}: {layer}.weight is {tuple(stored[0].shape)}, this model's is {shapes[layer]}")
+        module = model.get_submodule(layer)
         with torch.no_grad():
-            weight.qdata.copy_(qdata)
-            weight.scale.copy_(scale.to(weight.scale.dtype))
+            if fbgemm:
+                weight = torch._make_per_channel_quantized_tensor(stored[0], stored[1].double(), stored[2].long(), 0)
+                module.set_weight_bias(weight, module.bias())
+            else:
+                module.weight.qdata.copy_(stored[0])
+                module.weight.scale.copy_(stored[1].to(module.weight.scale.dtype))
