@@ -16,7 +16,7 @@ BENCHES = {
     "comm": ("mlm.bench.comm", "compressed DDP gradients: bytes per step, step time and loss per mode, 2 processes"),
     "compress": (
         "mlm.bench.compress",
-        "float vs INT8 (torchao, fbgemm) on one checkpoint: size, CPU latency, R@1, VQA, CIDEr",
+        "float vs INT8 (torchao, fbgemm): size, CPU latency, R@1, VQA, CIDEr",
     ),
     "data": ("mlm.bench.data", "data loading throughput (samples/s) for 0, 1, 2 workers"),
     "mla": ("mlm.bench.mla", "MHA vs GQA vs MLA: parameters, KV-cache bytes, prefill and decode speed"),
