@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mlm"
 RANK = {
     "mlm.errors": 0, "mlm.config": 0, "mlm.config_rules": 0,
-    "mlm.layers": 1, "mlm.lora": 1, "mlm.generation": 1,
+    "mlm.layers": 1, "mlm.lora": 1, "mlm.generation": 1, "mlm.compress": 1,
     "mlm.data": 2, "mlm.encoders": 2,
     "mlm.fusion": 3,
     "mlm.model": 4, "mlm.model_files": 4, "mlm.run_folder": 4,

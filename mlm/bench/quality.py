@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         ours, ours_summary = train_ours(config, args.budget_s)
         data = config.data.val or config.data.train
         tokenizer = ours.tokenizer
-        _, batches = _batches(config, config.data.train, config.train.batch_size, tmp, tokenizer)
+        _, batches, _ = _batches(config, config.data.train, config.train.batch_size, tmp, tokenizer)
         coca, coca_summary = train_coca(config, tokenizer, batches, args.budget_s, ours.device)
         peer = CoCaAdapter(coca, config.model, tokenizer, config.eval.decoding())
         report = {"config": args.config, "overrides": args.overrides, "budget_s": args.budget_s, "split": args.split,

@@ -54,15 +54,16 @@ def train_flops(step_fn) -> int:
     return counter.get_total_flops()
 
 
-def _ours(config, tokenizer):
+def _ours(config, tokenizer, source):
     """Our model, optimizer and loss; returns (model, step function on a batch, forward+backward function)."""
     from mlm.model import MLMModel
-    from mlm.train.losses import ImageTextLoss
+    from mlm.train.losses import ImageTextLoss, word_idf
     from mlm.train.schedule import build_optimizer
 
     model = MLMModel(config.model, tokenizer=tokenizer).train()
     optimizer = build_optimizer(model, config.train)
-    loss_fn = ImageTextLoss.from_config(config.train)
+    captions = [text for r in source for text in r.captions] if config.train.word_weight else []
+    loss_fn = ImageTextLoss.from_config(config.train, idf=word_idf(tokenizer, captions) if captions else None)
 
     def forward_backward(batch):
         out = model(batch["images"], batch["text_ids"], batch["text_mask"])
@@ -110,7 +111,7 @@ def _batches(config, spec: str | None, batch_size: int, tmp: str, tokenizer=None
                 yield collate([items[k] for k in keys])
             epoch += 1
 
-    return tokenizer, endless()
+    return tokenizer, endless(), source
 
 
 def _measure(steps: dict, batches, n_steps: int, warmup: int) -> dict[str, list[float]]:
@@ -141,8 +142,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     batch_size = args.batch_size or config.train.batch_size
     torch.manual_seed(config.train.seed)
     with tempfile.TemporaryDirectory(prefix="mlm-bench-train-") as tmp:
-        tokenizer, batches = _batches(config, args.data, batch_size, tmp)
-        ours, ours_step, ours_fb = _ours(config, tokenizer)
+        tokenizer, batches, source = _batches(config, args.data, batch_size, tmp)
+        ours, ours_step, ours_fb = _ours(config, tokenizer, source)
         coca = build_coca(config.model, tokenizer.vocab_size, tokenizer.pad_id)
         coca_trainer = CoCaTrainer(coca, tokenizer.pad_id, config.train.lr, config.train.weight_decay)
         probe = next(batches)
