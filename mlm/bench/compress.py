@@ -110,9 +110,10 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             row.update(_quality(model, records, args.max_samples))
             rows.append(row)
     base = rows[0]
+    timed = [f"{what}_s_{n}t" for n in threads for what in ("caption", "embed")]
     for row in rows:
         row["size_ratio"] = row["size_bytes"] / base["size_bytes"]
-        for key in [k for k in base if k.endswith("t") and k.startswith(("caption_s", "embed_s"))]:
+        for key in timed:
             row[f"{key}_ratio"] = row[key] / base[key]
         for key in ("t2i_R@1", "vqa", "CIDEr"):
             row[f"{key}_delta"] = row[key] - base[key]

@@ -145,10 +145,11 @@ def int8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     names = model.quantization["modules"]
     tables = set(model.quantization["embeddings"])
     out = {key: t for name in names for key, t in _layer_tensors(model, name).items()}
+    quantized = tuple(f"{n}." for n in names)
     seen = set()
     for name, tensor in model.state_dict().items():
         layer = name.rsplit(".", 1)[0]
-        if layer in out or any(name.startswith(f"{n}.") for n in names):
+        if name.startswith(quantized):
             if name.endswith(".bias") and name not in out and isinstance(tensor, torch.Tensor):
                 out[name] = tensor.detach().cpu().contiguous()  # torchao keeps the float bias
             continue
