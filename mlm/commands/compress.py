@@ -1,9 +1,9 @@
 """``mlm compress CHECKPOINT OUT --int8``: a smaller model folder for CPU inference.
 
 ``--int8`` is post-training dynamic INT8 of the Linear layers (:mod:`mlm.compress.int8`; ``--engine torchao`` or
-``fbgemm``). The
-folder is written beside OUT under a temporary name and renamed when it is complete, so a failure leaves nothing
-half-written. It loads with the normal loader (``MLMModel.from_pretrained`` and every ``mlm`` command), on the CPU.
+``fbgemm``). The folder is written beside OUT under a temporary name and renamed when it is complete, so a failure
+leaves nothing half-written. It loads with the normal loader (``MLMModel.from_pretrained`` and every ``mlm`` command),
+on the CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 import os
 import shutil
 from pathlib import Path
+
+from mlm.compress import ENGINES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--int8", action="store_true", help="dynamic INT8 of the Linear layers")
     parser.add_argument(
         "--engine",
-        choices=["torchao", "fbgemm"],
+        choices=ENGINES,
         default="torchao",
         help="INT8 kernels: torchao (maintained) or fbgemm via torch.ao (deprecated, faster on CPU)",
     )

@@ -1,20 +1,19 @@
 """Post-training dynamic INT8 for CPU inference: torchao, or fbgemm through ``torch.ao.quantization``.
 
 Two engines. ``torchao`` is PyTorch's maintained quantization library (``Int8DynamicActivationInt8WeightConfig``).
-``fbgemm`` is ``torch.ao.quantization.quantize_dynamic`` with per-channel weights: deprecated in torch 2.14, but
-its kernels run this project's layers about twice as fast on the CPUs we measured (README, "Compression"). With
-either, every ``nn.Linear`` gets int8 weights with one scale per output row, and its input is quantized per token
-when it runs, except two that stay float: the LM
-head, whose weight is the token embedding, and MLA's up-projection ``kv_b_proj``, whose weight the absorbed decode
-folds into the queries and outputs. Embedding tables (the token embedding, which is also the LM head) and
-convolution kernels (the patch embedding) are stored as int8 with one scale per row / output channel and run in
-float: quantizing rounds them to those values, so the file is small and the model in memory is the one it holds.
+``fbgemm`` is ``torch.ao.quantization.quantize_dynamic`` with per-channel weights: deprecated in torch 2.14, but its
+kernels run this project's layers about twice as fast on the CPUs we measured (README, "Compression"). With either,
+every ``nn.Linear`` gets int8 weights with one scale per output row, and its input is quantized per token when it runs,
+except two that stay float: the LM head, whose weight is the token embedding, and MLA's up-projection ``kv_b_proj``,
+whose weight the absorbed decode folds into the queries and outputs. Embedding tables (the token embedding, which is
+also the LM head) and convolution kernels (the patch embedding) are stored as int8 with one scale per row / output
+channel and run in float: quantizing rounds them to those values, so the file is small and the model in memory is the
+one it holds.
 
-A compressed model is the normal folder plus ``quantization_config.json``; its model.safetensors holds each
-quantized weight as ``<layer>.weight.int8`` (int8) and ``<layer>.weight.scale`` (fp32; fbgemm also
-``<layer>.weight.zero_point``). Loading builds the float
-model, quantizes the listed layers the same way and copies the stored codes and scales in, so a load gives exactly
-the model that was saved; nothing is unpickled.
+A compressed model is the normal folder plus ``quantization_config.json``; its model.safetensors holds each quantized
+weight as ``<layer>.weight.int8`` (int8) and ``<layer>.weight.scale`` (fp32; fbgemm also ``<layer>.weight.zero_point``).
+Loading builds the float model, quantizes the listed layers the same way and copies the stored codes and scales in, so a
+load gives exactly the model that was saved; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from mlm.compress import ENGINES
 
 QUANT_FILE = "quantization_config.json"
 METHOD = "int8_dynamic"
@@ -66,9 +67,6 @@ def _check_cpu(model: nn.Module) -> None:
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"INT8 is for CPU inference; the model is on {device} (load it on the CPU)")
-
-
-ENGINES = ("torchao", "fbgemm")
 
 
 def _quantize_layers(model: nn.Module, names: list[str], engine: str) -> None:
@@ -127,7 +125,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def _layer_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """A quantized layer's weight as int8 codes and per-row scales (fbgemm: float64 scales and zero points)."""
+    """A quantized layer's weight as int8 codes and fp32 per-row scales (fbgemm: also zero points and the bias)."""
     module = model.get_submodule(name)
     if model.quantization["library"] == "fbgemm":
         weight = module.weight()
