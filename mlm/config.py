@@ -59,6 +59,7 @@ class ModelConfig:
     image_size: int = 64
     patch_size: int = 8
     conv_stem: int = 0  # stride-2 3x3 convolutions before the patch projection (early convolutions); 0 = linear
+    patch_overlap: int = 0  # pixels of the neighbouring patches each patch projection also sees (each side)
     image_pos_embed: str = "sincos"  # absolute patch positions added to the embeddings: sincos | learned | none
     in_chans: int = 3
     vocab_size: int = 1000  # replaced by the tokenizer's size when a run starts

@@ -5,6 +5,9 @@ A stem of stride-2 3x3 convolutions before the patch projection ("early convolut
 each patch token local, non-linear features such as edges and corners: a linear projection of raw pixels mixes an
 object's colour and outline multiplicatively, which the shared blocks then have to untangle. The norm is LayerNorm
 over channels, so a sample's tokens never depend on the rest of its batch (unlike BatchNorm).
+
+Overlapping patches (``model.patch_overlap``) are the cheaper form of the same idea: the projection's kernel reaches
+past the patch borders, as in PVTv2's and CvT's overlapping patch embeddings.
 """
 
 from __future__ import annotations
@@ -43,11 +46,28 @@ class ConvStemPatchEmbed(nn.Module):
         return self.proj(self.stem(images))
 
 
-def build_patch_embed(image_size: int, patch_size: int, in_chans: int, dim: int, conv_stem: int = 0) -> nn.Module:
-    """timm's ``PatchEmbed`` when conv_stem is 0, else a :class:`ConvStemPatchEmbed` with that many convolutions."""
+def overlap_patches(embed: PatchEmbed, overlap: int) -> PatchEmbed:
+    """Widen a timm ``PatchEmbed``'s projection to see ``overlap`` pixels of its neighbours on each side (kernel
+    patch + 2 * overlap, same stride, zero padding), so the grid is unchanged and an object cut by a patch border
+    is seen whole by the patches it touches."""
+    if overlap:
+        old = embed.proj
+        embed.proj = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size[0] + 2 * overlap,
+                               stride=old.stride, padding=overlap)  # fmt: skip
+    return embed
+
+
+def build_patch_embed(
+    image_size: int, patch_size: int, in_chans: int, dim: int, conv_stem: int = 0, overlap: int = 0
+) -> nn.Module:
+    """timm's ``PatchEmbed`` when conv_stem is 0, else a :class:`ConvStemPatchEmbed` with that many convolutions;
+    ``overlap`` > 0 widens the patch projection (:func:`overlap_patches`)."""
     if conv_stem == 0:
-        return PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim)
-    return ConvStemPatchEmbed(image_size, patch_size, in_chans, dim, conv_stem)
+        embed = PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim)
+        return overlap_patches(embed, overlap)
+    stem = ConvStemPatchEmbed(image_size, patch_size, in_chans, dim, conv_stem)
+    overlap_patches(stem.proj, overlap)
+    return stem
 
 
 IMAGE_POS_EMBED = {  # model.image_pos_embed -> the initial table (1, N, C) of a grid, or None

@@ -41,7 +41,9 @@ class SharedEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = build_patch_embed(cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.conv_stem)
+        self.patch_embed = build_patch_embed(
+            cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.conv_stem, cfg.patch_overlap
+        )
         table = image_pos_table(cfg.image_pos_embed, tuple(self.patch_embed.grid_size), cfg.dim)
         if cfg.image_pos_embed == "learned":
             self.pos_embed = nn.Parameter(table)

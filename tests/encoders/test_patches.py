@@ -1,4 +1,4 @@
-"""Patch embeddings: the optional convolutional stem and the absolute image position table."""
+"""Patch embeddings: the optional convolutional stem, overlapping patches and the absolute image position table."""
 
 import pytest
 import torch
@@ -30,6 +30,30 @@ def test_conv_stem_that_does_not_divide_the_patch_is_refused():
         build_patch_embed(60, 10, 3, 32, conv_stem=2)
     with pytest.raises(ConfigError, match="model.conv_stem=3"):
         load_config(None, ["model.conv_stem=3", "model.patch_size=4", "model.image_size=16"])
+
+
+def test_overlapping_patches_keep_the_grid_and_equal_plain_patches_when_the_border_weights_are_zero():
+    plain = build_patch_embed(60, 10, 3, 16)
+    wide = build_patch_embed(60, 10, 3, 16, overlap=5)
+    assert wide.proj.kernel_size == (20, 20) and tuple(wide.grid_size) == (6, 6)
+    with torch.no_grad():
+        wide.proj.weight.zero_()
+        wide.proj.weight[:, :, 5:15, 5:15] = plain.proj.weight
+        wide.proj.bias.copy_(plain.proj.bias)
+    images = torch.randn(2, 3, 60, 60)
+    torch.testing.assert_close(wide(images), plain(images), rtol=1e-5, atol=1e-5)
+
+
+def test_an_overlapping_patch_sees_its_neighbours_pixels_and_no_further():
+    embed = build_patch_embed(40, 10, 3, 8, overlap=3)
+    images = torch.zeros(1, 3, 40, 40)
+    base = embed(images)[0, 0]  # the top-left patch covers pixels 0..9, and with overlap up to 12
+    images[0, :, 12, 12] = 1.0
+    assert not torch.allclose(embed(images)[0, 0], base)
+    images[0, :, 12, 12], images[0, :, 13, 0] = 0.0, 1.0
+    torch.testing.assert_close(embed(images)[0, 0], base)
+    conv = build_patch_embed(40, 10, 3, 8, conv_stem=1, overlap=2)
+    assert conv.proj.proj.kernel_size == (9, 9) and conv(images).shape == (1, 16, 8)
 
 
 def test_sincos_positions_are_timm_table_rebuilt_not_stored():
