@@ -311,11 +311,13 @@ def generate_from_prompts(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     min_new_tokens: int = 0,
+    session_factory=None,
 ) -> list[list[int]]:
     """Continue each prompt (token ids, BOS first) for its image tokens (B, N, C); return the new ids, EOS dropped.
 
     Prompts of equal length decode together, so no sequence ever holds padding. EOS cannot end a sequence before
-    ``min_new_tokens`` new tokens.
+    ``min_new_tokens`` new tokens. ``session_factory(rows, total_len)``, when given, makes the session of a group of
+    rows (another runtime, e.g. ONNX) instead of the model's cached or recomputing one.
     """
     groups: dict[int, list[int]] = defaultdict(list)
     for row, ids in enumerate(prompts):
@@ -324,7 +326,10 @@ def generate_from_prompts(
     results: list[list[int]] = [[] for _ in prompts]
     for length, rows in groups.items():
         index = torch.tensor(rows, device=image_tokens.device)
-        session = session_type(model, image_tokens.index_select(0, index), length + max_new_tokens)
+        if session_factory is not None:
+            session = session_factory(index, length + max_new_tokens)
+        else:
+            session = session_type(model, image_tokens.index_select(0, index), length + max_new_tokens)
         if min_new_tokens > 0:
             session = MinLengthSession(session, eos_id, min_new_tokens)
         logits = session.step(torch.tensor([prompts[r] for r in rows], device=image_tokens.device))  # (b, V)

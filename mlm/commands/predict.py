@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(caption)
     _add_decoding(caption)
     caption.add_argument("--batch-size", type=int, default=16, help=f"images per batch, 1-{MAX_BATCH} (default: 16)")
+    caption.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                         help="onnx: run a folder written by `mlm export onnx` with ONNX Runtime (CPU)")  # fmt: skip
     caption.set_defaults(func=run_caption)
 
     ask = sub.add_parser("ask", help="answer a question about an image")
@@ -119,7 +121,14 @@ def run_caption(args: argparse.Namespace) -> int:
     kwargs = _decoding(args)
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size {args.batch_size}: must be between 1 and {MAX_BATCH}")
-    model = load_model(args.checkpoint, args.device)
+    if args.runtime == "onnx":
+        from mlm.runtime.onnx_model import load_onnx_model
+
+        if args.device not in (None, "cpu"):
+            raise ValueError(f"--device {args.device}: --runtime onnx runs on the CPU")
+        model = load_onnx_model(args.checkpoint)
+    else:
+        model = load_model(args.checkpoint, args.device)
     kwargs = _generator_on(model, kwargs)
     errors: dict[int, str] = {}
     captions: dict[int, str] = {}

@@ -93,7 +93,9 @@ def level_mask(
             raise ValueError(f"grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} patches but n_tokens={n_tokens}")
     # Only the sizes the level uses enter the cache key, so unrelated settings share one entry.
     size, size_2d = {"local": (window, window_2d), "regional": (region, region_2d)}.get(level, (0, 0))
-    return _cached_mask(level, n_tokens, bool(causal), grid, size, size_2d, str(torch.device(device)))
+    key = (level, n_tokens, bool(causal), grid, size, size_2d, str(torch.device(device)))
+    # while torch.export / torch.compile trace, tensors are fake: caching one would hand it to later eager calls
+    return _cached_mask.__wrapped__(*key) if torch.compiler.is_compiling() else _cached_mask(*key)
 
 
 def top_k_mask(scores: Tensor, mask: Tensor | None, k: int) -> Tensor:

@@ -1,0 +1,152 @@
+"""``mlm export onnx``: a float model as three ONNX graphs (torch.onnx's dynamo exporter), checked with ONNX Runtime.
+
+The folder holds ``image.onnx``, ``text.onnx`` and ``decoder_step.onnx`` (see :mod:`mlm.runtime.graphs`), the
+model's ``config.json``, ``generation_config.json`` and ``tokenizer.json``, and ``onnx_config.json``: the graphs'
+input and output names, the step's cache length and the fingerprint of the weights, which every graph also carries in
+its metadata, so a graph from another model is refused by name. Before anything is kept, every graph is run by ONNX
+Runtime on the example inputs and at a second batch size, and must match PyTorch within ``tolerance``; the folder is
+written to a temporary sibling and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mlm.runtime.graphs import ImageGraph, StepGraph, TextGraph, exportable
+
+FORMAT = "mlm-onnx"
+MANIFEST = "onnx_config.json"
+GRAPHS = {
+    "image": (["images"], ["image_embeds", "context_0", "context_1"]),
+    "text": (["text_ids", "text_mask"], ["text_embeds"]),
+    "decoder_step": (
+        ["ids", "position", "encoder_0", "encoder_1", "decoder_0", "decoder_1", "context_0", "context_1"],
+        ["logits", "new_encoder_0", "new_encoder_1", "new_decoder_0", "new_decoder_1"],
+    ),
+}
+CACHE_INPUTS = ("encoder_0", "encoder_1", "decoder_0", "decoder_1")
+
+
+def check_exportable(model) -> None:
+    """Raise ValueError naming why a model cannot be exported (INT8, LoRA adapters, not on the CPU)."""
+    from mlm.compress.int8 import is_quantized
+    from mlm.lora import has_lora
+
+    if is_quantized(model):
+        raise ValueError("this is an INT8 model (mlm compress); export the float checkpoint it was made from")
+    if has_lora(model):
+        raise ValueError("this model has LoRA adapters; merge them first (mlm export CKPT --out DIR --merge-lora)")
+    if model.device.type != "cpu":
+        raise ValueError(f"export runs on the CPU; the model is on {model.device}")
+
+
+def _examples(model, graphs: dict, batch: int, total_len: int, seed: int = 0) -> dict[str, tuple]:
+    """Example inputs of each graph for a batch (random pixels and ids; the step at a middle position)."""
+    generator = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    images = torch.randn(batch, cfg.in_chans, cfg.image_size, cfg.image_size, generator=generator)
+    length = min(5, cfg.max_text_len)
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, length // 2 + 1 :] = False  # one padded row
+    _, context_0, context_1 = graphs["image"](images)
+    caches = graphs["decoder_step"].empty_caches(batch)
+    for name in CACHE_INPUTS:
+        caches[name].normal_(generator=generator)
+    position = torch.tensor(min(3, total_len - 1))
+    step = (ids[:, :1], position, *(caches[n] for n in CACHE_INPUTS), context_0, context_1)
+    return {"image": (images,), "text": (ids, mask), "decoder_step": step}
+
+
+def _dynamic_shapes(model) -> dict[str, list]:
+    """The batch axis of every input is dynamic, and the text graph's length (up to model.max_text_len)."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=4096)
+    length = Dim("length", min=1, max=model.config.max_text_len)
+    return {
+        "image": [{0: batch}],
+        "text": [{0: batch, 1: length}, {0: batch, 1: length}],
+        "decoder_step": [{0: batch}, {}] + [{1: batch}] * 6,
+    }
+
+
+def _stamp(path: Path, fingerprint: str) -> None:
+    """Write the weights' fingerprint into an ONNX file's metadata."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "mlm_fingerprint", fingerprint
+    onnx.save(graph, str(path))
+
+
+def _largest_difference(path: Path, names: list[str], inputs: tuple, expected) -> float:
+    """Run one graph with ONNX Runtime and return its largest absolute difference to PyTorch's outputs."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {name: x.numpy() for name, x in zip(names, inputs, strict=True)})
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    return max(float((torch.from_numpy(g) - e.float()).abs().max()) for g, e in zip(got, expected, strict=True))
+
+
+@torch.no_grad()
+def export_onnx(model, out: str | Path, *, total_len: int | None = None, tolerance: float = 1e-4) -> dict:
+    """Write the three graphs and their manifest into ``out`` (new or empty); return the manifest."""
+    from mlm.inference import model_fingerprint
+    from mlm.model_files import config_json
+
+    check_exportable(model)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: already exists and is not an empty folder; choose a new one")
+    total_len = total_len or model.config.max_text_len + model.generation_config.max_new_tokens
+    if total_len < 2:
+        raise ValueError(f"--max-len {total_len}: the decoder step needs room for at least 2 tokens")
+    fingerprint = model_fingerprint(model)  # of the model as loaded (the copy below renames some keys)
+    model = exportable(model.eval())
+    graphs = {"image": ImageGraph(model), "text": TextGraph(model), "decoder_step": StepGraph(model, total_len)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        examples, shapes, checks = _examples(model, graphs, 2, total_len), _dynamic_shapes(model), {}
+        others = _examples(model, graphs, 3, total_len, seed=1)
+        for name, graph in graphs.items():
+            inputs, outputs = GRAPHS[name]
+            path = tmp / f"{name}.onnx"
+            torch.onnx.export(graph, examples[name], str(path), dynamo=True, input_names=inputs, output_names=outputs,
+                              dynamic_shapes=shapes[name], external_data=False, verbose=False)  # fmt: skip
+            _stamp(path, fingerprint)
+            checks[name] = max(
+                _largest_difference(path, inputs, sample[name], graph(*sample[name])) for sample in (examples, others)
+            )
+            if not checks[name] <= tolerance:
+                raise ValueError(f"{name}.onnx differs from PyTorch by {checks[name]:.2e} (> {tolerance:g})")
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "fingerprint": fingerprint,
+            "total_len": total_len,
+            "attention": model.config.attention,
+            "graphs": {name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in GRAPHS.items()},
+            "max_abs_difference": checks,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_json(model.config), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(model.generation_config.to_dict(), indent=2))
+        if model.tokenizer is not None:
+            model.tokenizer.save(tmp / "tokenizer.json")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

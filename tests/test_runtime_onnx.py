@@ -1,0 +1,123 @@
+"""ONNX export: the graphs equal the model (PyTorch and ONNX Runtime), captions match, bad input is one line."""
+
+import json
+
+import pytest
+import torch
+
+from mlm import inference
+from mlm.cli import main
+from mlm.runtime.graphs import ImageGraph, StepGraph, TextGraph, exportable
+from tests.test_model import tiny_model
+
+VARIANTS = [
+    [],
+    ["model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true"],
+    ["model.levels=[local,regional,global]", "model.top_k=3"],
+    ["model.attention=mha"],
+    ["model.attention=gqa", "model.mla.n_kv_heads=1"],
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(o) or "mla")
+@torch.no_grad()
+def test_fixed_length_step_equals_cached_decoding_step_by_step(overrides):
+    torch.manual_seed(0)
+    model = exportable(tiny_model(*overrides))
+    images, length = torch.randn(2, 3, 16, 16), 10
+    cache = model.start_decoding(model.encoder.encode_image(images).tokens, length)
+    step = StepGraph(model, length)
+    _, context_0, context_1 = ImageGraph(model)(images)
+    caches = list(step.empty_caches(2).values())
+    ids = torch.randint(4, 48, (2, length))
+    previous = None
+    for position in range(length):
+        expected = model.decode_step(ids[:, position : position + 1], cache)[:, -1]
+        logits, *caches = step(ids[:, position : position + 1], torch.tensor(position), *caches, context_0, context_1)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert previous is None or not torch.allclose(logits, previous)  # each step sees its own position
+        previous = logits
+
+
+@torch.no_grad()
+def test_image_and_text_graphs_equal_the_model_with_padding():
+    torch.manual_seed(0)
+    model = tiny_model("model.cross_null=true", "model.cross_pos_keys=true")
+    copy = exportable(model)
+    assert "pooler.scorers.global_.0.weight" in copy.state_dict()  # re-keyed: "global" breaks torch.export's code
+    images, ids = torch.randn(3, 3, 16, 16), torch.randint(4, 48, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    embeds, context_0, context_1 = ImageGraph(copy)(images)
+    torch.testing.assert_close(embeds, model.image_features(images).embeds)
+    contexts = model.decoder.encode_contexts(model.encoder.encode_image(images).tokens)
+    torch.testing.assert_close(context_0, torch.stack([c.c_kv for c in contexts]))
+    torch.testing.assert_close(context_1, torch.stack([c.k_rope for c in contexts]))
+    torch.testing.assert_close(TextGraph(copy)(ids, mask), model.text_features(ids, mask).embeds)
+
+
+def test_models_that_cannot_be_exported_are_named(tiny_run, tmp_path, capsys):
+    from mlm.compress import int8
+
+    model = inference.load_model(tiny_run[0], "cpu")
+    int8.quantize_int8(model, engine="fbgemm")
+    model.save_pretrained(tmp_path / "int8")
+    assert main(["export", "onnx", str(tmp_path / "int8"), str(tmp_path / "out")]) == 2
+    assert "INT8 model" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["export", "onnx", str(tiny_run[0])]) == 2
+    assert "usage: mlm export" in capsys.readouterr().err
+    assert main(["caption", "x.png", "--runtime", "onnx", "--checkpoint", str(tiny_run[0])]) == 2
+    assert "not an ONNX export" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "graphs"
+    assert main(["export", "onnx", str(tiny_run[0]), str(out), "--max-len", "24"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_onnx_runtime_matches_pytorch_and_captions_the_same(tiny_run, exported, capsys):
+    from mlm.runtime.onnx_model import load_onnx_model
+
+    manifest = json.loads((exported / "onnx_config.json").read_text())
+    assert manifest["total_len"] == 24 and max(manifest["max_abs_difference"].values()) <= 1e-4
+    model, graphs = inference.load_model(tiny_run[0], "cpu"), load_onnx_model(exported)
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, model.config.image_size, model.config.image_size)
+    ids = torch.randint(4, model.config.vocab_size, (3, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(graphs.encode_image(images), model.encode_image(images, normalize=True), atol=1e-4,
+                                   rtol=0)  # fmt: skip
+        torch.testing.assert_close(graphs.encode_text(ids), model.encode_text(ids, normalize=True), atol=1e-4, rtol=0)
+        for kwargs in ({}, {"num_beams": 3}, {"max_new_tokens": 5, "min_new_tokens": 5}):
+            assert graphs.generate(images, **kwargs) == model.generate(images, **kwargs)
+        prompt = {"prompt": "question: what color? answer:", "max_new_tokens": 8}
+        assert graphs.generate(images, **prompt) == model.generate(images, **prompt)
+    pictures = sorted((tiny_run[1] / "images").glob("*.png"))[:3]
+    args = ["caption", *map(str, pictures), "--json", "--checkpoint"]
+    assert main([*args, str(tiny_run[0])]) == 0
+    torch_rows = json.loads(capsys.readouterr().out)
+    assert main([*args, str(exported), "--runtime", "onnx"]) == 0
+    assert json.loads(capsys.readouterr().out) == torch_rows
+
+
+@pytest.mark.slow
+def test_a_graph_from_another_model_or_too_long_a_decoding_is_refused(exported, tmp_path, capsys):
+    import shutil
+
+    from mlm.runtime.onnx_model import load_onnx_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    manifest = json.loads((copy / "onnx_config.json").read_text())
+    manifest["fingerprint"] = "0" * 16
+    (copy / "onnx_config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="image.onnx: made from another model"):
+        load_onnx_model(copy)
+    graphs = load_onnx_model(exported)
+    with pytest.raises(ValueError, match="exported for 24"):
+        graphs.generate(torch.zeros(1, 3, graphs.config.image_size, graphs.config.image_size), max_new_tokens=30)
+    assert main(["export", "onnx", str(exported), str(tmp_path / "again")]) == 2  # an export is not a checkpoint
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "again").exists()
