@@ -81,6 +81,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(tiny_run, compressed, tmp_
 def test_bench_compress_measures_float_and_int8(tiny_run, tmp_path):
     out = tmp_path / "compress.json"
     argv = ["bench", "compress", "--checkpoint", str(tiny_run[0]), "--data", str(tiny_run[1]), "--threads", "1"]
+    argv += ["--variants", "int8-torchao,int8-fbgemm"]  # onnx: the slow test in test_runtime_onnx.py
     assert main([*argv, "--repeats", "1", "--batch-size", "4", "--max-samples", "8", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["rows"]] == ["float", "int8-torchao", "int8-fbgemm"]

@@ -121,3 +121,15 @@ def test_a_graph_from_another_model_or_too_long_a_decoding_is_refused(exported, 
         graphs.generate(torch.zeros(1, 3, graphs.config.image_size, graphs.config.image_size), max_new_tokens=30)
     assert main(["export", "onnx", str(exported), str(tmp_path / "again")]) == 2  # an export is not a checkpoint
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "again").exists()
+
+
+@pytest.mark.slow
+def test_bench_compress_has_an_onnx_row_with_the_float_quality(tiny_run, tmp_path):
+    out = tmp_path / "compress.json"
+    argv = ["bench", "compress", "--checkpoint", str(tiny_run[0]), "--data", str(tiny_run[1]), "--threads", "1"]
+    argv += ["--variants", "onnx", "--repeats", "1", "--batch-size", "4", "--max-samples", "8", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["float", "onnx"]
+    assert rows[1]["caption_s_1t"] > 0 and abs(rows[1]["t2i_R@1_delta"]) < 1e-6 and rows[1]["vqa_delta"] == 0
+    assert main([*argv[:-2], "--variants", "fp8"]) == 2

@@ -3,7 +3,8 @@
 Per variant: size of model.safetensors, parameters, CPU latency (caption a batch greedily, and embed a batch of
 images and texts) at each ``--threads`` count, and text→image R@1, VQA accuracy and CIDEr from our evaluation code.
 Ratios are to the float model measured in the same run. Variants so far: ``float``, ``int8-torchao`` and
-``int8-fbgemm`` (:mod:`mlm.compress.int8`).
+``int8-fbgemm`` (:mod:`mlm.compress.int8`), and ``onnx`` (the float model's graphs run by ONNX Runtime,
+:mod:`mlm.runtime`; its size is that of the three graphs, its thread count ONNX Runtime's intra-op threads).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+VARIANTS = ("float", "int8-torchao", "int8-fbgemm", "onnx")  # float always runs: the ratios' baseline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="caption length of the timed captioning")
     parser.add_argument("--max-samples", type=int, default=0, help="records scored per task (0: all)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
+    )
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -37,8 +43,9 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _latency(model, pixels, texts, threads: list[int], repeats: int, max_new_tokens: int) -> dict:
-    """Median seconds to caption and to embed the batch, per thread count."""
+def _latency(model_at, pixels, texts, threads: list[int], repeats: int, max_new_tokens: int) -> dict:
+    """Median seconds to caption and to embed the batch, per thread count; ``model_at(n)`` is the model to time at n
+    threads (runtimes such as ONNX Runtime fix their threads when loaded)."""
     import torch
 
     from mlm.inference import embed_texts
@@ -48,12 +55,13 @@ def _latency(model, pixels, texts, threads: list[int], repeats: int, max_new_tok
     try:
         for n in threads:
             torch.set_num_threads(n)
+            model = model_at(n)
             with torch.no_grad():
                 out[f"caption_s_{n}t"] = _median_s(
-                    lambda: model.generate(pixels, max_new_tokens=max_new_tokens, num_beams=1), repeats
+                    lambda model=model: model.generate(pixels, max_new_tokens=max_new_tokens, num_beams=1), repeats
                 )
                 out[f"embed_s_{n}t"] = _median_s(
-                    lambda: (model.encode_image(pixels, normalize=True), embed_texts(model, texts)), repeats
+                    lambda model=model: (model.encode_image(pixels, normalize=True), embed_texts(model, texts)), repeats
                 )
     finally:
         torch.set_num_threads(before)
@@ -79,10 +87,16 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from mlm.eval.runner import open_eval_source
     from mlm.inference import image_batches, image_transform, load_model
     from mlm.run_folder import resolve_checkpoint
+    from mlm.runtime.onnx_export import export_onnx
+    from mlm.runtime.onnx_model import load_onnx_model
 
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     if not threads or min(threads) < 1 or args.repeats < 1 or args.batch_size < 1:
         raise ValueError("--threads, --repeats and --batch-size must be positive")
+    chosen = {v.strip() for v in str(args.variants).split(",") if v.strip()} | {"float"}
+    if chosen - set(VARIANTS):
+        raise ValueError(f"--variants: unknown {', '.join(sorted(chosen - set(VARIANTS)))}; choose from "
+                         f"{', '.join(VARIANTS)}")  # fmt: skip
     folder = resolve_checkpoint(args.checkpoint)
     data = args.data or _run_test_data(args.checkpoint)
     if not data:
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlm-bench-compress-") as tmp:
         variants = [("float", folder, float_model)]
-        for engine in int8.ENGINES:
+        for engine in (e for e in int8.ENGINES if f"int8-{e}" in chosen):
             quantized = load_model(folder, "cpu")
             int8.quantize_int8(quantized, engine=engine)
             quantized.save_pretrained(Path(tmp) / engine)
@@ -106,8 +120,17 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                 "size_bytes": (path / "model.safetensors").stat().st_size,
                 "params": int8.parameter_count(model),
             }
-            row.update(_latency(model, pixels, texts, threads, args.repeats, args.max_new_tokens))
+            row.update(_latency(lambda n, m=model: m, pixels, texts, threads, args.repeats, args.max_new_tokens))
             row.update(_quality(model, records, args.max_samples))
+            rows.append(row)
+        onnx = Path(tmp) / "onnx"
+        if "onnx" in chosen:
+            export_onnx(float_model, onnx)
+            row = {"variant": "onnx", "size_bytes": sum(p.stat().st_size for p in onnx.glob("*.onnx")),
+                   "params": rows[0]["params"]}  # fmt: skip
+            row.update(_latency(lambda n: load_onnx_model(onnx, n), pixels, texts, threads, args.repeats,
+                                args.max_new_tokens))  # fmt: skip
+            row.update(_quality(load_onnx_model(onnx), records, args.max_samples))
             rows.append(row)
     base = rows[0]
     timed = [f"{what}_s_{n}t" for n in threads for what in ("caption", "embed")]

@@ -65,6 +65,17 @@ class OnnxModel:
     """The three graphs of an exported folder with the model's config, decoding defaults and tokenizer."""
 
     device = torch.device("cpu")
+    training = False  # evaluation code switches models to eval mode and back
+
+    def eval(self) -> OnnxModel:
+        """No-op (graphs have no training mode); returns self."""
+        return self
+
+    def train(self, mode: bool = True) -> OnnxModel:
+        """Graphs only run inference: refuses ``mode=True``; returns self."""
+        if mode:
+            raise ValueError("an ONNX export runs inference only")
+        return self
 
     def __init__(self, folder: str | Path, threads: int = 0):
         import onnxruntime
@@ -110,10 +121,14 @@ class OnnxModel:
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """L2-normalised image embeddings (B, E) (the graph holds the normalised ones only)."""
+        if not normalize:
+            raise ValueError("the ONNX image graph returns L2-normalised embeddings only (normalize=True)")
         return torch.from_numpy(self._image(images)[0])
 
-    def encode_text(self, text_ids: Tensor, text_mask: Tensor | None = None) -> Tensor:
+    def encode_text(self, text_ids: Tensor, normalize: bool = True, text_mask: Tensor | None = None) -> Tensor:
         """L2-normalised text embeddings (B, E) of right-padded ids (B, T <= model.max_text_len)."""
+        if not normalize:
+            raise ValueError("the ONNX text graph returns L2-normalised embeddings only (normalize=True)")
         if text_ids.shape[1] > self.config.max_text_len:
             raise ValueError(f"texts of {text_ids.shape[1]} tokens; the graph takes at most {self.config.max_text_len}")
         if text_mask is None:
@@ -155,6 +170,14 @@ class OnnxModel:
             min_new_tokens=settings.min_new_tokens, session_factory=session,
         )  # fmt: skip
         return [self.tokenizer.decode(seq).strip() for seq in out]
+
+    def answer(self, images: Tensor, questions: list[str], **generate_kwargs) -> list[str]:
+        """Answer one question per image by continuing ``question: <q> answer:``, as :meth:`MLMModel.answer`."""
+        from mlm.data.tokenizer import vqa_prompt
+
+        if len(questions) != images.shape[0]:
+            raise ValueError(f"got {len(questions)} questions for {images.shape[0]} images")
+        return self.generate(images, [vqa_prompt(q.strip()) for q in questions], **generate_kwargs)
 
 
 def load_onnx_model(folder: str | Path, threads: int = 0) -> OnnxModel:
