@@ -46,6 +46,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
     ),
     "no-null": (["model.cross_null=false"], "no null token in the decoder's cross-attention"),
     "no-pos-values": (["model.cross_pos_values=false"], "image tokens the decoder reads without their positions"),
+    "no-overlap": (["model.patch_overlap=0"], "patches see only their own pixels (no overlapping patch projection)"),
     "match": (
         ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
         "the decoder tells matching from hard-negative image-text pairs (ITM)",

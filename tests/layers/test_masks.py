@@ -94,3 +94,14 @@ def test_top_k_without_mask_and_bad_k():
     assert top_k_mask(scores, None, 2).tolist() == [[False, True, True, False]]
     with pytest.raises(ValueError, match="k=0"):
         top_k_mask(scores, None, 0)
+
+
+def test_masks_built_while_exporting_are_not_cached_for_later_eager_calls():
+    class Masked(torch.nn.Module):
+        def forward(self, x):
+            mask = level_mask("local", 7, causal=True, grid=None, window=2, window_2d=3, region=2, region_2d=2)
+            return x.masked_fill(~mask, 0.0)
+
+    torch.export.export(Masked(), (torch.ones(7, 7),))  # traced with fake tensors
+    mask = level_mask("local", 7, causal=True, grid=None, window=2, window_2d=3, region=2, region_2d=2)
+    assert type(mask) is torch.Tensor and int(mask.sum()) == 7 + 6 + 5
