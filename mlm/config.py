@@ -133,6 +133,7 @@ class TrainConfig:
     grad_compression_start: int = 0  # steps sent in full precision before compression starts (powersgd: >= 2)
     grad_compression_error_feedback: bool = True  # int8/int4: send later what rounding dropped (off: for ablation)
     compile: bool = False
+    qat: bool = False  # fake INT8 in the layers mlm compress --int8 quantizes (mlm/compress/qat.py)
     deterministic: bool = False
     contrastive_loss: str = "infonce"  # infonce | siglip
     contrastive_weight: float = 1.0

@@ -138,3 +138,7 @@ def check_run(cfg) -> None:
         raise ConfigError(f"train.match_weight={t.match_weight} needs model.match_head: true (the head it trains)")
     if t.lora.rank and not t.lora.target_modules:
         raise ConfigError(f"train.lora.rank={t.lora.rank} needs train.lora.target_modules (names of Linear layers)")
+    if t.qat and t.lora.rank:
+        raise ConfigError(
+            "train.qat with train.lora.rank > 0: INT8 quantizes merged weights; merge, then train with QAT"
+        )

@@ -38,8 +38,9 @@ def _size(folder: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     """Load on the CPU, compress, write to a temporary folder, rename; print what was written."""
     from mlm.compress import int8
+    from mlm.compress.qat import ACTIVATIONS
     from mlm.model import MLMModel
-    from mlm.run_folder import resolve_checkpoint
+    from mlm.run_folder import resolve_checkpoint, run_config
 
     if not args.int8:
         raise ValueError("choose a compression: --int8")
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if (folder / int8.QUANT_FILE).is_file():
         raise ValueError(f"{folder}: already compressed ({int8.QUANT_FILE}); compress the float model")
     model = MLMModel.from_pretrained(str(folder)).eval()
-    names = int8.quantize_int8(model, engine=args.engine)
+    qat = bool((run_config(folder) or {}).get("train", {}).get("qat"))  # trained for the QAT input scheme
+    names = int8.quantize_int8(model, engine=args.engine, activations=ACTIVATIONS if qat else "symmetric")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         model.save_pretrained(tmp)
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     before, after = _size(folder), _size(out)
-    print(f"wrote {out}: {len(names)} Linear layers in dynamic INT8 ({args.engine}), model.safetensors "
+    scheme = f"{args.engine}, {ACTIVATIONS} inputs as trained with train.qat" if qat else args.engine
+    print(f"wrote {out}: {len(names)} Linear layers in dynamic INT8 ({scheme}), model.safetensors "
           f"{before:,} -> {after:,} bytes ({after / before:.3f}x)")  # fmt: skip
     return 0

@@ -69,7 +69,10 @@ def _check_cpu(model: nn.Module) -> None:
         raise ValueError(f"INT8 is for CPU inference; the model is on {device} (load it on the CPU)")
 
 
-def _quantize_layers(model: nn.Module, names: list[str], engine: str) -> None:
+ACTIVATIONS = ("symmetric", "asymmetric")  # how torchao quantizes each token's input (asymmetric: after train.qat)
+
+
+def _quantize_layers(model: nn.Module, names: list[str], engine: str, activations: str = "symmetric") -> None:
     """Swap in the engine's dynamic INT8 for the named Linear layers."""
     wanted = set(names)
     if engine == "fbgemm":
@@ -88,17 +91,28 @@ def _quantize_layers(model: nn.Module, names: list[str], engine: str) -> None:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
         raise ValueError("INT8 with torchao needs it installed: pip install -e '.[compress]'") from None
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda _m, fqn: fqn in wanted)
+    from torchao.quantization.quant_primitives import MappingType
+
+    mapping = MappingType.ASYMMETRIC if activations == "asymmetric" else MappingType.SYMMETRIC
+    config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping)
+    quantize_(model, config, filter_fn=lambda _m, fqn: fqn in wanted)
 
 
-def quantize_int8(model: nn.Module, names: list[str] | None = None, engine: str = "torchao") -> list[str]:
+def quantize_int8(
+    model: nn.Module, names: list[str] | None = None, engine: str = "torchao", activations: str = "symmetric"
+) -> list[str]:
     """Quantize ``names`` (default: :func:`quantizable`) in place with ``engine`` (torchao, or fbgemm through
-    ``torch.ao.quantization``); round the embedding tables to their int8 values; mark the model; return the names."""
+    ``torch.ao.quantization``); round the embedding tables to their int8 values; mark the model; return the names.
+    ``activations``: torchao's per-token input scheme (``asymmetric`` matches :mod:`mlm.compress.qat`'s training)."""
     if engine not in ENGINES:
         raise ValueError(f"INT8 engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"INT8 activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
+    if engine == "fbgemm" and activations != "symmetric":
+        raise ValueError("--engine fbgemm quantizes inputs its own way; a QAT model converts with --engine torchao")
     _check_cpu(model)
     names = quantizable(model) if names is None else list(names)
-    _quantize_layers(model, names, engine)
+    _quantize_layers(model, names, engine, activations)
     tables = embeddings(model)
     with torch.no_grad():
         for name in tables:
@@ -106,6 +120,8 @@ def quantize_int8(model: nn.Module, names: list[str] | None = None, engine: str 
             codes, scale = int8_rows(weight)
             weight.copy_((codes.float() * scale).to(weight.dtype))
     model.quantization = {"method": METHOD, "library": engine, "modules": names, "embeddings": tables}
+    if activations != "symmetric":
+        model.quantization["activations"] = activations
     return names
 
 
@@ -186,6 +202,8 @@ def read_quantization(path: str | Path) -> dict:
         value = data.get(field)
         if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
             raise ValueError(f"{path}: {field} must be a list of layer names")
+    if data.get("activations", "symmetric") not in ACTIVATIONS:
+        raise ValueError(f"{path}: activations must be one of {', '.join(ACTIVATIONS)}, got {data['activations']!r}")
     return data
 
 
@@ -225,7 +243,7 @@ def load_int8(model: nn.Module, weights: str | Path, quant_file: str | Path) -> 
     if wrong:
         raise ValueError(f"{weights}: does not fit this config.json ({wrong[0]!r} missing or unexpected)")
     shapes = {layer: tuple(known[layer].weight.shape) for layer in config["modules"]}
-    quantize_int8(model, config["modules"], config["library"])
+    quantize_int8(model, config["modules"], config["library"], config.get("activations", "symmetric"))
     for layer, stored in codes.items():
         if tuple(stored[0].shape) != shapes[layer]:
             raise ValueError(f"{weights}: {layer}.weight is {tuple(stored[0].shape)}, this model's is {shapes[layer]}")

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mlm.compress.qat import prepare_qat
 from mlm.config import Config, ConfigError
 from mlm.data.dataset import build_dataset
 from mlm.fusion.matching import match_inputs
@@ -118,6 +119,8 @@ class Trainer:
             init_from.load_weights(model, c)  # fine-tuning: trained weights, fresh optimizer and schedule
         if c.train.lora.rank:
             lora_settings(model, c.train.lora)  # only the adapters train
+        if c.train.qat:
+            prepare_qat(model)  # same parameter names: checkpoints and --resume are unchanged
         if c.train.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(accel.device)
