@@ -3,7 +3,8 @@
 Per variant: size of model.safetensors, parameters, CPU latency (caption a batch greedily, and embed a batch of
 images and texts) at each ``--threads`` count, and text→image R@1, VQA accuracy and CIDEr from our evaluation code.
 Ratios are to the float model measured in the same run. Variants so far: ``float``, ``int8-torchao`` and
-``int8-fbgemm`` (:mod:`mlm.compress.int8`), and ``onnx`` (the float model's graphs run by ONNX Runtime,
+``int8-fbgemm`` (:mod:`mlm.compress.int8`), ``int8-qat`` (with ``--qat-checkpoint``: a ``train.qat`` fine-tune of the
+checkpoint, converted as ``mlm compress`` converts it), and ``onnx`` (the float model's graphs run by ONNX Runtime,
 :mod:`mlm.runtime`; its size is that of the three graphs, its thread count ONNX Runtime's intra-op threads).
 """
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
     )
+    parser.add_argument("--qat-checkpoint", help="a train.qat fine-tune of --checkpoint: adds an int8-qat row")
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
     from mlm.commands.eval_model import _run_test_data
     from mlm.compress import int8
+    from mlm.compress.qat import ACTIVATIONS
     from mlm.eval.runner import open_eval_source
     from mlm.inference import image_batches, image_transform, load_model
     from mlm.run_folder import resolve_checkpoint
@@ -114,6 +117,11 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             int8.quantize_int8(quantized, engine=engine)
             quantized.save_pretrained(Path(tmp) / engine)
             variants.append((f"int8-{engine}", Path(tmp) / engine, load_model(Path(tmp) / engine)))
+        if args.qat_checkpoint:
+            qat = load_model(args.qat_checkpoint, "cpu")
+            int8.quantize_int8(qat, activations=ACTIVATIONS)
+            qat.save_pretrained(Path(tmp) / "qat")
+            variants.append(("int8-qat", Path(tmp) / "qat", load_model(Path(tmp) / "qat")))
         for name, path, model in variants:
             row = {
                 "variant": name,

@@ -75,6 +75,30 @@ def test_a_qat_run_resumes_and_compresses_with_its_input_scheme(synth_dir, tmp_p
     assert json.loads((tmp_path / "int8" / int8.QUANT_FILE).read_text())["activations"] == "asymmetric"
     loaded = load_model(tmp_path / "int8", "cpu")
     assert loaded.quantization["activations"] == "asymmetric" and loaded.generate(torch.zeros(1, 3, 32, 32))
+    report = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "compress",
+        "--checkpoint",
+        str(run),
+        "--qat-checkpoint",
+        str(run),
+        "--data",
+        str(synth_dir),
+        "--variants",
+        "float",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-samples",
+        "4",
+    ]
+    assert main([*argv, "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["float", "int8-qat"] and rows[1]["size_ratio"] < 0.5
 
 
 def test_qat_with_lora_is_refused_in_one_line():
