@@ -137,23 +137,13 @@ class OnnxModel:
         return torch.from_numpy(self.sessions["text"].run(None, feed)[0])
 
     def generate(
-        self,
-        images: Tensor,
-        prompt: str | list[str] | None = None,
-        *,
-        decoding: DecodingConfig | None = None,
-        max_new_tokens: int | None = None,
-        num_beams: int | None = None,
-        top_p: float | None = None,
-        min_new_tokens: int | None = None,
-        generator: torch.Generator | None = None,
+        self, images: Tensor, prompt=None, *, decoding: DecodingConfig | None = None, generator=None, **overrides
     ) -> list[str]:
-        """Caption images (B, 3, H, W) or continue prompts, as :meth:`MLMModel.generate` does."""
+        """Caption images (B, 3, H, W) or continue prompts, as :meth:`MLMModel.generate` does (``overrides``:
+        max_new_tokens, num_beams, top_p, min_new_tokens)."""
         if self.tokenizer is None:
             raise ValueError("this export has no tokenizer.json; generation needs the model's tokenizer")
-        settings = (decoding or self.generation_config).update(
-            max_new_tokens=max_new_tokens, num_beams=num_beams, top_p=top_p, min_new_tokens=min_new_tokens
-        )
+        settings = (decoding or self.generation_config).update(**overrides)
         prompts = [prompt] * images.shape[0] if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
