@@ -87,3 +87,31 @@ def run_config(model_folder: str | Path) -> dict | None:
     if not (step / TRAINER_STATE).is_file():
         return None
     return read_trainer_state(step).get("config")
+
+
+def check_new_folder(out: str | Path, what: str = "") -> Path:
+    """``out`` as a Path; FileExistsError (naming ``what`` or the path) when it exists and is not an empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{what or out}: already exists and is not an empty folder; choose a new one")
+    return out
+
+
+def write_folder(out: str | Path, fill) -> Path:
+    """Have ``fill(tmp)`` write a folder beside ``out`` under a temporary name, then rename it to ``out`` (new or
+    empty), so a failure leaves nothing half-written."""
+    import os
+    import shutil
+
+    out = check_new_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

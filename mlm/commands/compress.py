@@ -9,8 +9,6 @@ on the CPU.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 from mlm.compress import ENGINES
@@ -40,27 +38,18 @@ def run(args: argparse.Namespace) -> int:
     from mlm.compress import int8
     from mlm.compress.qat import ACTIVATIONS
     from mlm.model import MLMModel
-    from mlm.run_folder import resolve_checkpoint, run_config
+    from mlm.run_folder import check_new_folder, resolve_checkpoint, run_config, write_folder
 
     if not args.int8:
         raise ValueError("choose a compression: --int8")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: already exists and is not an empty folder; choose a new one")
+    out = check_new_folder(args.out)  # before the model loads: fail fast
     folder = resolve_checkpoint(args.checkpoint)
     if (folder / int8.QUANT_FILE).is_file():
         raise ValueError(f"{folder}: already compressed ({int8.QUANT_FILE}); compress the float model")
     model = MLMModel.from_pretrained(str(folder)).eval()
     qat = bool((run_config(folder) or {}).get("train", {}).get("qat"))  # trained for the QAT input scheme
     names = int8.quantize_int8(model, engine=args.engine, activations=ACTIVATIONS if qat else "symmetric")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        model.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_folder(out, model.save_pretrained)
     before, after = _size(folder), _size(out)
     scheme = f"{args.engine}, {ACTIVATIONS} inputs as trained with train.qat" if qat else args.engine
     print(f"wrote {out}: {len(names)} Linear layers in dynamic INT8 ({scheme}), model.safetensors "

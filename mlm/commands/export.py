@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +51,12 @@ def run(args: argparse.Namespace) -> int:
     """Load, optionally merge, save (or export ONNX graphs); print what was written."""
     from mlm.lora import has_lora, merge_lora
     from mlm.model import MLMModel
-    from mlm.run_folder import resolve_checkpoint
+    from mlm.run_folder import check_new_folder, resolve_checkpoint
 
     onnx, checkpoint, args.out = _targets(args)
     if onnx:
         return _run_onnx(checkpoint, args.out, args.max_len)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out}: already exists and is not an empty folder; choose a new one")
+    out = check_new_folder(args.out, f"--out {args.out}")
     folder = resolve_checkpoint(checkpoint)
     model = MLMModel.from_pretrained(str(folder))
     adapted = has_lora(model)

@@ -11,8 +11,6 @@ written to a temporary sibling and renamed, so a failed export leaves nothing be
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -101,21 +99,19 @@ def export_onnx(model, out: str | Path, *, total_len: int | None = None, toleran
     """Write the three graphs and their manifest into ``out`` (new or empty); return the manifest."""
     from mlm.inference import model_fingerprint
     from mlm.model_files import config_json
+    from mlm.run_folder import check_new_folder, write_folder
 
     check_exportable(model)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: already exists and is not an empty folder; choose a new one")
+    out = check_new_folder(out)
     total_len = total_len or model.config.max_text_len + model.generation_config.max_new_tokens
     if total_len < 2:
         raise ValueError(f"--max-len {total_len}: the decoder step needs room for at least 2 tokens")
     fingerprint = model_fingerprint(model)  # of the model as loaded (the copy below renames some keys)
     model = exportable(model.eval())
     graphs = {"image": ImageGraph(model), "text": TextGraph(model), "decoder_step": StepGraph(model, total_len)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        tmp.mkdir()
+    manifest = {}
+
+    def fill(tmp: Path) -> None:
         examples, shapes, checks = _examples(model, graphs, 2, total_len), _dynamic_shapes(model), {}
         others = _examples(model, graphs, 3, total_len, seed=1)
         for name, graph in graphs.items():
@@ -129,24 +125,20 @@ def export_onnx(model, out: str | Path, *, total_len: int | None = None, toleran
             )
             if not checks[name] <= tolerance:
                 raise ValueError(f"{name}.onnx differs from PyTorch by {checks[name]:.2e} (> {tolerance:g})")
-        manifest = {
-            "format": FORMAT,
-            "version": 1,
-            "fingerprint": fingerprint,
-            "total_len": total_len,
-            "attention": model.config.attention,
-            "graphs": {name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in GRAPHS.items()},
-            "max_abs_difference": checks,
-        }
+        manifest.update(
+            format=FORMAT,
+            version=1,
+            fingerprint=fingerprint,
+            total_len=total_len,
+            attention=model.config.attention,
+            graphs={name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in GRAPHS.items()},
+            max_abs_difference=checks,
+        )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         (tmp / "config.json").write_text(json.dumps(config_json(model.config), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(model.generation_config.to_dict(), indent=2))
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer.json")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(out, fill)
     return manifest
