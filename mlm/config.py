@@ -52,6 +52,8 @@ class ModelConfig:
     region_size: int = 4  # text tokens per region
     region_size_2d: int = 2  # side of a square patch region
     top_k: int = 0  # keys kept per query in global blocks; 0 = dense
+    routed_tokens: int = 0  # keys a routed block selects per image (plus each patch's window); 0 = length-adaptive
+    level_impl: str = "auto"  # dense (boolean masks) | sparse (skip masked work) | auto (sparse from 256 tokens)
     sharing: str = "full"  # full | norms (per-modality norms) | ffn (per-modality FFN experts) | none (two towers)
     pooling: str = "hierarchical"  # hierarchical (per-level attention pooling) | mean (mean of the last block)
     level_weight_init: str = "ramp"  # ramp (0.1 lowest level -> 1.0 highest) | uniform (all 1.0)

@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 _RANGES = [
     ("model.dim", 4, 16384), ("model.n_layers", 1, 256), ("model.local_window", 0, 1 << 20),
     ("model.local_window_2d", 1, 1023), ("model.region_size", 1, 1 << 20), ("model.region_size_2d", 1, 1023),
-    ("model.top_k", 0, 1 << 20), ("model.mlp_ratio", 0.25, 64), ("model.image_size", 1, 8192),
+    ("model.top_k", 0, 1 << 20), ("model.routed_tokens", 0, 1 << 20), ("model.mlp_ratio", 0.25, 64),
+    ("model.image_size", 1, 8192),
     ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.patch_overlap", 0, 1024),
     ("model.in_chans", 1, 64),
     ("model.vocab_size", 1, 1 << 21), ("model.max_text_len", 4, 1 << 16), ("model.embed_dim", 1, 16384),
@@ -72,12 +73,13 @@ def model_choices() -> dict[str, tuple[str, ...]]:
     from mlm.encoders.patches import IMAGE_POS_EMBED
     from mlm.encoders.pooling import LEVEL_WEIGHT_INIT, POOLING
     from mlm.encoders.sharing import SHARING
+    from mlm.layers.level_attention import IMPLS
     from mlm.layers.masks import LEVELS
     from mlm.layers.mla import ATTENTION
 
     return {"model.attention": tuple(ATTENTION), "model.sharing": tuple(SHARING), "model.pooling": tuple(POOLING),
             "model.level_weight_init": LEVEL_WEIGHT_INIT, "model.image_pos_embed": tuple(IMAGE_POS_EMBED),
-            "model.levels": LEVELS}  # fmt: skip
+            "model.levels": LEVELS, "model.level_impl": IMPLS}  # fmt: skip
 
 
 def check_model(m) -> None:
@@ -100,6 +102,7 @@ def check_model(m) -> None:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:
         raise ConfigError(f"model.local_window_2d={m.local_window_2d} must be odd")
+    _check_level_sizes(m)
     if (m.image_pos_embed == "sincos" or m.cross_pos_keys or m.cross_pos_values) and m.dim % 4:
         raise ConfigError(f"model.dim={m.dim} must be a multiple of 4 for 2-D sin-cos positions "
                           "(model.image_pos_embed=sincos, model.cross_pos_keys or model.cross_pos_values)")  # fmt: skip
@@ -107,6 +110,29 @@ def check_model(m) -> None:
         raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be a multiple of 4 (2-D RoPE)")
     if m.attention == "gqa" and m.mla.n_heads % m.mla.n_kv_heads:
         raise ConfigError(f"model.mla.n_heads={m.mla.n_heads} is not a multiple of model.mla.n_kv_heads")
+
+
+def _check_level_sizes(m) -> None:
+    """Windows, regions and routed tokens must fit the sequences they apply to (else the level is another one)."""
+    side = m.image_size // m.patch_size
+    used = set(m.levels)
+    fits = [
+        ("local" in used, "model.local_window", m.local_window, m.max_text_len - 1, "text tokens after the first"),
+        (
+            "local" in used or "routed" in used,
+            "model.local_window_2d",
+            m.local_window_2d,
+            2 * side - 1,
+            f"neighbourhood side on a {side}x{side} patch grid",
+        ),
+        ("regional" in used, "model.region_size", m.region_size, m.max_text_len, "text tokens"),
+        ("regional" in used, "model.region_size_2d", m.region_size_2d, side, f"side of a {side}x{side} grid"),
+        ("routed" in used, "model.routed_tokens", m.routed_tokens, side * side, f"patches of a {side}x{side} grid"),
+    ]
+    for applies, name, value, limit, what in fits:
+        if applies and value > limit:
+            raise ConfigError(f"{name}={value} is larger than the sequence: at most {limit} ({what}); "
+                              "a level that sees everything is model.levels: global")  # fmt: skip
 
 
 def _check_choices(choices: dict[str, tuple[str, tuple[str, ...]]]) -> None:

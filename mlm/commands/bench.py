@@ -22,6 +22,7 @@ BENCHES = {
     "mla": ("mlm.bench.mla", "MHA vs GQA vs MLA: parameters, KV-cache bytes, prefill and decode speed"),
     "probe": ("mlm.bench.probe", "linear probes: how much of each object's shape the image states hold"),
     "quality": ("mlm.bench.quality", "ours vs open_clip CoCa at one wall-clock budget: retrieval, CIDEr, VQA"),
+    "scale": ("mlm.bench.scale", "attention levels vs length: forward + backward time, saved memory, growth exponent"),
     "serve": ("mlm.bench.serve", "mlm serve: throughput and latency percentiles, batching on vs off; a mixed run"),
     "train": ("mlm.bench.train", "training samples/s, FLOPs and GEMM share: ours vs open_clip CoCa, same batches"),
 }

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mlm.config import ModelConfig
 from mlm.encoders.sharing import PerModality, check_modality, separate_attention, separate_modules
+from mlm.layers.level_attention import LevelPattern, RoutedPattern, routed_count
 from mlm.layers.mla import build_attention
 from mlm.layers.mlp import SwiGLU
 
@@ -39,6 +40,9 @@ class EncoderBlock(nn.Module):
         self.image_attn = build_attention(cfg.dim, cfg.mla, cfg.attention, norm_eps=cfg.norm_eps) if separate else None
         self.ffn_norm = PerModality(lambda: nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), separate_norms)
         self.ffn = PerModality(lambda: SwiGLU(cfg.dim, ffn_hidden_dim(cfg), cfg.dropout), separate_ffn)
+        # routed level: a light scorer picks the keys every patch attends to beyond its window (the seeds' routing)
+        self.router = nn.Linear(cfg.dim, 1, bias=False) if level == "routed" else None
+        self.routed_tokens = cfg.routed_tokens
 
     def attention(self, modality: str) -> nn.Module:
         """The attention module that serves this modality."""
@@ -58,5 +62,7 @@ class EncoderBlock(nn.Module):
     ) -> Tensor:
         """Return x (B, T, C) after attention (with an optional KV cache) and the feed-forward."""
         h = self.attn_norm(x, modality)
+        if self.router is not None and isinstance(mask, LevelPattern) and mask.level == "routed":
+            mask = RoutedPattern(mask, self.router(h).squeeze(-1), routed_count(self.routed_tokens, h.shape[1]))
         x = x + self.attention(modality)(h, rope=rope, mask=mask, cache=cache, absorbed=absorbed, top_k=self.top_k)
         return x + self.ffn(self.ffn_norm(x, modality), modality)

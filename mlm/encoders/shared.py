@@ -23,6 +23,7 @@ from mlm.encoders.block import EncoderBlock
 from mlm.encoders.patches import build_patch_embed, image_pos_table
 from mlm.encoders.pooling import last_block_of_level
 from mlm.encoders.sharing import ModalityEmbedding, PerModality, separate_modules
+from mlm.layers.level_attention import LevelPattern
 from mlm.layers.masks import level_mask
 from mlm.layers.rope import rope_1d, rope_2d
 
@@ -71,9 +72,21 @@ class SharedEncoder(nn.Module):
         positions = torch.arange(start, end, device=device)
         return rope_1d(positions, self.cfg.mla.qk_rope_head_dim, self.cfg.mla.rope_theta)
 
-    def text_mask(self, level: str, total_len: int, start: int, end: int, device: torch.device) -> Tensor:
-        """Return the causal mask rows of positions start..end-1 over keys 0..end-1, cut from a total_len mask."""
+    def _pattern(self, level: str, n_tokens: int, causal: bool, grid) -> LevelPattern:
         cfg = self.cfg
+        if level == "routed" and causal:  # a selection over the whole text would let later tokens choose
+            level = "global"
+        return LevelPattern(
+            level, n_tokens, causal, grid, cfg.local_window, cfg.local_window_2d, cfg.region_size, cfg.region_size_2d,
+            impl=cfg.level_impl,
+        )  # fmt: skip
+
+    def text_mask(self, level: str, total_len: int, start: int, end: int, device: torch.device):
+        """Return the causal mask rows of positions start..end-1 over keys 0..end-1, cut from a total_len mask;
+        a whole sequence gets its :class:`LevelPattern`, which long inputs run without building the mask."""
+        cfg = self.cfg
+        if start == 0 and end == total_len:
+            return self._pattern(level, total_len, True, None)
         full = level_mask(
             level,
             total_len,
@@ -87,20 +100,10 @@ class SharedEncoder(nn.Module):
         )  # (L, L), cached per shape so slicing it every decoding step is cheap
         return full[start:end, :end]
 
-    def image_mask(self, level: str, device: torch.device) -> Tensor:
-        """Return the full (non-causal) (N, N) mask of one level over the patch grid."""
-        cfg, (gh, gw) = self.cfg, self.grid
-        return level_mask(
-            level,
-            gh * gw,
-            causal=False,
-            grid=(gh, gw),
-            window=cfg.local_window,
-            window_2d=cfg.local_window_2d,
-            region=cfg.region_size,
-            region_2d=cfg.region_size_2d,
-            device=device,
-        )
+    def image_mask(self, level: str, device: torch.device) -> LevelPattern:
+        """Return the full (non-causal) pattern of one level over the patch grid (``.mask()`` builds it densely)."""
+        gh, gw = self.grid
+        return self._pattern(level, gh * gw, False, (gh, gw))
 
     def run_blocks(
         self, x: Tensor, modality: str, *, rope, masks: dict[str, Tensor], caches=None, absorbed=False, levels=True

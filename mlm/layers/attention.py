@@ -14,14 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlm.layers.kv_cache import KVCache
+from mlm.layers.level_attention import LevelPattern, RoutedPattern, pattern_attend, routed_attend
 from mlm.layers.masks import top_k_mask
 from mlm.layers.rope import apply_rope
 
 
-def check_mask(mask: Tensor | None, n_queries: int, n_keys: int) -> Tensor | None:
-    """Return mask if it is boolean and shaped (T, S) or (B, 1, T, S); raise ValueError otherwise."""
+def check_mask(mask, n_queries: int, n_keys: int):
+    """Return mask if it is boolean and shaped (T, S) or (B, 1, T, S), or a level pattern over T queries and S keys;
+    raise ValueError otherwise."""
     if mask is None:
         return None
+    if isinstance(mask, (LevelPattern, RoutedPattern)):
+        if (mask.n_queries, mask.n_keys) != (n_queries, n_keys):
+            raise ValueError(
+                f"level pattern covers {mask.n_queries} queries over {mask.n_keys} keys; got {n_queries} over {n_keys}"
+            )
+        return mask
     shape = tuple(mask.shape)
     ok_rank = mask.dim() == 2 or (mask.dim() == 4 and shape[1] == 1)
     if mask.dtype != torch.bool or not ok_rank or shape[-2:] != (n_queries, n_keys):
@@ -80,13 +88,24 @@ def attend_scores(scores: Tensor, v: Tensor, mask: Tensor | None, top_k: int = 0
     return scores.softmax(dim=-1) @ v
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, top_k: int = 0) -> Tensor:
+def dense_mask(mask, device: torch.device) -> Tensor | None:
+    """The mask as a tensor: a level pattern built densely (the reference its fast path is tested against)."""
+    return mask.mask(device) if isinstance(mask, (LevelPattern, RoutedPattern)) else mask
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, top_k: int = 0) -> Tensor:
     """Attention of q (B, H, T, Dk) over k (B, Hk, S, Dk), v (B, Hk, S, Dv) -> (B, H, T, Dv).
 
-    Each key/value head serves H // Hk consecutive query heads. mask is boolean (T, S) or (B, 1, T, S); top_k > 0
-    keeps only the k best allowed keys per query.
+    Each key/value head serves H // Hk consecutive query heads. mask is boolean (T, S) or (B, 1, T, S), or a level
+    pattern (:mod:`mlm.layers.level_attention`, which skips masked work on long inputs); top_k > 0 keeps only the k
+    best allowed keys per query.
     """
     b, h, t, _ = q.shape
+    if isinstance(mask, RoutedPattern) and top_k == 0:
+        return routed_attend(q, k, v, mask, scale)
+    if isinstance(mask, LevelPattern) and top_k == 0 and t > 1:
+        return pattern_attend(q, k, v, mask, scale)
+    mask = dense_mask(mask, q.device)
     h_kv, d_v = k.shape[1], v.shape[-1]
     groups = h // h_kv
     if groups > 1 and t == 1:

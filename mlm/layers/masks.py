@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
-LEVELS = ("local", "regional", "global")
+LEVELS = ("local", "regional", "global", "routed")
 
 
 def _positions(n_tokens: int, grid: tuple[int, int] | None) -> tuple[Tensor, Tensor] | Tensor:
@@ -61,7 +61,7 @@ def _cached_mask(
     level: str, n_tokens: int, causal: bool, grid: tuple[int, int] | None, size: int, size_2d: int, device: str
 ) -> Tensor:
     """Build one (T, T) mask; lru_cache keeps one copy per shape and device."""
-    if level == "local":
+    if level == "local" or (level == "routed" and not causal):  # routed: the local part; tokens are added per input
         mask = _local(n_tokens, grid, size, size_2d)
     elif level == "regional":
         mask = _regional(n_tokens, grid, size, size_2d)
@@ -92,7 +92,8 @@ def level_mask(
         if grid[0] * grid[1] != n_tokens:
             raise ValueError(f"grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} patches but n_tokens={n_tokens}")
     # Only the sizes the level uses enter the cache key, so unrelated settings share one entry.
-    size, size_2d = {"local": (window, window_2d), "regional": (region, region_2d)}.get(level, (0, 0))
+    sizes = {"local": (window, window_2d), "regional": (region, region_2d), "routed": (window, window_2d)}
+    size, size_2d = sizes.get(level, (0, 0)) if level != "routed" or not causal else (0, 0)
     key = (level, n_tokens, bool(causal), grid, size, size_2d, str(torch.device(device)))
     # while torch.export / torch.compile trace, tensors are fake: caching one would hand it to later eager calls
     return _cached_mask.__wrapped__(*key) if torch.compiler.is_compiling() else _cached_mask(*key)

@@ -29,6 +29,7 @@ from mlm.layers.attention import (
     check_pos_keys,
     check_positions,
     check_sources,
+    dense_mask,
     rope_for_heads,
 )
 from mlm.layers.kv_cache import KVCache, LatentKVCache
@@ -144,6 +145,7 @@ class MultiHeadLatentAttention(nn.Module):
             # Decoding: score latent and RoPE parts separately (as DeepSeek's inference code does), so a step reads
             # the cache once, with no concatenated copy; heads ride in the row axis of one batched matmul.
             scores = q_latent[:, :, 0] @ c_kv.transpose(1, 2) + q_rope[:, :, 0] @ k_rope.transpose(1, 2)  # (B, H, S)
+            mask = dense_mask(mask, c_kv.device)
             step_mask = None if mask is None else mask[..., 0, :]  # (S,) or (B, 1, S)
             out_latent = attend_scores(scores * self.scale, c_kv, step_mask, top_k)[:, :, None]  # (B, H, 1, r)
         else:
@@ -186,8 +188,10 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, _ = self._up_weights()
         k_nope = torch.einsum("bsr,hnr->bhsn", c_kv, w_uk)  # (B, H, S, nope)
         scores = q_nope @ k_nope.transpose(-1, -2) + (q_rope @ k_rope[:, None].transpose(-1, -2))  # (B, H, T, S)
-        mask = check_mask(mask, x.shape[1], c_kv.shape[1])
-        if mask is not None:
+        mask = dense_mask(check_mask(mask, x.shape[1], c_kv.shape[1]), c_kv.device)
+        if mask is not None and mask.is_floating_point():  # a routed block's mask carries the router's gates
+            scores = scores + mask
+        elif mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return (scores.float() * self.scale).softmax(dim=-1).to(x.dtype)
 

@@ -63,7 +63,10 @@ class _TextTables(nn.Module):
         cos, sin = encoder.text_rope(0, total_len, device)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, rope)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.masks = {level: encoder.text_mask(level, total_len, 0, total_len, device) for level in sorted(levels)}
+        # dense tables: the graphs gather rows of them (the fast level paths are for long inputs, not these graphs)
+        self.masks = {
+            level: encoder.text_mask(level, total_len, 0, total_len, device).mask(device) for level in sorted(levels)
+        }
 
 
 class TextGraph(_TextTables):

@@ -1,0 +1,349 @@
+"""Level attention that skips masked work: the same function as a dense level mask, at O(n·k) instead of O(n²).
+
+A :class:`LevelPattern` describes one block's mask (level, causal, grid, sizes, first query position) without
+building it. :func:`pattern_attend` runs it on the fast path when the sequence is long enough to pay off, else on the
+dense boolean mask of :func:`mlm.layers.masks.level_mask`, which stays the reference every fast path is tested against:
+
+- local, 1-D: query blocks of ``window`` tokens each attend to a band of keys cut from the padded key sequence by
+  ``unfold`` (a view, as in Longformer's chunked implementation); cost n·3w;
+- local, 2-D: each patch gathers its (2r+1)² neighbours with ``F.unfold`` (neighbourhood attention); cost n·(2r+1)²;
+- regional: attention within the region plus to the first token of every other region, two score blocks under one
+  softmax; cost n·(R + n/R);
+- global: SDPA with no mask, or ``is_causal`` (both take fused kernels; an explicit mask does not on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlm.layers.masks import level_mask
+
+IMPLS = ("auto", "dense", "sparse")
+AUTO_MIN_TOKENS = 256  # below this the dense mask is as fast (bench scale: the fast paths win from a few hundred)
+
+
+@dataclass(frozen=True)
+class LevelPattern:
+    """The mask of one attention level over queries start..start+T-1 and keys 0..start+T-1, not yet built."""
+
+    level: str
+    n_queries: int
+    causal: bool
+    grid: tuple[int, int] | None
+    window: int
+    window_2d: int
+    region: int
+    region_2d: int
+    start: int = 0
+    impl: str = "auto"
+
+    @property
+    def n_keys(self) -> int:
+        """Keys the queries see: every earlier (cached) token and the new ones."""
+        return self.start + self.n_queries
+
+    def mask(self, device: torch.device | str = "cpu") -> Tensor:
+        """The dense (T, S) boolean mask (True = attend) this pattern stands for."""
+        full = level_mask(
+            self.level, self.n_keys, causal=self.causal, grid=self.grid, window=self.window,
+            window_2d=self.window_2d, region=self.region, region_2d=self.region_2d, device=device,
+        )  # fmt: skip
+        return full[self.start :] if self.start else full
+
+    def sparse(self) -> bool:
+        """Whether :func:`pattern_attend` takes the fast path for this pattern."""
+        if self.impl == "dense" or self.start:  # cached steps read a row of the cached mask
+            return False
+        return self.impl == "sparse" or self.n_queries >= AUTO_MIN_TOKENS
+
+
+def check_impl(impl: str) -> str:
+    """Return impl if it names a level-attention implementation; raise ValueError listing them otherwise."""
+    if impl not in IMPLS:
+        raise ValueError(f"model.level_impl={impl!r} is not one of {', '.join(IMPLS)}")
+    return impl
+
+
+def pattern_attend(q: Tensor, k: Tensor, v: Tensor, pattern: LevelPattern, scale: float) -> Tensor:
+    """Attention of q (B, H, T, Dk) over k (B, Hk, S, Dk), v (B, Hk, S, Dv) under pattern -> (B, H, T, Dv)."""
+    if not pattern.sparse():
+        mask = pattern.mask(q.device)
+        return _dense(q, _heads(k, q.shape[1]), _heads(v, q.shape[1]), mask, scale)
+    k, v = _heads(k, q.shape[1]), _heads(v, q.shape[1])
+    if pattern.level == "global":
+        return _dense(q, k, v, None, scale, causal=pattern.causal)
+    if pattern.level in ("local", "routed") and pattern.grid is None:  # routed alone: its local part
+        return local_1d(q, k, v, pattern.window, pattern.causal, scale)
+    if pattern.level in ("local", "routed"):
+        return local_2d(q, k, v, pattern.grid, pattern.window_2d // 2, scale)
+    if pattern.grid is None:
+        return regional_1d(q, k, v, pattern.region, pattern.causal, scale)
+    return regional_2d(q, k, v, pattern.grid, pattern.region_2d, scale)
+
+
+def _heads(x: Tensor, n_heads: int) -> Tensor:
+    """Key/value heads (B, Hk, S, D) made n_heads wide; a single shared head (absorbed MLA) is a view."""
+    if x.shape[1] == n_heads:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(x.shape[0], n_heads, *x.shape[2:])
+    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool = False) -> Tensor:
+    """SDPA with equal key and value dims (padding V, so CPU takes the fused kernel), cut back to Dv."""
+    d_v = v.shape[-1]
+    if d_v < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - d_v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)[..., :d_v]
+
+
+@functools.lru_cache(maxsize=64)
+def _band(n: int, window: int, causal: bool, device: str) -> tuple[Tensor, int, int]:
+    """Return (allowed (nb, c, L), block c, pad) for 1-D local attention over n tokens in blocks of c queries."""
+    c = max(window, 1)
+    nb = -(-n // c)
+    left, span = window, c + window + (0 if causal else window)
+    rel = torch.arange(span)[None, :] - torch.arange(c)[:, None]  # key slot - query row, (c, L)
+    band = (rel >= 0) & (rel <= (window if causal else 2 * window))
+    key_pos = torch.arange(nb)[:, None] * c - left + torch.arange(span)[None, :]  # (nb, L)
+    query_pos = torch.arange(nb)[:, None] * c + torch.arange(c)[None, :]  # (nb, c)
+    allowed = band[None] & ((key_pos >= 0) & (key_pos < n))[:, None, :]
+    allowed = allowed | (query_pos >= n)[:, :, None]  # padded query rows: anything finite, dropped afterwards
+    return allowed.to(device), c, left
+
+
+def _local_1d_parts(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, causal: bool = False):
+    """Blocked sliding-window attention: the output (B, H, T, Dv) and each query's log-sum-exp (B, H, T, 1)."""
+    b, h, t, _ = q.shape
+    allowed, c, left = _band(t, window, causal, str(q.device))
+    nb, span = allowed.shape[0], allowed.shape[-1]
+    right = nb * c - t + (span - c - left)  # keys past the end so that every block's band exists
+    qb = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, q.shape[-1])
+    kb = F.pad(k, (0, 0, left, right)).unfold(2, span, c)  # (B, H, nb, Dk, L): a view
+    vb = F.pad(v, (0, 0, left, right)).unfold(2, span, c).transpose(-1, -2)  # (B, H, nb, L, Dv)
+    out, lse = _safe_part((qb @ kb) * scale, allowed, vb)  # (B, H, nb, c, Dv)
+    return out.reshape(b, h, nb * c, -1)[:, :, :t], lse.reshape(b, h, nb * c, 1)[:, :, :t]
+
+
+def local_1d(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool, scale: float) -> Tensor:
+    """Sliding-window attention, |i - j| <= window (j <= i when causal), in blocks: q, k, v (B, H, T, D)."""
+    return _local_1d_parts(q, k, v, window, scale, causal)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _neighbours_valid(grid: tuple[int, int], radius: int, device: str) -> Tensor:
+    """(N, K²) which of each patch's (2r+1)² neighbour slots lie on the grid."""
+    ones = torch.ones(1, 1, *grid)
+    valid = F.unfold(ones, 2 * radius + 1, padding=radius)  # (1, K², N)
+    return (valid[0].T > 0).to(device)
+
+
+def _neighbours(x: Tensor, grid: tuple[int, int], radius: int) -> Tensor:
+    """Gather each patch's (2r+1)² grid neighbours: x (B, H, N, D) -> (B, H, N, K², D), zeros off the grid."""
+    b, h, n, d = x.shape
+    planes = x.transpose(-1, -2).reshape(b * h, d, *grid)  # (BH, D, gh, gw)
+    cols = F.unfold(planes, 2 * radius + 1, padding=radius)  # (BH, D * K², N)
+    return cols.view(b, h, d, -1, n).permute(0, 1, 4, 3, 2)
+
+
+def _local_2d_parts(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int, scale: float):
+    """Neighbourhood attention: the output (B, H, N, Dv) and each query's log-sum-exp (B, H, N, 1)."""
+    valid = _neighbours_valid(tuple(grid), radius, str(q.device))  # (N, K²)
+    kn, vn = _neighbours(k, grid, radius), _neighbours(v, grid, radius)  # (B, H, N, K², D)
+    scores = (q[..., None, :] @ kn.transpose(-1, -2)) * scale  # (B, H, N, 1, K²)
+    out, lse = _safe_part(scores, valid[:, None, :], vn)
+    return out[..., 0, :], lse[..., 0, :]
+
+
+def local_2d(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int, scale: float) -> Tensor:
+    """Neighbourhood attention on a row-major patch grid: Chebyshev distance <= radius; q, k, v (B, H, N, D)."""
+    return _local_2d_parts(q, k, v, grid, radius, scale)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _regions_1d(t: int, region: int, causal: bool, device: str) -> tuple[Tensor, ...]:
+    """Region layout of 1-D regional attention; see :func:`_region_attend` for the tensors."""
+    m = -(-t // region)
+    slot_pos = torch.arange(m * region).view(m, region)  # token position of each slot
+    valid = slot_pos < t
+    own_ok = valid[:, None, :].expand(m, region, region)  # key slot on the sequence, (m, R, R)
+    if causal:
+        own_ok = own_ok & (slot_pos[:, None, :] <= slot_pos[:, :, None])
+    first = torch.arange(0, t, region)
+    sum_ok = torch.arange(m)[None, :] != torch.arange(m)[:, None]  # (m, m): not the own region's first token
+    sum_ok = sum_ok[:, None, :].expand(m, region, m)
+    if causal:
+        sum_ok = sum_ok & (first[None, None, :] <= slot_pos[:, :, None])
+    order = torch.where(valid, slot_pos, t).reshape(-1)
+    own_ok = own_ok | ~valid[:, :, None]  # padded query rows: anything finite, dropped afterwards
+    return tuple(x.to(device) for x in (order, own_ok, sum_ok, first))
+
+
+@functools.lru_cache(maxsize=64)
+def _regions_2d(grid: tuple[int, int], size: int, device: str) -> tuple[Tensor, ...]:
+    """Region layout of 2-D regional attention (square regions of the row-major grid, top-left patch first)."""
+    gh, gw = grid
+    mr, mc = -(-gh // size), -(-gw // size)
+    r = torch.arange(mr)[:, None, None, None] * size + torch.arange(size)[None, None, :, None]  # (mr, 1, s, 1)
+    c = torch.arange(mc)[None, :, None, None] * size + torch.arange(size)[None, None, None, :]  # (1, mc, 1, s)
+    valid = ((r < gh) & (c < gw)).reshape(mr * mc, size * size)  # (m, R²)
+    order = torch.where(valid, (r * gw + c).reshape(mr * mc, size * size), gh * gw).reshape(-1)
+    own_ok = valid[:, None, :] | ~valid[:, :, None]  # padded query rows: anything finite, dropped afterwards
+    m = mr * mc
+    first = order.view(m, -1)[:, 0]  # a region's top-left patch is always on the grid
+    sum_ok = (torch.arange(m)[None, :] != torch.arange(m)[:, None])[:, None, :].expand(m, size * size, m)
+    return tuple(x.to(device) for x in (order, own_ok, sum_ok, first))
+
+
+def _region_attend(q, k, v, order, own_ok, sum_ok, first, scale) -> Tensor:
+    """One softmax over each query's own region and the other regions' first tokens.
+
+    order (m * R,) lists the token in each region slot (n = a zero padding token); own_ok (m, R, R) and sum_ok
+    (m, R, m) say which own-region slots and which region firsts each slot's query may see.
+    """
+    b, h, t, _ = q.shape
+    m, r = own_ok.shape[:2]
+
+    def regions(x: Tensor) -> Tensor:  # (B, H, T, D) -> (B, H, m, R, D) in region order
+        return F.pad(x, (0, 0, 0, 1))[:, :, order].view(b, h, m, r, x.shape[-1])
+
+    qr, kr, vr = regions(q), regions(k), regions(v)
+    own = (qr @ kr.transpose(-1, -2)) * scale  # (B, H, m, R, R)
+    summary = (qr @ k[:, :, first].transpose(-1, -2)[:, :, None]) * scale  # (B, H, m, R, m)
+    neg = float("-inf")
+    weights = torch.cat((own.masked_fill(~own_ok, neg), summary.masked_fill(~sum_ok, neg)), dim=-1).softmax(-1)
+    out = weights[..., :r] @ vr + weights[..., r:] @ v[:, :, first][:, :, None]  # (B, H, m, R, Dv)
+    out = out.reshape(b, h, m * r, -1)
+    inverse = torch.empty(t + 1, dtype=torch.long, device=q.device).scatter_(
+        0, order, torch.arange(order.numel(), device=q.device)
+    )  # token -> its slot (the padding token's entry is never read)
+    return out[:, :, inverse[:t]]
+
+
+def regional_1d(q: Tensor, k: Tensor, v: Tensor, region: int, causal: bool, scale: float) -> Tensor:
+    """Attention within 1-D regions of ``region`` tokens plus to every other region's first token."""
+    order, own_ok, sum_ok, first = _regions_1d(q.shape[2], region, causal, str(q.device))
+    return _region_attend(q, k, v, order, own_ok, sum_ok, first, scale)
+
+
+def regional_2d(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], size: int, scale: float) -> Tensor:
+    """Attention within square regions of the patch grid plus to every other region's top-left patch."""
+    order, own_ok, sum_ok, first = _regions_2d(tuple(grid), size, str(q.device))
+    return _region_attend(q, k, v, order, own_ok, sum_ok, first, scale)
+
+
+def keep_fraction(n_tokens: int) -> float:
+    """The seeds' length-adaptive sparsity: ~80% of the keys under 256 tokens, ~20% over 1,024, log-linear between."""
+    lo, hi, f_lo, f_hi = 256, 1024, 0.8, 0.2
+    if n_tokens <= lo:
+        return f_lo
+    if n_tokens >= hi:
+        return f_hi
+    return f_lo + (f_hi - f_lo) * math.log(n_tokens / lo) / math.log(hi / lo)
+
+
+def routed_count(setting: int, n_tokens: int) -> int:
+    """Tokens a routed block selects: ``setting`` (> 0, at most n) or, for 0, the length schedule."""
+    if setting < 0:
+        raise ValueError(f"model.routed_tokens={setting} must be >= 0 (0 = length-adaptive)")
+    return min(setting, n_tokens) if setting else max(1, math.ceil(keep_fraction(n_tokens) * n_tokens))
+
+
+@dataclass(frozen=True)
+class RoutedPattern:
+    """A local pattern plus p routed keys per input, chosen by router scores (B, S); routed keys outside a query's
+    window enter with the gate log sigmoid(score) added to their logits, so the router learns from the loss."""
+
+    local: LevelPattern
+    scores: Tensor  # (B, S)
+    p: int
+
+    @property
+    def n_queries(self) -> int:
+        """Queries of the local pattern."""
+        return self.local.n_queries
+
+    @property
+    def n_keys(self) -> int:
+        """Keys of the local pattern."""
+        return self.local.n_keys
+
+    def selection(self) -> tuple[Tensor, Tensor]:
+        """Indices (B, p) of the routed keys and their gates (B, p)."""
+        index = self.scores.topk(self.p, dim=-1).indices
+        return index, F.logsigmoid(self.scores.gather(-1, index))
+
+    def outside(self, index: Tensor) -> Tensor:
+        """(B, T, p): which routed keys lie outside each query's local window (the others are already seen)."""
+        local, pos = self.local, torch.arange(self.n_queries, device=index.device)
+        if local.grid is None:
+            return (pos[None, :, None] - index[:, None, :]).abs() > local.window
+        gw = local.grid[1]
+        dist = torch.maximum(
+            (pos[None, :, None] // gw - index[:, None, :] // gw).abs(),
+            (pos[None, :, None] % gw - index[:, None, :] % gw).abs(),
+        )
+        return dist > local.window_2d // 2
+
+    def mask(self, device: torch.device | str = "cpu") -> Tensor:
+        """The dense float mask (B, 1, T, S): 0 inside the window, the gate on routed keys, -inf elsewhere."""
+        index, gate = self.selection()
+        b, t = self.scores.shape[0], self.n_queries
+        out = self.local.mask(device).to(self.scores.dtype).log()[None].expand(b, t, self.n_keys).clone()
+        extra = torch.where(self.outside(index), gate[:, None, :], float("-inf")).to(out.dtype)  # (B, T, p)
+        out = out.scatter_reduce(-1, index[:, None, :].expand(b, t, self.p), extra, reduce="amax")
+        return out[:, None]
+
+
+def routed_attend(q: Tensor, k: Tensor, v: Tensor, pattern: RoutedPattern, scale: float) -> Tensor:
+    """Attention over each query's local window plus the routed keys, O(n·(k + p)); q, k, v (B, H, T, D)."""
+    k, v = _heads(k, q.shape[1]), _heads(v, q.shape[1])
+    if not pattern.local.sparse():
+        return _dense(q, k, v, pattern.mask(q.device), scale)
+    local = pattern.local
+    if local.grid is None:
+        out_local, lse_local = _local_1d_parts(q, k, v, local.window, scale)
+    else:
+        out_local, lse_local = _local_2d_parts(q, k, v, local.grid, local.window_2d // 2, scale)
+    index, gate = pattern.selection()
+    pick = index[:, None, :, None]
+    k_sel = k.gather(2, pick.expand(-1, k.shape[1], -1, k.shape[-1]))  # (B, H, p, Dk)
+    v_sel = v.gather(2, pick.expand(-1, v.shape[1], -1, v.shape[-1]))
+    scores = (q @ k_sel.transpose(-1, -2)) * scale + gate[:, None, None, :].to(q.dtype)  # (B, H, T, p)
+    out_routed, lse_routed = _safe_part(scores, pattern.outside(index)[:, None], v_sel)
+    return _merge(out_local, lse_local, out_routed, lse_routed)
+
+
+def _safe_part(scores: Tensor, allowed: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax-weighted values and the log-sum-exp of one part of the keys; a row with no allowed key gives 0, -inf."""
+    s = scores.masked_fill(~allowed, float("-inf"))
+    peak = s.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).detach()
+    e = (s - peak).exp()
+    z = e.sum(dim=-1, keepdim=True)
+    some = z > 0
+    z_safe = torch.where(some, z, torch.ones_like(z))
+    lse = torch.where(some, z_safe.log() + peak, torch.full_like(z, float("-inf")))
+    return (e @ values) / z_safe, lse
+
+
+def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Combine the attention outputs of two disjoint key sets from their log-sum-exps (part a is never empty)."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = (lse_a - top).exp(), (lse_b - top).exp()
+    return (w_a * out_a + w_b * out_b) / (w_a + w_b)
+
+
+def fit_exponent(lengths: list[int], values: list[float]) -> float:
+    """Least-squares slope of log(value) against log(length): the growth exponent of a cost."""
+    xs, ys = [math.log(x) for x in lengths], [math.log(max(y, 1e-12)) for y in values]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
