@@ -102,7 +102,10 @@ def check_model(m) -> None:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:
         raise ConfigError(f"model.local_window_2d={m.local_window_2d} must be odd")
-    _check_level_sizes(m)
+    side = m.image_size // m.patch_size
+    if "routed" in m.levels and m.routed_tokens > side * side:
+        raise ConfigError(f"model.routed_tokens={m.routed_tokens} is larger than the sequence: at most {side * side} "
+                          f"(patches of a {side}x{side} grid)")  # fmt: skip
     if (m.image_pos_embed == "sincos" or m.cross_pos_keys or m.cross_pos_values) and m.dim % 4:
         raise ConfigError(f"model.dim={m.dim} must be a multiple of 4 for 2-D sin-cos positions "
                           "(model.image_pos_embed=sincos, model.cross_pos_keys or model.cross_pos_values)")  # fmt: skip
@@ -113,7 +116,7 @@ def check_model(m) -> None:
 
 
 def _check_level_sizes(m) -> None:
-    """Windows, regions and routed tokens must fit the sequences they apply to (else the level is another one)."""
+    """Windows and regions must fit the sequences they apply to (else the level is another one)."""
     side = m.image_size // m.patch_size
     used = set(m.levels)
     fits = [
@@ -127,7 +130,6 @@ def _check_level_sizes(m) -> None:
         ),
         ("regional" in used, "model.region_size", m.region_size, m.max_text_len, "text tokens"),
         ("regional" in used, "model.region_size_2d", m.region_size_2d, side, f"side of a {side}x{side} grid"),
-        ("routed" in used, "model.routed_tokens", m.routed_tokens, side * side, f"patches of a {side}x{side} grid"),
     ]
     for applies, name, value, limit, what in fits:
         if applies and value > limit:
@@ -144,6 +146,7 @@ def _check_choices(choices: dict[str, tuple[str, tuple[str, ...]]]) -> None:
 def check_run(cfg) -> None:
     """Check a whole run config: the model's rules, then the data, training and evaluation settings."""
     check_model(cfg.model)
+    _check_level_sizes(cfg.model)  # for new runs only: saved models with such sizes still load (the level is global)
     check_ranges(cfg, skip="model")
     _check_choices({
         "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_TARGET = 1 / 8  # MLA cache at most this fraction of MHA's
 DECODE_TARGET = (2048, 1.5)  # absorbed decode at least this many times naive at this context
+MHA_TARGET = (4096, 3.5)  # absorbed decode at least this many times MHA at this context (batch 32 in the issue)
 VARIANTS = ("mha", "gqa", "mla_naive", "mla_absorbed")
 
 
@@ -110,6 +111,37 @@ def _decode(module, args, cache, absorbed: bool, device, dtype) -> float:
     return args.batch_size / statistics.median(times[warmup:])
 
 
+def _step_flops(module, args, cache, absorbed: bool, device, dtype) -> int:
+    """FLOPs of one decode step after a cached context (torch.utils.flop_counter), on a copy of the cache."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mlm.layers.rope import rope_1d
+
+    x = torch.randn(args.batch_size, 1, args.dim, device=device, dtype=dtype)
+    cos, sin = rope_1d(torch.arange(cache.length, cache.length + 1, device=device), args.qk_rope_head_dim)
+    with FlopCounterMode(display=False) as counter:
+        module(x, rope=(cos, sin), cache=cache.copy(), absorbed=absorbed)
+    return counter.get_total_flops()
+
+
+def copy_bandwidth_gbs(device, n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Measured memory bandwidth (GB/s, read + write) of copying a 256 MiB tensor: the bandwidth-bound limit."""
+    import torch
+
+    src = torch.empty(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n_bytes / min(times) / 1e9
+
+
 def _measure_device(args, device_name: str) -> dict:
     """Measure every kind on one device and return its results."""
     import torch
@@ -119,6 +151,7 @@ def _measure_device(args, device_name: str) -> dict:
     modules = {kind: _build(args, kind, device, dtype) for kind in ("mha", "gqa", "mla")}
     result = {"params": {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}}
     result["kv_cache_bytes_per_token"], result["prefill_s"], result["decode_tokens_per_s"] = {}, {}, {}
+    result["decode_gflops"], result["decode_cache_gbs"] = {}, {}
     with torch.inference_mode():
         for variant in VARIANTS:  # warm-up: first calls pay for kernel selection and allocation
             _prefill(modules[variant[:3]], args, 64, variant == "mla_absorbed", device, dtype)
@@ -129,9 +162,19 @@ def _measure_device(args, device_name: str) -> dict:
                 prefill[variant], cache = _prefill(modules[kind], args, context, absorbed, device, dtype)
                 decode[variant] = _decode(modules[kind], args, cache, absorbed, device, dtype)
                 result["kv_cache_bytes_per_token"][kind] = cache.bytes_per_token()
+                step_s = args.batch_size / decode[variant]
+                flops = _step_flops(modules[kind], args, cache, absorbed, device, dtype)
+                cache_bytes = cache.bytes_per_token() * cache.length * args.batch_size  # read at least once a step
+                result["decode_gflops"].setdefault(str(context), {})[variant] = flops / step_s / 1e9
+                result["decode_cache_gbs"].setdefault(str(context), {})[variant] = cache_bytes / step_s / 1e9
                 step = f"{device} ctx={context} {variant}: prefill {prefill[variant]:.3f}s"
                 logger.info("%s, decode %.1f tok/s", step, decode[variant])
             result["prefill_s"][str(context)], result["decode_tokens_per_s"][str(context)] = prefill, decode
+    from mlm.bench.train import gemm_peak_gflops
+
+    result["machine"] = {"copy_gbs": copy_bandwidth_gbs(device)}
+    if device.type == "cpu":
+        result["machine"]["gemm_peak_gflops"] = gemm_peak_gflops()
     result["targets"] = _targets(result)
     return result
 
@@ -146,6 +189,13 @@ def _targets(result: dict) -> dict:
     if decode is not None:
         out[f"absorbed_over_naive_decode_{context}"] = decode["mla_absorbed"] / decode["mla_naive"]
         out["absorbed_decode_target_met"] = out[f"absorbed_over_naive_decode_{context}"] >= factor
+    for ctx, speeds in result["decode_tokens_per_s"].items():
+        out[f"absorbed_over_mha_decode_{ctx}"] = speeds["mla_absorbed"] / speeds["mha"]
+        out[f"gqa_over_mha_decode_{ctx}"] = speeds["gqa"] / speeds["mha"]
+    context, factor = MHA_TARGET
+    if f"absorbed_over_mha_decode_{context}" in out:
+        out["absorbed_over_mha_target_met"] = out[f"absorbed_over_mha_decode_{context}"] >= factor
+        out["gqa_at_least_mha_met"] = out[f"gqa_over_mha_decode_{context}"] >= 1.0
     return out
 
 
@@ -161,6 +211,14 @@ def _table(device_name: str, result: dict) -> str:
         prefill, decode = result["prefill_s"][context], result["decode_tokens_per_s"][context]
         lines.append(f"{context:>8}  {'prefill s':14}" + "".join(f"{prefill[v]:>14.4f}" for v in VARIANTS))
         lines.append(f"{'':>8}  {'decode tok/s':14}" + "".join(f"{decode[v]:>14.1f}" for v in VARIANTS))
+        flops, gbs = result["decode_gflops"][context], result["decode_cache_gbs"][context]
+        lines.append(f"{'':>8}  {'GFLOP/s':14}" + "".join(f"{flops[v]:>14.1f}" for v in VARIANTS))
+        lines.append(f"{'':>8}  {'cache GB/s':14}" + "".join(f"{gbs[v]:>14.1f}" for v in VARIANTS))
+    peaks = result["machine"]
+    lines.append(
+        f"\nmachine: copy {peaks['copy_gbs']:.1f} GB/s"
+        + (f", fp32 GEMM {peaks['gemm_peak_gflops']:.1f} GFLOP/s" if "gemm_peak_gflops" in peaks else "")
+    )
     lines.append("")
     for name, value in result["targets"].items():
         lines.append(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}")
@@ -187,6 +245,9 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         "kv_cache_bytes_per_token": first["kv_cache_bytes_per_token"],
         "decode_tokens_per_s": first["decode_tokens_per_s"],
         "prefill_s": first["prefill_s"],
+        "decode_gflops": first["decode_gflops"],
+        "decode_cache_gbs": first["decode_cache_gbs"],
+        "machine": first["machine"],
         "params": first["params"],
         "targets": first["targets"],
         "by_device": by_device,

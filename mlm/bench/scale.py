@@ -4,8 +4,9 @@ For 1-D sequences (256 â†’ 8,192 tokens, bidirectional) and 2-D patch grids (16Â
 path (:mod:`mlm.layers.level_attention`) and on the dense boolean mask it is tested against; ``global`` is full
 attention (SDPA with no mask) and ``routed`` a local window plus ``--routed-tokens`` routed keys. Reported per level
 and length: the median forward + backward time, the bytes autograd saves for backward (the activation memory a
-training step holds; on CUDA also the peak allocated), and the growth exponent fitted over the lengths from
-``--fit-from`` on. Dense masks above ``--dense-max`` tokens are skipped (their (T, T) scores outgrow memory).
+training step holds, each storage once; on CUDA also the peak allocated), and the growth exponent fitted over the
+lengths from ``--fit-from`` on. Dense masks above ``--dense-max`` tokens are skipped (their (T, T) scores outgrow
+memory).
 """
 
 from __future__ import annotations
@@ -68,15 +69,16 @@ def _measure(args, level: str, n: int, grid, impl: str) -> dict:
     shape = (args.batch_size, args.heads, n, args.head_dim)
     q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
     pattern = _pattern(args, level, n, grid, impl)
-    saved = [0]
+    saved: dict[int, int] = {}
 
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
+    def pack(t):  # one entry per storage: views of one tensor and a tensor saved twice hold its memory once
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     times = []
     for i in range(args.repeats + 1):  # the first call builds cached masks and index tables
-        saved[0] = 0
+        saved.clear()
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -88,7 +90,7 @@ def _measure(args, level: str, n: int, grid, impl: str) -> dict:
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - start)
-    result = {"seconds": statistics.median(times), "saved_bytes": saved[0]}
+    result = {"seconds": statistics.median(times), "saved_bytes": sum(saved.values())}
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
     return result

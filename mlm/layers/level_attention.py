@@ -119,7 +119,7 @@ def _band(n: int, window: int, causal: bool, device: str) -> tuple[Tensor, int, 
     return allowed.to(device), c, left
 
 
-def _local_1d_parts(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, causal: bool = False):
+def _local_1d_parts(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, causal: bool = False, part=None):
     """Blocked sliding-window attention: the output (B, H, T, Dv) and each query's log-sum-exp (B, H, T, 1)."""
     b, h, t, _ = q.shape
     allowed, c, left = _band(t, window, causal, str(q.device))
@@ -128,7 +128,9 @@ def _local_1d_parts(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, 
     qb = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, q.shape[-1])
     kb = F.pad(k, (0, 0, left, right)).unfold(2, span, c)  # (B, H, nb, Dk, L): a view
     vb = F.pad(v, (0, 0, left, right)).unfold(2, span, c).transpose(-1, -2)  # (B, H, nb, L, Dv)
-    out, lse = _safe_part((qb @ kb) * scale, allowed, vb)  # (B, H, nb, c, Dv)
+    if part is None:  # alone: one softmax, which keeps the least for backward
+        return _softmax_part((qb * scale) @ kb, allowed, vb).reshape(b, h, nb * c, -1)[:, :, :t], None
+    out, lse = part((qb @ kb) * scale, allowed, vb)  # (B, H, nb, c, Dv)
     return out.reshape(b, h, nb * c, -1)[:, :, :t], lse.reshape(b, h, nb * c, 1)[:, :, :t]
 
 
@@ -138,28 +140,57 @@ def local_1d(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool, scale: 
 
 
 @functools.lru_cache(maxsize=64)
-def _neighbours_valid(grid: tuple[int, int], radius: int, device: str) -> Tensor:
-    """(N, K²) which of each patch's (2r+1)² neighbour slots lie on the grid."""
-    ones = torch.ones(1, 1, *grid)
-    valid = F.unfold(ones, 2 * radius + 1, padding=radius)  # (1, K², N)
-    return (valid[0].T > 0).to(device)
+def _tiles(grid: tuple[int, int], radius: int, device: str) -> tuple[Tensor, int, tuple[int, int]]:
+    """allowed (nbh * nbw, b², (b + 2r)²) for 2-D neighbourhood attention in b x b query tiles, with b and tile counts.
+
+    Each tile of queries meets the (b + 2r)² keys around it; the mask keeps Chebyshev distance <= r on the grid.
+    """
+    gh, gw = grid
+    b = max(4, 2 * radius + 1)
+    nbh, nbw = -(-gh // b), -(-gw // b)
+    span = b + 2 * radius
+    qr = torch.arange(nbh)[:, None, None, None] * b + torch.arange(b)[None, None, :, None]  # (nbh, 1, b, 1)
+    qc = torch.arange(nbw)[None, :, None, None] * b + torch.arange(b)[None, None, None, :]  # (1, nbw, 1, b)
+    kr = torch.arange(nbh)[:, None, None, None] * b - radius + torch.arange(span)[None, None, :, None]
+    kc = torch.arange(nbw)[None, :, None, None] * b - radius + torch.arange(span)[None, None, None, :]
+    q_rows = qr.expand(nbh, nbw, b, b).reshape(nbh * nbw, b * b)
+    q_cols = qc.expand(nbh, nbw, b, b).reshape(nbh * nbw, b * b)
+    k_rows = kr.expand(nbh, nbw, span, span).reshape(nbh * nbw, span * span)
+    k_cols = kc.expand(nbh, nbw, span, span).reshape(nbh * nbw, span * span)
+    near = torch.maximum(
+        (q_rows[:, :, None] - k_rows[:, None, :]).abs(), (q_cols[:, :, None] - k_cols[:, None, :]).abs()
+    )
+    on_grid = ((k_rows >= 0) & (k_rows < gh) & (k_cols >= 0) & (k_cols < gw))[:, None, :]
+    padded_query = ((q_rows >= gh) | (q_cols >= gw))[:, :, None]  # anything finite, dropped afterwards
+    return ((near <= radius) & on_grid | padded_query).to(device), b, (nbh, nbw)
 
 
-def _neighbours(x: Tensor, grid: tuple[int, int], radius: int) -> Tensor:
-    """Gather each patch's (2r+1)² grid neighbours: x (B, H, N, D) -> (B, H, N, K², D), zeros off the grid."""
-    b, h, n, d = x.shape
-    planes = x.transpose(-1, -2).reshape(b * h, d, *grid)  # (BH, D, gh, gw)
-    cols = F.unfold(planes, 2 * radius + 1, padding=radius)  # (BH, D * K², N)
-    return cols.view(b, h, d, -1, n).permute(0, 1, 4, 3, 2)
+def _local_2d_parts(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int, scale: float, part=None):
+    """Neighbourhood attention in query tiles: the output (B, H, N, Dv) and each query's log-sum-exp (B, H, N, 1)."""
+    allowed, b, (nbh, nbw) = _tiles(tuple(grid), radius, str(q.device))
+    gh, gw = grid
+    bs, h = q.shape[:2]
+    span = b + 2 * radius
 
+    def plane(x: Tensor, before: int, after_h: int, after_w: int) -> Tensor:  # (B, H, N, D) -> padded grid
+        return F.pad(x.view(bs, h, gh, gw, x.shape[-1]), (0, 0, before, after_w, before, after_h))
 
-def _local_2d_parts(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int, scale: float):
-    """Neighbourhood attention: the output (B, H, N, Dv) and each query's log-sum-exp (B, H, N, 1)."""
-    valid = _neighbours_valid(tuple(grid), radius, str(q.device))  # (N, K²)
-    kn, vn = _neighbours(k, grid, radius), _neighbours(v, grid, radius)  # (B, H, N, K², D)
-    scores = (q[..., None, :] @ kn.transpose(-1, -2)) * scale  # (B, H, N, 1, K²)
-    out, lse = _safe_part(scores, valid[:, None, :], vn)
-    return out[..., 0, :], lse[..., 0, :]
+    def key_tiles(x: Tensor) -> Tensor:  # -> (B, H, nbh * nbw, span², D)
+        padded = plane(x, radius, nbh * b - gh + radius, nbw * b - gw + radius)
+        tiles = padded.unfold(2, span, b).unfold(3, span, b)  # (B, H, nbh, nbw, D, span, span)
+        return tiles.permute(0, 1, 2, 3, 5, 6, 4).reshape(bs, h, nbh * nbw, span * span, x.shape[-1])
+
+    def back(x: Tensor) -> Tensor:  # (B, H, tiles, b², D) -> (B, H, N, D)
+        x = x.view(bs, h, nbh, nbw, b, b, x.shape[-1]).transpose(3, 4).reshape(bs, h, nbh * b, nbw * b, -1)
+        return x[:, :, :gh, :gw].reshape(bs, h, gh * gw, -1)
+
+    qt = plane(q, 0, nbh * b - gh, nbw * b - gw).view(bs, h, nbh, b, nbw, b, q.shape[-1])
+    qt = qt.transpose(3, 4).reshape(bs, h, nbh * nbw, b * b, q.shape[-1])
+    if part is None:  # alone: one softmax, which keeps the least for backward
+        return back(_softmax_part((qt * scale) @ key_tiles(k).transpose(-1, -2), allowed, key_tiles(v))), None
+    out, lse = part((qt @ key_tiles(k).transpose(-1, -2)) * scale, allowed, key_tiles(v))
+
+    return back(out), back(lse)
 
 
 def local_2d(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int, scale: float) -> Tensor:
@@ -309,9 +340,9 @@ def routed_attend(q: Tensor, k: Tensor, v: Tensor, pattern: RoutedPattern, scale
         return _dense(q, k, v, pattern.mask(q.device), scale)
     local = pattern.local
     if local.grid is None:
-        out_local, lse_local = _local_1d_parts(q, k, v, local.window, scale)
+        out_local, lse_local = _local_1d_parts(q, k, v, local.window, scale, part=_safe_part)
     else:
-        out_local, lse_local = _local_2d_parts(q, k, v, local.grid, local.window_2d // 2, scale)
+        out_local, lse_local = _local_2d_parts(q, k, v, local.grid, local.window_2d // 2, scale, part=_safe_part)
     index, gate = pattern.selection()
     pick = index[:, None, :, None]
     k_sel = k.gather(2, pick.expand(-1, k.shape[1], -1, k.shape[-1]))  # (B, H, p, Dk)
@@ -319,6 +350,11 @@ def routed_attend(q: Tensor, k: Tensor, v: Tensor, pattern: RoutedPattern, scale
     scores = (q @ k_sel.transpose(-1, -2)) * scale + gate[:, None, None, :].to(q.dtype)  # (B, H, T, p)
     out_routed, lse_routed = _safe_part(scores, pattern.outside(index)[:, None], v_sel)
     return _merge(out_local, lse_local, out_routed, lse_routed)
+
+
+def _softmax_part(scores: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
+    """Softmax-weighted values over the allowed keys (every row has one)."""
+    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ values
 
 
 def _safe_part(scores: Tensor, allowed: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

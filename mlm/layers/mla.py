@@ -142,17 +142,23 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         if q_latent.shape[2] == 1:
-            # Decoding: score latent and RoPE parts separately (as DeepSeek's inference code does), so a step reads
-            # the cache once, with no concatenated copy; heads ride in the row axis of one batched matmul.
-            scores = q_latent[:, :, 0] @ c_kv.transpose(1, 2) + q_rope[:, :, 0] @ k_rope.transpose(1, 2)  # (B, H, S)
-            mask = dense_mask(mask, c_kv.device)
-            step_mask = None if mask is None else mask[..., 0, :]  # (S,) or (B, 1, S)
-            out_latent = attend_scores(scores * self.scale, c_kv, step_mask, top_k)[:, :, None]  # (B, H, 1, r)
+            out_latent = self._decode_step(q_latent[:, :, 0], q_rope[:, :, 0], c_kv, k_rope, mask, top_k)
         else:
             q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + rope)
             k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, r + rope): one "head" shared by all
             out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
+
+    def _decode_step(self, q_latent, q_rope, c_kv, k_rope, mask, top_k) -> Tensor:
+        """One query per row over the latent cache: (B, H, r) queries -> (B, H, 1, r).
+
+        The latent and RoPE parts are scored separately (as DeepSeek's inference code does: no concatenated copy of
+        the cache), their sum accumulated by one ``baddbmm``; heads ride in the row axis of one batched matmul.
+        """
+        mask = dense_mask(mask, c_kv.device)
+        step_mask = None if mask is None else mask[..., 0, :]  # (S,) or (B, 1, S)
+        scores = torch.baddbmm(q_rope @ k_rope.transpose(1, 2), q_latent, c_kv.transpose(1, 2))  # (B, H, S)
+        return attend_scores(scores * self.scale, c_kv, step_mask, top_k)[:, :, None]
 
     def _project(self, x: Tensor, rope, cache: LatentKVCache | None, context, positions=None) -> tuple[Tensor, ...]:
         """Queries of x and the keys' latent: (q_nope, q_rope, c_kv, k_rope), RoPE applied, cache appended."""
