@@ -24,7 +24,6 @@ from mlm.encoders.patches import build_patch_embed, image_pos_table
 from mlm.encoders.pooling import last_block_of_level
 from mlm.encoders.sharing import ModalityEmbedding, PerModality, separate_modules
 from mlm.layers.level_attention import LevelPattern
-from mlm.layers.masks import level_mask
 from mlm.layers.rope import rope_1d, rope_2d
 
 
@@ -72,33 +71,19 @@ class SharedEncoder(nn.Module):
         positions = torch.arange(start, end, device=device)
         return rope_1d(positions, self.cfg.mla.qk_rope_head_dim, self.cfg.mla.rope_theta)
 
-    def _pattern(self, level: str, n_tokens: int, causal: bool, grid) -> LevelPattern:
+    def _pattern(self, level: str, n_tokens: int, causal: bool, grid, start: int = 0, total: int = 0) -> LevelPattern:
         cfg = self.cfg
         if level == "routed" and causal:  # a selection over the whole text would let later tokens choose
             level = "global"
         return LevelPattern(
             level, n_tokens, causal, grid, cfg.local_window, cfg.local_window_2d, cfg.region_size, cfg.region_size_2d,
-            impl=cfg.level_impl,
+            start=start, impl=cfg.level_impl, total=total,
         )  # fmt: skip
 
-    def text_mask(self, level: str, total_len: int, start: int, end: int, device: torch.device):
-        """Return the causal mask rows of positions start..end-1 over keys 0..end-1, cut from a total_len mask;
-        a whole sequence gets its :class:`LevelPattern`, which long inputs run without building the mask."""
-        cfg = self.cfg
-        if start == 0 and end == total_len:
-            return self._pattern(level, total_len, True, None)
-        full = level_mask(
-            level,
-            total_len,
-            causal=True,
-            grid=None,
-            window=cfg.local_window,
-            window_2d=cfg.local_window_2d,
-            region=cfg.region_size,
-            region_2d=cfg.region_size_2d,
-            device=device,
-        )  # (L, L), cached per shape so slicing it every decoding step is cheap
-        return full[start:end, :end]
+    def text_mask(self, level: str, total_len: int, start: int, end: int, device: torch.device) -> LevelPattern:
+        """The causal pattern of positions start..end-1 over keys 0..end-1; its dense rows are cut from the cached
+        total_len mask (cheap every decoding step), and long whole sequences run without building it."""
+        return self._pattern(level, end - start, True, None, start=start, total=total_len)
 
     def image_mask(self, level: str, device: torch.device) -> LevelPattern:
         """Return the full (non-causal) pattern of one level over the patch grid (``.mask()`` builds it densely)."""

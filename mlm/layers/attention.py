@@ -105,6 +105,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, top_k: int = 0) 
         return routed_attend(q, k, v, mask, scale)
     if isinstance(mask, LevelPattern) and top_k == 0 and t > 1:
         return pattern_attend(q, k, v, mask, scale)
+    if isinstance(mask, LevelPattern) and top_k == 0 and mask.decode_window():
+        keep = mask.decode_window()  # a local step sees only the last window of the cache: read just that
+        k, v, mask = k[:, :, -keep:], v[:, :, -keep:], None
     mask = dense_mask(mask, q.device)
     h_kv, d_v = k.shape[1], v.shape[-1]
     groups = h // h_kv

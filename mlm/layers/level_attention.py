@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlm.layers.masks import level_mask
+from mlm.layers.masks import LEVELS, level_mask
 
 IMPLS = ("auto", "dense", "sparse")
 AUTO_MIN_TOKENS = 256  # below this the dense mask is as fast (bench scale: the fast paths win from a few hundred)
@@ -42,6 +42,15 @@ class LevelPattern:
     region_2d: int
     start: int = 0
     impl: str = "auto"
+    total: int = 0  # cached decoding: rows are cut from the mask of this many tokens (one cached mask per run)
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"attention level {self.level!r} is not one of {', '.join(LEVELS)}")
+        check_impl(self.impl)
+        if self.grid is not None and self.grid[0] * self.grid[1] != self.n_keys:
+            raise ValueError(f"grid {self.grid[0]}x{self.grid[1]} has {self.grid[0] * self.grid[1]} patches but the "
+                             f"input has {self.n_keys} tokens")  # fmt: skip
 
     @property
     def n_keys(self) -> int:
@@ -51,10 +60,16 @@ class LevelPattern:
     def mask(self, device: torch.device | str = "cpu") -> Tensor:
         """The dense (T, S) boolean mask (True = attend) this pattern stands for."""
         full = level_mask(
-            self.level, self.n_keys, causal=self.causal, grid=self.grid, window=self.window,
+            self.level, max(self.total, self.n_keys), causal=self.causal, grid=self.grid, window=self.window,
             window_2d=self.window_2d, region=self.region, region_2d=self.region_2d, device=device,
         )  # fmt: skip
-        return full[self.start :] if self.start else full
+        return full[self.start : self.n_keys, : self.n_keys] if self.start or self.total else full
+
+    def decode_window(self) -> int:
+        """Keys a single cached decoding step needs at the end of the cache (a causal 1-D window), or 0 for all."""
+        if self.n_queries == 1 and self.causal and self.grid is None and self.level == "local" and self.impl != "dense":
+            return self.window + 1 if self.window + 1 < self.n_keys else 0
+        return 0
 
     def sparse(self) -> bool:
         """Whether :func:`pattern_attend` takes the fast path for this pattern."""

@@ -124,8 +124,9 @@ def test_fit_exponent():
     assert fit_exponent([256, 1024], [1.0, 4.0]) == pytest.approx(1.0)
 
 
-def _encoder(impl: str, levels: list[str]) -> SharedEncoder:
+def _encoder(impl: str, levels: list[str], attention: str = "mla") -> SharedEncoder:
     cfg = Config().model
+    cfg.attention, cfg.mla.n_kv_heads = attention, 1
     cfg.dim, cfg.n_layers, cfg.levels, cfg.image_size, cfg.patch_size = 32, len(levels), levels, 48, 4
     cfg.local_window, cfg.region_size, cfg.routed_tokens, cfg.level_impl = 5, 4, 20, impl
     cfg.mla.n_heads, cfg.mla.kv_lora_rank, cfg.mla.qk_nope_head_dim, cfg.mla.v_head_dim = 2, 16, 8, 8
@@ -153,12 +154,35 @@ def test_encoder_sparse_equals_dense_on_images_and_text():
     assert dense.blocks[2].router.weight.grad.abs().sum() > 0  # the router learns from the loss
 
 
-def test_cached_text_decoding_equals_the_full_sparse_pass():
-    """Step-by-step decoding (dense rows of the cached mask) equals one full pass on the fast path."""
-    enc = _encoder("sparse", ["local", "regional", "routed", "global"]).eval()
+@pytest.mark.parametrize("absorbed", [False, True])
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_cached_text_decoding_equals_the_full_sparse_pass(absorbed, attention):
+    """Step-by-step decoding (local steps read only the cache's last window; the others rows of the cached mask)
+    equals one full pass on the fast path."""
+    enc = _encoder("sparse", ["local", "regional", "routed", "global"], attention).eval()
     text = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         full = enc.encode_text(text).tokens
         caches = enc.new_caches()
-        steps = [enc.encode_text(text[:, i : i + 1], start=i, total_len=12, caches=caches).tokens for i in range(12)]
+        steps = [
+            enc.encode_text(text[:, i : i + 1], start=i, total_len=12, caches=caches, absorbed=absorbed).tokens
+            for i in range(12)
+        ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-9)
+
+
+def test_a_local_decoding_step_reads_only_the_last_window():
+    pattern = LevelPattern("local", 1, True, None, **SIZES, start=20, total=32)
+    assert pattern.decode_window() == SIZES["window"] + 1
+    assert pattern.mask().shape == (1, 21) and pattern.mask()[0, -4:].all() and not pattern.mask()[0, :-4].any()
+    assert LevelPattern("global", 1, True, None, **SIZES, start=20).decode_window() == 0
+    assert LevelPattern("local", 1, True, None, **SIZES, start=20, impl="dense").decode_window() == 0
+
+
+def test_bad_patterns_name_the_problem():
+    with pytest.raises(ValueError, match="grid 3x3 has 9 patches but the input has 10 tokens"):
+        LevelPattern("local", 10, False, (3, 3), **SIZES)
+    with pytest.raises(ValueError, match="model.level_impl='fast' is not one of auto, dense, sparse"):
+        LevelPattern("local", 10, False, None, **SIZES, impl="fast")
+    with pytest.raises(ValueError, match="attention level 'sliding' is not one of"):
+        LevelPattern("sliding", 10, False, None, **SIZES)
