@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import platform
 import statistics
 import time
@@ -43,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+
+
+def fit_exponent(lengths: list[int], values: list[float]) -> float:
+    """Least-squares slope of log(value) against log(length): the growth exponent of a cost."""
+    xs, ys = [math.log(x) for x in lengths], [math.log(max(y, 1e-12)) for y in values]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
 def _pattern(args, level: str, n: int, grid, impl: str):
@@ -115,8 +124,6 @@ def _sweep(args, sizes: list[int], grid_of) -> dict:
 
 def _exponents(sweep: dict, fit_from: int) -> dict:
     """Fitted growth exponent of time per level and path, over the lengths >= fit_from."""
-    from mlm.layers.level_attention import fit_exponent
-
     out = {}
     for level, paths in sweep.items():
         for path, points in paths.items():

@@ -213,6 +213,12 @@ def local_2d(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int
     return _local_2d_parts(q, k, v, grid, radius, scale)[0]
 
 
+def _slots(order: Tensor, n_tokens: int) -> Tensor:
+    """(T,) the region slot of each token, inverting order (padding slots, = n_tokens, are never read back)."""
+    slots = torch.empty(n_tokens + 1, dtype=torch.long).scatter_(0, order, torch.arange(order.numel()))
+    return slots[:n_tokens]
+
+
 @functools.lru_cache(maxsize=64)
 def _regions_1d(t: int, region: int, causal: bool, device: str) -> tuple[Tensor, ...]:
     """Region layout of 1-D regional attention; see :func:`_region_attend` for the tensors."""
@@ -229,7 +235,7 @@ def _regions_1d(t: int, region: int, causal: bool, device: str) -> tuple[Tensor,
         sum_ok = sum_ok & (first[None, None, :] <= slot_pos[:, :, None])
     order = torch.where(valid, slot_pos, t).reshape(-1)
     own_ok = own_ok | ~valid[:, :, None]  # padded query rows: anything finite, dropped afterwards
-    return tuple(x.to(device) for x in (order, own_ok, sum_ok, first))
+    return tuple(x.to(device) for x in (order, own_ok, sum_ok, first, _slots(order, t)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -245,14 +251,15 @@ def _regions_2d(grid: tuple[int, int], size: int, device: str) -> tuple[Tensor, 
     m = mr * mc
     first = order.view(m, -1)[:, 0]  # a region's top-left patch is always on the grid
     sum_ok = (torch.arange(m)[None, :] != torch.arange(m)[:, None])[:, None, :].expand(m, size * size, m)
-    return tuple(x.to(device) for x in (order, own_ok, sum_ok, first))
+    return tuple(x.to(device) for x in (order, own_ok, sum_ok, first, _slots(order, gh * gw)))
 
 
-def _region_attend(q, k, v, order, own_ok, sum_ok, first, scale) -> Tensor:
+def _region_attend(q, k, v, order, own_ok, sum_ok, first, slots, scale) -> Tensor:
     """One softmax over each query's own region and the other regions' first tokens.
 
     order (m * R,) lists the token in each region slot (n = a zero padding token); own_ok (m, R, R) and sum_ok
-    (m, R, m) say which own-region slots and which region firsts each slot's query may see.
+    (m, R, m) say which own-region slots and which region firsts each slot's query may see; slots (T,) is each
+    token's slot.
     """
     b, h, t, _ = q.shape
     m, r = own_ok.shape[:2]
@@ -267,22 +274,17 @@ def _region_attend(q, k, v, order, own_ok, sum_ok, first, scale) -> Tensor:
     weights = torch.cat((own.masked_fill(~own_ok, neg), summary.masked_fill(~sum_ok, neg)), dim=-1).softmax(-1)
     out = weights[..., :r] @ vr + weights[..., r:] @ v[:, :, first][:, :, None]  # (B, H, m, R, Dv)
     out = out.reshape(b, h, m * r, -1)
-    inverse = torch.empty(t + 1, dtype=torch.long, device=q.device).scatter_(
-        0, order, torch.arange(order.numel(), device=q.device)
-    )  # token -> its slot (the padding token's entry is never read)
-    return out[:, :, inverse[:t]]
+    return out[:, :, slots]
 
 
 def regional_1d(q: Tensor, k: Tensor, v: Tensor, region: int, causal: bool, scale: float) -> Tensor:
     """Attention within 1-D regions of ``region`` tokens plus to every other region's first token."""
-    order, own_ok, sum_ok, first = _regions_1d(q.shape[2], region, causal, str(q.device))
-    return _region_attend(q, k, v, order, own_ok, sum_ok, first, scale)
+    return _region_attend(q, k, v, *_regions_1d(q.shape[2], region, causal, str(q.device)), scale)
 
 
 def regional_2d(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], size: int, scale: float) -> Tensor:
     """Attention within square regions of the patch grid plus to every other region's top-left patch."""
-    order, own_ok, sum_ok, first = _regions_2d(tuple(grid), size, str(q.device))
-    return _region_attend(q, k, v, order, own_ok, sum_ok, first, scale)
+    return _region_attend(q, k, v, *_regions_2d(tuple(grid), size, str(q.device)), scale)
 
 
 def keep_fraction(n_tokens: int) -> float:
@@ -390,11 +392,3 @@ def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor
     top = torch.maximum(lse_a, lse_b)
     w_a, w_b = (lse_a - top).exp(), (lse_b - top).exp()
     return (w_a * out_a + w_b * out_b) / (w_a + w_b)
-
-
-def fit_exponent(lengths: list[int], values: list[float]) -> float:
-    """Least-squares slope of log(value) against log(length): the growth exponent of a cost."""
-    xs, ys = [math.log(x) for x in lengths], [math.log(max(y, 1e-12)) for y in values]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0

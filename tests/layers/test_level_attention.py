@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from mlm.bench.scale import fit_exponent
 from mlm.config import Config
 from mlm.encoders.shared import SharedEncoder
 from mlm.layers.level_attention import (
     AUTO_MIN_TOKENS,
     LevelPattern,
     RoutedPattern,
-    fit_exponent,
     keep_fraction,
     pattern_attend,
     routed_attend,
