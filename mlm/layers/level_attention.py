@@ -90,9 +90,9 @@ def pattern_attend(q: Tensor, k: Tensor, v: Tensor, pattern: LevelPattern, scale
     if not pattern.sparse():
         mask = pattern.mask(q.device)
         return _dense(q, _heads(k, q.shape[1]), _heads(v, q.shape[1]), mask, scale)
-    k, v = _heads(k, q.shape[1]), _heads(v, q.shape[1])
-    if pattern.level == "global":
-        return _dense(q, k, v, None, scale, causal=pattern.causal)
+    k, v, t = _heads(k, q.shape[1]), _heads(v, q.shape[1]), q.shape[2]
+    if pattern.level == "global" or (pattern.level == "local" and pattern.grid is None and pattern.window + 1 >= t):
+        return _dense(q, k, v, None, scale, causal=pattern.causal)  # a window over everything is global
     if pattern.level in ("local", "routed") and pattern.grid is None:  # routed alone: its local part
         return local_1d(q, k, v, pattern.window, pattern.causal, scale)
     if pattern.level in ("local", "routed"):
