@@ -10,11 +10,10 @@ on the last ``qk_rope_head_dim`` dims, and their value head dim is ``v_head_dim`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlm.layers.kv_cache import KVCache
-from mlm.layers.level_attention import LevelPattern, RoutedPattern, pattern_attend, routed_attend
+from mlm.layers.level_attention import LevelPattern, RoutedPattern, decode_keys, pattern_attend, routed_attend, sdpa
 from mlm.layers.masks import top_k_mask
 from mlm.layers.rope import apply_rope
 
@@ -105,9 +104,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, top_k: int = 0) 
         return routed_attend(q, k, v, mask, scale)
     if isinstance(mask, LevelPattern) and top_k == 0 and t > 1:
         return pattern_attend(q, k, v, mask, scale)
-    if isinstance(mask, LevelPattern) and top_k == 0 and mask.decode_window():
-        keep = mask.decode_window()  # a local step sees only the last window of the cache: read just that
-        k, v, mask = k[:, :, -keep:], v[:, :, -keep:], None
+    k, v, mask = decode_keys(mask, top_k, 2, k, v)
     mask = dense_mask(mask, q.device)
     h_kv, d_v = k.shape[1], v.shape[-1]
     groups = h // h_kv
@@ -123,11 +120,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, top_k: int = 0) 
         # Explicit scores for top-k, and for decoding, where SDPA's fallback kernel would rescale every cached key.
         out = attend_scores((q @ k.transpose(-1, -2)) * scale, v, mask, top_k)  # scores (B, H, T, S)
     else:
-        if d_v < q.shape[-1]:
-            # Fused kernels (CPU flash) want equal key and value dims; padding V, as transformers' DeepSeek-V3 does
-            # for flash attention, avoids the fallback kernel's (T, S) scores in memory.
-            v = F.pad(v, (0, q.shape[-1] - d_v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :d_v]
+        out = sdpa(q, k, v, mask, scale)
     return out.reshape(b, h, t, d_v)
 
 

@@ -6,7 +6,8 @@ dense boolean mask of :func:`mlm.layers.masks.level_mask`, which stays the refer
 
 - local, 1-D: query blocks of ``window`` tokens each attend to a band of keys cut from the padded key sequence by
   ``unfold`` (a view, as in Longformer's chunked implementation); cost n·3w;
-- local, 2-D: each patch gathers its (2r+1)² neighbours with ``F.unfold`` (neighbourhood attention); cost n·(2r+1)²;
+- local, 2-D: b×b query tiles each attend to the (b+2r)² key tile around them (neighbourhood attention);
+  cost n·(b+2r)²/b²;
 - regional: attention within the region plus to the first token of every other region, two score blocks under one
   softmax; cost n·(R + n/R);
 - global: SDPA with no mask, or ``is_causal`` (both take fused kernels; an explicit mask does not on CPU).
@@ -47,7 +48,8 @@ class LevelPattern:
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"attention level {self.level!r} is not one of {', '.join(LEVELS)}")
-        check_impl(self.impl)
+        if self.impl not in IMPLS:
+            raise ValueError(f"model.level_impl={self.impl!r} is not one of {', '.join(IMPLS)}")
         if self.grid is not None and self.grid[0] * self.grid[1] != self.n_keys:
             raise ValueError(f"grid {self.grid[0]}x{self.grid[1]} has {self.grid[0] * self.grid[1]} patches but the "
                              f"input has {self.n_keys} tokens")  # fmt: skip
@@ -78,21 +80,23 @@ class LevelPattern:
         return self.impl == "sparse" or self.n_queries >= AUTO_MIN_TOKENS
 
 
-def check_impl(impl: str) -> str:
-    """Return impl if it names a level-attention implementation; raise ValueError listing them otherwise."""
-    if impl not in IMPLS:
-        raise ValueError(f"model.level_impl={impl!r} is not one of {', '.join(IMPLS)}")
-    return impl
+def decode_keys(mask, top_k: int, seq_dim: int, *cached: Tensor) -> tuple:
+    """(*cached, mask) for one cached decoding step: a causal 1-D local step sees only the cache's last window, so
+    the cached tensors are cut to it along seq_dim and the mask drops; anything else passes through unchanged."""
+    keep = mask.decode_window() if isinstance(mask, LevelPattern) and top_k == 0 else 0
+    if not keep:
+        return (*cached, mask)
+    return (*(t.narrow(seq_dim, t.shape[seq_dim] - keep, keep) for t in cached), None)
 
 
 def pattern_attend(q: Tensor, k: Tensor, v: Tensor, pattern: LevelPattern, scale: float) -> Tensor:
     """Attention of q (B, H, T, Dk) over k (B, Hk, S, Dk), v (B, Hk, S, Dv) under pattern -> (B, H, T, Dv)."""
     if not pattern.sparse():
         mask = pattern.mask(q.device)
-        return _dense(q, _heads(k, q.shape[1]), _heads(v, q.shape[1]), mask, scale)
+        return sdpa(q, _heads(k, q.shape[1]), _heads(v, q.shape[1]), mask, scale)
     k, v, t = _heads(k, q.shape[1]), _heads(v, q.shape[1]), q.shape[2]
     if pattern.level == "global" or (pattern.level == "local" and pattern.grid is None and pattern.window + 1 >= t):
-        return _dense(q, k, v, None, scale, causal=pattern.causal)  # a window over everything is global
+        return sdpa(q, k, v, None, scale, causal=pattern.causal)  # a window over everything is global
     if pattern.level in ("local", "routed") and pattern.grid is None:  # routed alone: its local part
         return local_1d(q, k, v, pattern.window, pattern.causal, scale)
     if pattern.level in ("local", "routed"):
@@ -111,8 +115,9 @@ def _heads(x: Tensor, n_heads: int) -> Tensor:
     return x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
-def _dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool = False) -> Tensor:
-    """SDPA with equal key and value dims (padding V, so CPU takes the fused kernel), cut back to Dv."""
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool = False) -> Tensor:
+    """SDPA with equal key and value dims, cut back to Dv: fused kernels (CPU flash) want them equal, and padding V,
+    as transformers' DeepSeek-V3 does for flash attention, avoids the fallback kernel's (T, S) scores in memory."""
     d_v = v.shape[-1]
     if d_v < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - d_v))
@@ -354,7 +359,7 @@ def routed_attend(q: Tensor, k: Tensor, v: Tensor, pattern: RoutedPattern, scale
     """Attention over each query's local window plus the routed keys, O(n·(k + p)); q, k, v (B, H, T, D)."""
     k, v = _heads(k, q.shape[1]), _heads(v, q.shape[1])
     if not pattern.local.sparse():
-        return _dense(q, k, v, pattern.mask(q.device), scale)
+        return sdpa(q, k, v, pattern.mask(q.device), scale)
     local = pattern.local
     if local.grid is None:
         out_local, lse_local = _local_1d_parts(q, k, v, local.window, scale, part=_safe_part)

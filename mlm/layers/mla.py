@@ -33,7 +33,7 @@ from mlm.layers.attention import (
     rope_for_heads,
 )
 from mlm.layers.kv_cache import KVCache, LatentKVCache
-from mlm.layers.level_attention import LevelPattern
+from mlm.layers.level_attention import decode_keys
 from mlm.layers.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -156,9 +156,7 @@ class MultiHeadLatentAttention(nn.Module):
         The latent and RoPE parts are scored separately (as DeepSeek's inference code does: no concatenated copy of
         the cache), their sum accumulated by one ``baddbmm``; heads ride in the row axis of one batched matmul.
         """
-        if isinstance(mask, LevelPattern) and top_k == 0 and mask.decode_window():
-            keep = mask.decode_window()  # a local step sees only the last window of the cache: read just that
-            c_kv, k_rope, mask = c_kv[:, -keep:], k_rope[:, -keep:], None
+        c_kv, k_rope, mask = decode_keys(mask, top_k, 1, c_kv, k_rope)
         mask = dense_mask(mask, c_kv.device)
         step_mask = None if mask is None else mask[..., 0, :]  # (S,) or (B, 1, S)
         scores = torch.baddbmm(q_rope @ k_rope.transpose(1, 2), q_latent, c_kv.transpose(1, 2))  # (B, H, S)
