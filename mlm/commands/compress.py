@@ -1,8 +1,11 @@
-"""``mlm compress CHECKPOINT OUT --int8``: a smaller model folder for CPU inference.
+"""``mlm compress CHECKPOINT OUT [--int8] [--prune-heads R] [--prune-ffn R] [--calib DATA]``: a smaller model folder.
 
-``--int8`` is post-training dynamic INT8 of the Linear layers (:mod:`mlm.compress.int8`; ``--engine torchao`` or
-``fbgemm``). The folder is written beside OUT under a temporary name and renamed when it is complete, so a failure
-leaves nothing half-written. It loads with the normal loader (``MLMModel.from_pretrained`` and every ``mlm`` command),
+``--prune-heads`` / ``--prune-ffn`` remove that share of every attention module's heads and every feed-forward's
+channels, the least important on calibration data (:mod:`mlm.compress.prune`); the result is a float model of a
+smaller config, ready to fine-tune or distill (``mlm distill``). ``--int8`` is post-training dynamic INT8 of the
+Linear layers (:mod:`mlm.compress.int8`; ``--engine torchao`` or ``fbgemm``), after pruning when both are asked.
+The folder is written beside OUT under a temporary name and renamed when it is complete, so a failure leaves nothing
+half-written. It loads with the normal loader (``MLMModel.from_pretrained`` and every ``mlm`` command),
 on the CPU.
 """
 
@@ -26,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="torchao",
         help="INT8 kernels: torchao (maintained) or fbgemm via torch.ao (deprecated, faster on CPU)",
     )
+    parser.add_argument("--prune-heads", type=float, default=0.0, metavar="R", help="share of heads to remove")
+    parser.add_argument("--prune-ffn", type=float, default=0.0, metavar="R", help="share of FFN channels to remove")
+    parser.add_argument(
+        "--calib", metavar="DATA", help="calibration source for pruning (default: the run's data.train)"
+    )
+    parser.add_argument("--calib-split", default="train", help="split of a synth folder or Karpathy file (train)")
+    parser.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default 8)")
+    parser.add_argument("--calib-batch-size", type=int, default=32, help="records per calibration batch (32)")
     parser.set_defaults(func=run)
 
 
@@ -33,20 +44,49 @@ def _size(folder: Path) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
+def _prune(model, folder: Path, args: argparse.Namespace) -> None:
+    """Rank heads and channels on the calibration data and remove the asked shares; print what changed."""
+    from mlm.compress import prune
+    from mlm.train import calibration
+
+    config = calibration.run_settings(model, folder)
+    spec = args.calib or config.data.train
+    if not spec:
+        raise ValueError("--calib DATA: pruning ranks heads and channels on calibration data; name a data source")
+    batches = calibration.calibration_batches(
+        model, config, spec, args.calib_split, args.calib_batches, args.calib_batch_size
+    )
+    scores = prune.importance(model, batches, calibration.calibration_loss(config))
+    report = prune.prune(model.eval(), scores, args.prune_heads, args.prune_ffn)
+    cfg = model.config
+    print(f"pruned on {len(batches)} calibration batches of {spec}: {report.line()}; fine-tune or distill it with "
+          f"--set model.mla.n_heads={cfg.mla.n_heads} --set model.mla.n_kv_heads={cfg.mla.n_kv_heads} "
+          f"--set model.ffn_hidden_dim={cfg.ffn_hidden_dim}")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load on the CPU, compress, write to a temporary folder, rename; print what was written."""
+    """Load on the CPU, prune and/or quantize, write to a temporary folder, rename; print what was written."""
     from mlm.compress import int8
+    from mlm.compress.prune import check_ratio
     from mlm.compress.qat import ACTIVATIONS
     from mlm.model import MLMModel
     from mlm.run_folder import check_new_folder, resolve_checkpoint, run_config, write_folder
 
-    if not args.int8:
-        raise ValueError("choose a compression: --int8")
+    pruning = check_ratio("--prune-heads", args.prune_heads) > 0 or check_ratio("--prune-ffn", args.prune_ffn) > 0
+    if not args.int8 and not pruning:
+        raise ValueError("choose a compression: --int8, --prune-heads R or --prune-ffn R")
     out = check_new_folder(args.out)  # before the model loads: fail fast
     folder = resolve_checkpoint(args.checkpoint)
     if (folder / int8.QUANT_FILE).is_file():
         raise ValueError(f"{folder}: already compressed ({int8.QUANT_FILE}); compress the float model")
     model = MLMModel.from_pretrained(str(folder)).eval()
+    if pruning:
+        _prune(model, folder, args)
+    if not args.int8:
+        write_folder(out, model.save_pretrained)
+        before, after = _size(folder), _size(out)
+        print(f"wrote {out}: model.safetensors {before:,} -> {after:,} bytes ({after / before:.3f}x)")
+        return 0
     qat = bool((run_config(folder) or {}).get("train", {}).get("qat"))  # trained for the QAT input scheme
     names = int8.quantize_int8(model, engine=args.engine, activations=ACTIVATIONS if qat else "symmetric")
     write_folder(out, model.save_pretrained)

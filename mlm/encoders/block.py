@@ -17,10 +17,13 @@ from mlm.layers.mlp import SwiGLU
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
-    """Return the SwiGLU width: 2/3 of mlp_ratio * dim (LLaMA), rounded up to a multiple of 8.
+    """Return the SwiGLU width: ``model.ffn_hidden_dim`` when set, else 2/3 of mlp_ratio * dim (LLaMA), rounded up
+    to a multiple of 8.
 
     Three matrices at 2/3 of the width keep the parameter count of a two-matrix MLP with the same mlp_ratio.
     """
+    if cfg.ffn_hidden_dim > 0:
+        return cfg.ffn_hidden_dim
     hidden = int(2 * cfg.mlp_ratio * cfg.dim / 3)
     return max(8, -(-hidden // 8) * 8)
 

@@ -152,8 +152,8 @@ def start_trackers(accelerator, config: Config) -> None:
 
 
 def build_tokenizer(config: Config, source, accelerator, checkpoint: Path | None):
-    """The run's tokenizer: the checkpoint's when resuming, the initial model's when fine-tuning, else built on the
-    main process; shared by file."""
+    """The run's tokenizer: the checkpoint's when resuming, the initial model's when fine-tuning, the teacher's when
+    distilling, else built on the main process; shared by file."""
     from mlm.data.tokenizer import MLMTokenizer
 
     path = Path(config.train.output_dir) / TOKENIZER_FILE
@@ -165,6 +165,11 @@ def build_tokenizer(config: Config, source, accelerator, checkpoint: Path | None
             from mlm.train import init_from
 
             tokenizer = init_from.load_tokenizer(config)
+            init_from.report_new_words(tokenizer, source.texts())
+        elif config.train.distill.teacher:  # a student distils over its teacher's vocabulary
+            from mlm.train import distill, init_from
+
+            tokenizer = distill.load_tokenizer(config)
             init_from.report_new_words(tokenizer, source.texts())
         else:
             texts = list(source.texts()) if config.data.tokenizer == "wordpiece" else None
