@@ -58,6 +58,7 @@ class ModelConfig:
     pooling: str = "hierarchical"  # hierarchical (per-level attention pooling) | mean (mean of the last block)
     level_weight_init: str = "ramp"  # ramp (0.1 lowest level -> 1.0 highest) | uniform (all 1.0)
     mlp_ratio: float = 4.0
+    ffn_hidden_dim: int = 0  # SwiGLU width; 0 = from mlp_ratio (a pruned model states its own: mlm compress)
     image_size: int = 64
     patch_size: int = 8
     conv_stem: int = 0  # stride-2 3x3 convolutions before the patch projection (early convolutions); 0 = linear
@@ -74,6 +75,7 @@ class ModelConfig:
     word_head_patches: bool = False  # the word head scores every patch; a word's logit is its best patch's (MIL)
     cross_pos_values: bool = False  # the image tokens the decoder reads get a learned projection of their position
     cross_null: bool = False  # the decoder's cross-attention can attend to a learned "nothing here" token
+    early_exit: bool = False  # halting gates after each image block: easy images stop early (--exit-threshold)
     match_head: bool = False  # a match / no-match head on the decoder (image-text matching, train.match_weight)
     dropout: float = 0.0
     norm_eps: float = 1e-6
@@ -113,6 +115,16 @@ class LoraSettings:
 
 
 @dataclass
+class DistillSettings:
+    """Knowledge distillation from a trained teacher (``mlm distill``, :mod:`mlm.train.distill`)."""
+
+    teacher: str = ""  # a model, checkpoint or run folder; "" = off
+    contrastive_weight: float = 1.0  # KL between the teacher's and the student's image-text similarity softmaxes
+    token_weight: float = 1.0  # KL between their caption / answer token distributions at the temperature
+    temperature: float = 2.0  # of the token distributions (the loss is scaled by its square, Hinton et al.)
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, objectives, checkpoints and logging."""
 
@@ -142,6 +154,7 @@ class TrainConfig:
     caption_weight: float = 2.0
     vqa_weight: float = 1.0
     word_weight: float = 0.0  # predict the caption's words from the pooled image (SuperClass); needs model.word_head
+    exit_weight: float = 0.0  # model.early_exit: contrastive loss of every exit's embedding (its gates always train)
     match_weight: float = 0.0  # image-text matching through the decoder with hard negatives; needs model.match_head
     hard_negative_strength: float = 0.0
     hard_negative_sampler: bool = False
@@ -151,6 +164,7 @@ class TrainConfig:
     local_loss: bool = False
     init_from: str = ""  # fine-tune: a trained model/checkpoint/run folder's weights and tokenizer start the run
     lora: LoraSettings = field(default_factory=LoraSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     save_every: int = 500
     keep_last: int = 3
     log_every: int = 10

@@ -35,6 +35,7 @@ _RANGES = [
     ("model.dim", 4, 16384), ("model.n_layers", 1, 256), ("model.local_window", 0, 1 << 20),
     ("model.local_window_2d", 1, 1023), ("model.region_size", 1, 1 << 20), ("model.region_size_2d", 1, 1023),
     ("model.top_k", 0, 1 << 20), ("model.routed_tokens", 0, 1 << 20), ("model.mlp_ratio", 0.25, 64),
+    ("model.ffn_hidden_dim", 0, 1 << 20),
     ("model.image_size", 1, 8192),
     ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.patch_overlap", 0, 1024),
     ("model.in_chans", 1, 64),
@@ -48,7 +49,9 @@ _RANGES = [
     ("train.eval_every", 0, 1 << 40), ("train.swap_negatives", 0, 64),
     ("train.vqa_turns", 1, 64), ("train.lr", 0.0, 10.0),
     ("train.max_time_s", 0.0, 1e9), ("train.lora.rank", 0, 4096), ("train.lora.alpha", 1e-6, 1e6),
-    ("train.lora.dropout", 0.0, 0.99), ("train.match_weight", 0.0, 1e3),
+    ("train.lora.dropout", 0.0, 0.99), ("train.distill.contrastive_weight", 0.0, 1e3),
+    ("train.distill.token_weight", 0.0, 1e3), ("train.distill.temperature", 1e-3, 1e3),
+    ("train.match_weight", 0.0, 1e3), ("train.exit_weight", 0.0, 1e3),
     ("train.word_weight", 0.0, 1e3), ("train.grad_compression_full_every", 0, 1 << 30),
     ("train.grad_compression_rank", 1, 1024), ("train.grad_compression_start", 0, 1 << 30),
     ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
@@ -165,6 +168,8 @@ def check_run(cfg) -> None:
         raise ConfigError(f"train.word_weight={t.word_weight} needs model.word_head: true (the head it trains)")
     if t.match_weight and not cfg.model.match_head:
         raise ConfigError(f"train.match_weight={t.match_weight} needs model.match_head: true (the head it trains)")
+    if t.exit_weight and not cfg.model.early_exit:
+        raise ConfigError(f"train.exit_weight={t.exit_weight} needs model.early_exit: true (the exits it trains)")
     if t.lora.rank and not t.lora.target_modules:
         raise ConfigError(f"train.lora.rank={t.lora.rank} needs train.lora.target_modules (names of Linear layers)")
     if t.qat and t.lora.rank:

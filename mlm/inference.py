@@ -49,8 +49,9 @@ def pick_device(device: str | None = None) -> torch.device:
     return chosen
 
 
-def load_model(path: str | Path, device: str | None = None) -> MLMModel:
-    """Load a model with its tokenizer from a model, checkpoint or run folder (see :func:`resolve_checkpoint`)."""
+def load_model(path: str | Path, device: str | None = None, exit_threshold: float | None = None) -> MLMModel:
+    """Load a model with its tokenizer from a model, checkpoint or run folder (see :func:`resolve_checkpoint`);
+    ``exit_threshold`` lets images stop at a confident early exit (models trained with ``model.early_exit``)."""
     from mlm.model_files import read_config
 
     folder = resolve_checkpoint(path)
@@ -63,6 +64,7 @@ def load_model(path: str | Path, device: str | None = None) -> MLMModel:
     model = model.to(target)
     if model.tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer.json; captions and questions need the model's tokenizer")
+    model.set_exit_threshold(exit_threshold)
     return model
 
 

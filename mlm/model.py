@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from mlm import model_files
 from mlm.compress import int8
 from mlm.config import Config, ModelConfig
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
+from mlm.encoders.early_exit import EarlyExit
 from mlm.encoders.pooling import POOLING, WordHead
 from mlm.encoders.shared import SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
@@ -36,50 +36,12 @@ from mlm.fusion.matching import MatchHead, match_logits
 from mlm.generation import DecodingCache, DecodingConfig, cache_bytes, generate_from_prompts
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
 from mlm.model_files import config_json, model_config, read_config, read_decoding, resolve_file
+from mlm.model_outputs import Features, MLMOutput, check_text_mask
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation_config.json"
-
-
-@dataclass
-class MLMOutput:
-    """What :meth:`MLMModel.forward` returns (the training loss computes its objectives from these)."""
-
-    image_embeds: Tensor | None = None  # (B, E) L2-normalised
-    text_embeds: Tensor | None = None  # (B, E) L2-normalised
-    logit_scale: Tensor | None = None  # scalar, exp'ed and clamped to <= 100
-    logit_bias: Tensor | None = None  # scalar, for the SigLIP loss
-    logits: Tensor | None = None  # (B, T, V): position t predicts token t + 1
-    image_tokens: Tensor | None = None  # (B, N, C) final image states read by the decoder
-    negative_embeds: Tensor | None = None  # (M, E) L2-normalised swapped-word negative captions, when given
-    word_logits: Tensor | None = None  # (B, V) the caption words predicted from each image, with model.word_head
-    match_logits: Tensor | None = None  # (P, 2) no match / match of image-text pairs, with model.match_head
-    match_labels: Tensor | None = None  # (P,) 1 where the pair matches
-
-
-@dataclass
-class Features:
-    """One modality after the encoder and pooling."""
-
-    embeds: Tensor  # (B, E) L2-normalised embeddings in the shared space
-    tokens: Tensor  # (B, T, C) final encoder states
-    pool_weights: dict[str, Tensor]  # level -> (B, T) softmax pooling weights over positions
-    projected: Tensor | None = None  # (B, E) the embeddings before L2 normalisation
-    mask: Tensor | None = None  # (B, T) True at real tokens (text)
-
-
-def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
-    """Return a boolean (B, T) mask (all True when None); raise ValueError unless text is right-padded."""
-    if text_mask is None:
-        return torch.ones_like(text_ids, dtype=torch.bool)
-    if text_mask.shape != text_ids.shape:
-        raise ValueError(f"text_mask has shape {tuple(text_mask.shape)} but text_ids {tuple(text_ids.shape)}")
-    text_mask = text_mask.bool()
-    if bool((text_mask[:, 1:] & ~text_mask[:, :-1]).any()):
-        raise ValueError("text must be right-padded: text_mask has a real token after a pad in some row")
-    return text_mask
 
 
 class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["vision-language", "mla", "coca"]):
@@ -105,6 +67,8 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         # SuperClass (Huang et al., 2024): the pooled image classifies the words of its caption
         self.word_head = WordHead(m.embed_dim, m.vocab_size, m.word_head_patches) if m.word_head else None
         self.match_head = MatchHead(m.dim) if m.match_head else None  # ALBEF/BLIP's image-text matching
+        self.early_exit = EarlyExit(m.dim, m.n_layers) if m.early_exit else None  # halting gates (images)
+        self.exit_threshold: float | None = None  # set_exit_threshold: images stop at a confident exit
         # one-element vectors, not scalars: FSDP2 cannot shard a 0-d parameter; forward returns them as scalars
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
@@ -131,11 +95,25 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         self.encoder.grad_checkpointing = enable
         self.decoder.grad_checkpointing = enable
 
+    def set_exit_threshold(self, threshold: float | None) -> None:
+        """Let each image stop at its first exit whose predicted agreement is >= threshold (None: every block)."""
+        if threshold is not None and self.early_exit is None:
+            raise ValueError("--exit-threshold: this model has no exits (train it with model.early_exit: true)")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"--exit-threshold {threshold}: an agreement threshold is in [0, 1]")
+        self.exit_threshold = threshold
+
     def image_features(self, images: Tensor) -> Features:
         """Encode images (B, 3, H, W) into embeddings, final patch states and pooling weights."""
-        out = self.encoder.encode_image(images)
+        exits = None
+        if self.early_exit is not None and self.training:  # every exit, for the exit objectives
+            out, *exits = self.early_exit.training_pass(self.encoder, self.pooler, images)
+        elif self.early_exit is not None and self.exit_threshold is not None:
+            out = self.early_exit.adaptive_pass(self.encoder, self.pooler, images, self.exit_threshold)
+        else:
+            out = self.encoder.encode_image(images)
         pooled = self.pooler(out.levels)
-        return Features(pooled.embeds, out.tokens, pooled.weights, pooled.projected)
+        return Features(pooled.embeds, out.tokens, pooled.weights, pooled.projected, exits=exits)
 
     def text_features(self, text_ids: Tensor, text_mask: Tensor | None = None) -> Features:
         """Encode right-padded token ids (B, T) into embeddings, causal token states and pooling weights."""
@@ -206,6 +184,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             negative_embeds=None if negatives is None else negatives.embeds,
             match_logits=matched[0],
             match_labels=matched[1],
+            **dict(zip(("exit_embeds", "exit_logits", "exit_targets"), image.exits or (), strict=False)),
         )
 
     def start_decoding(self, image_tokens: Tensor, total_len: int) -> DecodingCache:

@@ -89,3 +89,18 @@ def test_bench_compress_measures_float_and_int8(tiny_run, tmp_path):
             "vqa", "CIDEr", "vqa_delta"}  # fmt: skip
     assert all(keys <= set(r) for r in report["rows"])
     assert report["rows"][0]["size_ratio"] == 1.0 and all(r["size_ratio"] < 0.4 for r in report["rows"][1:])
+
+
+def test_bench_compress_adds_pruned_and_student_rows(tiny_run, tmp_path):
+    run, synth = tiny_run
+    pruned = tmp_path / "pruned"
+    calib = ["--calib", str(synth), "--calib-batches", "1", "--calib-batch-size", "8"]
+    assert main(["compress", str(run), str(pruned), "--prune-ffn", "0.5", "--prune-heads", "0.5", *calib]) == 0
+    out = tmp_path / "compress.json"
+    argv = ["bench", "compress", "--checkpoint", str(run), "--data", str(synth), "--threads", "1", "--variants", ""]
+    argv += ["--pruned-checkpoint", str(pruned), "--student-checkpoint", str(run)]
+    assert main([*argv, "--repeats", "1", "--batch-size", "4", "--max-samples", "8", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["float", "pruned", "pruned-int8", "student"]
+    assert rows["pruned"]["params"] < rows["float"]["params"] and rows["student"]["size_ratio"] == 1.0
+    assert rows["pruned-int8"]["size_bytes"] < 0.4 * rows["pruned"]["size_bytes"]

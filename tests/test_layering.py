@@ -11,7 +11,7 @@ RANK = {
     "mlm.layers": 1, "mlm.lora": 1, "mlm.generation": 1, "mlm.compress": 1,
     "mlm.data": 2, "mlm.encoders": 2,
     "mlm.fusion": 3,
-    "mlm.model": 4, "mlm.model_files": 4, "mlm.run_folder": 4,
+    "mlm.model": 4, "mlm.model_files": 4, "mlm.model_outputs": 4, "mlm.run_folder": 4,
     "mlm.inference": 5, "mlm.runtime": 5,
     "mlm.factory": 6, "mlm.eval": 6, "mlm.train": 6,
     "mlm.bench": 7, "mlm.demo": 7, "mlm.serve": 7, "mlm.commands": 7,

@@ -4,7 +4,11 @@ Per variant: size of model.safetensors, parameters, CPU latency (caption a batch
 images and texts) at each ``--threads`` count, and text→image R@1, VQA accuracy and CIDEr from our evaluation code.
 Ratios are to the float model measured in the same run. Variants so far: ``float``, ``int8-torchao`` and
 ``int8-fbgemm`` (:mod:`mlm.compress.int8`), ``int8-qat`` (with ``--qat-checkpoint``: a ``train.qat`` fine-tune of the
-checkpoint, converted as ``mlm compress`` converts it), and ``onnx`` (the float model's graphs run by ONNX Runtime,
+checkpoint, converted as ``mlm compress`` converts it), ``pruned`` and ``pruned-int8`` (with ``--pruned-checkpoint``:
+an ``mlm compress --prune-*`` model, usually recovered by fine-tuning or ``mlm distill``), ``student`` (with
+``--student-checkpoint``: a distilled smaller model), ``exit`` and ``exit-T`` (with ``--exit-checkpoint``: a model
+trained with ``model.early_exit``, at full depth and at each ``--exit-thresholds`` T; ``blocks`` is the mean number
+of encoder blocks an image ran during the scoring), and ``onnx`` (the float model's graphs run by ONNX Runtime,
 :mod:`mlm.runtime`; its size is that of the three graphs, its thread count ONNX Runtime's intra-op threads).
 """
 
@@ -33,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
     )
     parser.add_argument("--qat-checkpoint", help="a train.qat fine-tune of --checkpoint: adds an int8-qat row")
+    parser.add_argument("--pruned-checkpoint", help="a pruned model (mlm compress --prune-*): pruned, pruned-int8 rows")
+    parser.add_argument("--student-checkpoint", help="a distilled student (mlm distill): adds a student row")
+    parser.add_argument("--engine", choices=("torchao", "fbgemm"), default="fbgemm", help="INT8 of the pruned row")
+    parser.add_argument("--exit-checkpoint", help="a model trained with model.early_exit: adds exit rows")
+    parser.add_argument("--exit-thresholds", default="0.9,0.95,0.98", help="comma-separated early-exit thresholds")
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -68,6 +77,17 @@ def _latency(model_at, pixels, texts, threads: list[int], repeats: int, max_new_
     finally:
         torch.set_num_threads(before)
     return out
+
+
+def _thresholds(text: str) -> list[float]:
+    """The early-exit thresholds of ``--exit-thresholds``, each in [0, 1]."""
+    try:
+        values = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--exit-thresholds {text}: comma-separated numbers in [0, 1]") from None
+    if not values or not all(0.0 <= t <= 1.0 for t in values):
+        raise ValueError(f"--exit-thresholds {text}: comma-separated numbers in [0, 1]")
+    return values
 
 
 def _quality(model, records, max_samples: int) -> dict:
@@ -112,16 +132,29 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlm-bench-compress-") as tmp:
         variants = [("float", folder, float_model)]
+
+        def quantized(name: str, source, **options) -> None:
+            model = load_model(source, "cpu")
+            int8.quantize_int8(model, **options)
+            model.save_pretrained(Path(tmp) / name)
+            variants.append((name, Path(tmp) / name, load_model(Path(tmp) / name)))
+
         for engine in (e for e in int8.ENGINES if f"int8-{e}" in chosen):
-            quantized = load_model(folder, "cpu")
-            int8.quantize_int8(quantized, engine=engine)
-            quantized.save_pretrained(Path(tmp) / engine)
-            variants.append((f"int8-{engine}", Path(tmp) / engine, load_model(Path(tmp) / engine)))
+            quantized(f"int8-{engine}", folder, engine=engine)
         if args.qat_checkpoint:
-            qat = load_model(args.qat_checkpoint, "cpu")
-            int8.quantize_int8(qat, activations=ACTIVATIONS)
-            qat.save_pretrained(Path(tmp) / "qat")
-            variants.append(("int8-qat", Path(tmp) / "qat", load_model(Path(tmp) / "qat")))
+            quantized("int8-qat", args.qat_checkpoint, activations=ACTIVATIONS)
+        if args.pruned_checkpoint:
+            pruned = resolve_checkpoint(args.pruned_checkpoint)
+            variants.append(("pruned", pruned, load_model(pruned, "cpu")))
+            quantized("pruned-int8", pruned, engine=args.engine)
+        if args.student_checkpoint:
+            student = resolve_checkpoint(args.student_checkpoint)
+            variants.append(("student", student, load_model(student, "cpu")))
+        if args.exit_checkpoint:
+            exits = resolve_checkpoint(args.exit_checkpoint)
+            variants.append(("exit", exits, load_model(exits, "cpu")))
+            for t in _thresholds(args.exit_thresholds):
+                variants.append((f"exit-{t:g}", exits, load_model(exits, "cpu", exit_threshold=t)))
         for name, path, model in variants:
             row = {
                 "variant": name,
@@ -129,7 +162,11 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                 "params": int8.parameter_count(model),
             }
             row.update(_latency(lambda n, m=model: m, pixels, texts, threads, args.repeats, args.max_new_tokens))
+            if model.exit_threshold is not None:
+                model.early_exit.reset_counts()  # count the blocks of the scored images only
             row.update(_quality(model, records, args.max_samples))
+            exited = model.exit_threshold is not None
+            row["blocks"] = model.early_exit.mean_blocks() if exited else float(model.config.n_layers)
             rows.append(row)
         onnx = Path(tmp) / "onnx"
         if "onnx" in chosen:
@@ -139,6 +176,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             row.update(_latency(lambda n: load_onnx_model(onnx, n), pixels, texts, threads, args.repeats,
                                 args.max_new_tokens))  # fmt: skip
             row.update(_quality(load_onnx_model(onnx), records, args.max_samples))
+            row["blocks"] = rows[0]["blocks"]
             rows.append(row)
     base = rows[0]
     timed = [f"{what}_s_{n}t" for n in threads for what in ("caption", "embed")]
@@ -155,12 +193,13 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
 def _table(report: dict) -> str:
     threads = report["threads"]
-    head = ["variant", "size MB", "× size", "params"]
+    head = ["variant", "size MB", "× size", "params", "blocks"]
     head += [f"{what} s ({n}t) ×" for n in threads for what in ("caption", "embed")]
     head += ["t2i R@1", "VQA", "CIDEr"]
     lines = [f"| {' | '.join(head)} |", "|" + " --- |" * len(head)]
     for r in report["rows"]:
-        cells = [r["variant"], f"{r['size_bytes'] / 1e6:.2f}", f"{r['size_ratio']:.3f}", f"{r['params']:,}"]
+        cells = [r["variant"], f"{r['size_bytes'] / 1e6:.2f}", f"{r['size_ratio']:.3f}", f"{r['params']:,}",
+                 f"{r['blocks']:.2f}"]  # fmt: skip
         for n in threads:
             for what in ("caption", "embed"):
                 key = f"{what}_s_{n}t"

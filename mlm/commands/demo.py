@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, args.exit_threshold)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    service = DemoService(model, checkpoint_id(args.checkpoint), args.images, args.max_upload_mb, args.cache_dir)
+    key = checkpoint_id(args.checkpoint) + (f"-exit{args.exit_threshold}" if args.exit_threshold is not None else "")
+    service = DemoService(model, key, args.images, args.max_upload_mb, args.cache_dir)
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         with service:

@@ -40,6 +40,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", default="label", help="zeroshot CSV: the class-name column")
     group.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     group.add_argument(
+        "--exit-threshold",
+        type=float,
+        metavar="T",
+        help="early exit: an image stops at its first exit with agreement >= T (model.early_exit)",
+    )
+    group.add_argument(
         "--set",
         dest="eval_overrides",
         action="append",
@@ -109,7 +115,7 @@ def run_model(args: argparse.Namespace) -> int:
         if tasks != ["zeroshot"]:
             raise ValueError("--task zeroshot reads --data as a classification folder or CSV: run it on its own")
         return run_zeroshot(args)
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, args.exit_threshold)
     cfg = eval_config(model, args.eval_overrides)
     if args.vqa_mode:
         cfg.eval.vqa_mode = args.vqa_mode
@@ -131,6 +137,9 @@ def run_model(args: argparse.Namespace) -> int:
     )
     table = summary_table(results)
     print(table if args.markdown else re.sub(r"^\| --- .*\n", "", table, flags=re.M), end="")
+    if model.exit_threshold is not None:
+        blocks = model.early_exit.mean_blocks()
+        print(f"early exit at {model.exit_threshold}: {blocks:.2f} of {model.config.n_layers} encoder blocks per image")
     print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and figures")
     return 0
 
@@ -146,7 +155,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         raise ValueError("--task zeroshot needs --data FOLDER_OR_CSV (one sub-folder per class, or image,label rows)")
     data = open_classification(args.data, args.image_column, args.label_column)
     templates = choose_templates(data, args.templates)
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, args.exit_threshold)
     cfg = eval_config(model, args.eval_overrides)
     metrics = zeroshot_classify(model, data, templates, cfg.eval.batch_size)
     out = Path(args.eval_out) if args.eval_out else _default_out(args.checkpoint, args.data, "zeroshot")

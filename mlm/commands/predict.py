@@ -27,6 +27,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", default=DEFAULT_CHECKPOINT, metavar="DIR", help=f"default: {DEFAULT_CHECKPOINT}"
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument(
+        "--exit-threshold",
+        type=float,
+        metavar="T",
+        help="early exit: an image stops at its first exit with agreement >= T (model.early_exit)",
+    )
 
 
 def _add_decoding(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +134,7 @@ def run_caption(args: argparse.Namespace) -> int:
             raise ValueError(f"--device {args.device}: --runtime onnx runs on the CPU")
         model = load_onnx_model(args.checkpoint)
     else:
-        model = load_model(args.checkpoint, args.device)
+        model = load_model(args.checkpoint, args.device, args.exit_threshold)
     kwargs = _generator_on(model, kwargs)
     errors: dict[int, str] = {}
     captions: dict[int, str] = {}
@@ -175,7 +181,7 @@ def run_ask(args: argparse.Namespace) -> int:
 
     kwargs = _decoding(args)
     questions = [check_text(q, f"question {i + 1}") for i, q in enumerate(args.questions)]
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, args.exit_threshold)
     for i, question in enumerate(questions):
         check_question(model, question, f"question {i + 1}")
     pixels, _ = _one_image(model, args.image)
@@ -198,8 +204,9 @@ def run_search(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"-k/--top-k must be >= 1, got {args.top_k}")
     text = check_text(args.text, "search text")
-    model = load_model(args.checkpoint, args.device)
-    index = ImageIndex(args.images, model, checkpoint_id(args.checkpoint), args.cache_dir)
+    model = load_model(args.checkpoint, args.device, args.exit_threshold)
+    key = checkpoint_id(args.checkpoint) + (f"-exit{args.exit_threshold}" if args.exit_threshold is not None else "")
+    index = ImageIndex(args.images, model, key, args.cache_dir)  # early exit: other embeddings, another index
     counts = index.refresh()
     hits = index.search(text, args.top_k)
     if args.json:
@@ -225,7 +232,7 @@ def run_explain(args: argparse.Namespace) -> int:
         out = out / f"{Path(args.image).stem}.explain.png"
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: the attention maps are a PNG; give a file name ending in .png")
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, args.exit_threshold)
     pixels, image = _one_image(model, args.image)
     caption = given or model.generate(pixels, min_new_tokens=1)[0]
     plot_attention_maps(image, attention_maps(model, pixels, caption), out)

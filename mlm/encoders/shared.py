@@ -111,6 +111,11 @@ class SharedEncoder(nn.Module):
 
     def encode_image(self, images: Tensor) -> EncoderOutput:
         """Encode images (B, in_chans, H, W) into patch states (B, N, C), full level-masked attention."""
+        x, rope, masks = self.embed_image(images)
+        return self.run_blocks(x, "image", rope=rope, masks=masks)
+
+    def embed_image(self, images: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], dict]:
+        """The embedded patches (B, N, C), their 2-D RoPE and the level patterns the blocks attend with."""
         cfg = self.cfg
         if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, cfg.image_size, cfg.image_size):
             raise ValueError(
@@ -122,7 +127,7 @@ class SharedEncoder(nn.Module):
             x = x + self.pos_embed.to(x.dtype)
         rope = rope_2d(*self.grid, cfg.mla.qk_rope_head_dim, cfg.mla.rope_theta, device=x.device)
         masks = {level: self.image_mask(level, x.device) for level in self.level_outputs}
-        return self.run_blocks(x, "image", rope=rope, masks=masks)
+        return x, rope, masks
 
     def encode_text(
         self, text_ids: Tensor, *, start: int = 0, total_len: int | None = None, caches=None, absorbed: bool = False

@@ -24,7 +24,7 @@ from mlm.data.dataset import build_dataset
 from mlm.fusion.matching import match_inputs
 from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
-from mlm.train import comm, init_from, sampler, setup
+from mlm.train import comm, distill, init_from, sampler, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
 from mlm.train.losses import ImageTextLoss, word_idf
 from mlm.train.schedule import build_optimizer, build_scheduler
@@ -33,7 +33,7 @@ from mlm.train.trainer_state import TrainerState
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("loss", "contrastive", "caption", "vqa", "words", "match")
+PARTS = ("loss", "contrastive", "caption", "vqa", "words", "match", "exits", "gates", "distill")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -133,6 +133,7 @@ class Trainer:
         captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
         idf = word_idf(self.tokenizer, captions) if captions else None
         self.loss_fn = ImageTextLoss.from_config(c.train, accel.process_index, accel.num_processes, idf)
+        self.teacher, self.distill_loss = distill.build(c, accel.device)  # (None, ...) without train.distill.teacher
 
     def _restore_comm_hook(self) -> None:
         """The compressed-gradient hook's residuals of this process, and one re-layout step before training."""
@@ -198,14 +199,15 @@ class Trainer:
         return self.accelerator.gather(value).view(-1, len(flags)).amax(0).bool().tolist()
 
     def _forward_backward(self, batch: dict, sync: bool, scale: float) -> torch.Tensor | None:
-        """One micro-batch; returns the loss parts (4,), or None when a process saw a non-finite loss."""
+        """One micro-batch; returns the loss parts (len(PARTS),), or None when a process saw a non-finite loss."""
         accel = self.accelerator
         with contextlib.nullcontext() if sync else accel.no_sync(self.model):
             with accel.autocast():
                 out = self.model(batch["images"], batch["text_ids"], batch["text_mask"],
                                  batch.get("negative_ids"), batch.get("negative_mask"),
                                  match_inputs(batch) if self.config.train.match_weight else None)  # fmt: skip
-                loss, parts = self.loss_fn(out, batch)
+                loss, parts = distill.add_distillation(self.teacher, self.distill_loss, out, batch,
+                                                       *self.loss_fn(out, batch))  # fmt: skip
             if self._any(not bool(torch.isfinite(loss.detach())))[0]:
                 return None
             accel.backward(loss * scale)

@@ -258,13 +258,15 @@ class ImageTextLoss(nn.Module):
         words: WordLoss | None = None,
         word_weight: float = 0.0,
         match_weight: float = 0.0,
+        exit_weight: float = 0.0,
     ):
         super().__init__()
         self.contrastive = contrastive
         self.token_ce = TokenCrossEntropy(rank, world_size)
         self.words = words
         self.weights = {"contrastive": contrastive_weight, "caption": caption_weight, "vqa": vqa_weight,
-                        "words": word_weight if words is not None else 0.0, "match": match_weight}  # fmt: skip
+                        "words": word_weight if words is not None else 0.0, "match": match_weight,
+                        "exits": exit_weight, "gates": 1.0}  # fmt: skip
         self.match = MatchLoss(rank, world_size)
 
     @classmethod
@@ -290,11 +292,19 @@ class ImageTextLoss(nn.Module):
             raise ValueError("train.word_weight needs the token IDF of the training captions (see word_idf)")
         words = WordLoss(idf, rank, world_size) if train.word_weight else None
         return cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size,
-                   words, train.word_weight, train.match_weight)  # fmt: skip
+                   words, train.word_weight, train.match_weight, train.exit_weight)  # fmt: skip
+
+    def _exits(self, output, caption_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean contrastive loss of the early exits' image embeddings, BCE of the halting gates to each exit's
+        agreement with the full depth)."""
+        extra = (output.logit_bias, caption_rows) if isinstance(self.contrastive, SigLipLoss) else (caption_rows,)
+        exits = [self.contrastive(e, output.text_embeds, output.logit_scale, *extra) for e in output.exit_embeds]
+        gates = F.binary_cross_entropy_with_logits(output.exit_logits.float(), output.exit_targets.float())
+        return torch.stack(exits).mean(), gates
 
     def forward(self, output, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (weighted total, unweighted parts ``contrastive``, ``caption``, ``vqa``, ``words``, ``match``) for an
-        MLMOutput."""
+        """Return (weighted total, unweighted parts ``contrastive``, ``caption``, ``vqa``, ``words``, ``match``,
+        ``exits``, ``gates``) for an MLMOutput."""
         is_vqa = batch["is_vqa"].to(output.logits.device)
         caption_rows = ~is_vqa
         if isinstance(self.contrastive, SigLipLoss):
@@ -314,7 +324,11 @@ class ImageTextLoss(nn.Module):
             "vqa": self.token_ce(output.logits, batch["labels"], is_vqa),
             "words": torch.zeros((), device=output.logits.device),
             "match": torch.zeros((), device=output.logits.device),
+            "exits": torch.zeros((), device=output.logits.device),
+            "gates": torch.zeros((), device=output.logits.device),
         }
+        if getattr(output, "exit_embeds", None) is not None:
+            parts["exits"], parts["gates"] = self._exits(output, caption_rows)
         if getattr(output, "match_logits", None) is not None:
             parts["match"] = self.match(output.match_logits, output.match_labels)
         if self.words is not None:

@@ -1,0 +1,104 @@
+"""Early exit for images (``model.early_exit``): easy inputs stop after fewer encoder blocks.
+
+After each block but the last an image has an *exit*: the shared hierarchical pooler reads the states so far (a
+level whose last block has run gives that block's output, as always; a level still to come gives the current
+block's output), so every exit is an embedding in the same space with no new projection. A light halting gate per
+exit (one linear layer on the exit's pooled vector, its input detached so it never changes the encoder) predicts
+how well that exit agrees with the full-depth embedding: it is trained to the cosine of the two, clamped to [0, 1]
+(``train.exit_weight`` also trains every exit's embedding with the contrastive loss, as deep supervision does).
+
+At inference ``model.exit_threshold`` (``--exit-threshold``) picks the point per sample: an image stops at the first
+exit whose gate predicts agreement >= the threshold, and its states there are what the pooler and the decoder read;
+images that do not stop go on, so one batch mixes depths. The outputs have the same form whatever the depth;
+``blocks_used`` counts the blocks each image ran. Text always runs every block (its states feed the decoder).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class EarlyExit(nn.Module):
+    """Halting gates after blocks 0 .. n_layers - 2 and the per-sample adaptive image pass."""
+
+    def __init__(self, dim: int, n_layers: int):
+        super().__init__()
+        self.gates = nn.ModuleList([nn.Linear(dim, 1) for _ in range(max(0, n_layers - 1))])
+        self.blocks_used = torch.zeros(0, dtype=torch.long)  # per image of the last adaptive pass
+        self.images_seen, self.blocks_run = 0, 0  # totals over adaptive passes (reset_counts)
+
+    def reset_counts(self) -> None:
+        """Start counting blocks per image anew."""
+        self.images_seen, self.blocks_run = 0, 0
+
+    def mean_blocks(self) -> float:
+        """Mean encoder blocks per image over the adaptive passes since the last reset (0 before any)."""
+        return self.blocks_run / max(1, self.images_seen)
+
+    def exit_levels(self, encoder, normed: dict[int, Tensor], current: Tensor, block: int) -> dict[str, Tensor]:
+        """The pooler's states at an exit after ``block``: levels done so far, the current states for the rest."""
+        return {level: normed[i] if i <= block else current for level, i in encoder.level_outputs.items()}
+
+    def _blocks(self, encoder, images: Tensor):
+        """Yield (block index, normed states) after every block of an image pass, keeping each level's output."""
+        x, rope, masks = encoder.embed_image(images)
+        for i, block in enumerate(encoder.blocks):
+            x = block(x, "image", rope=rope, mask=masks[block.level])
+            yield i, encoder.norm(x, "image")
+
+    def training_pass(self, encoder, pooler, images: Tensor):
+        """(full-depth encoder output, exit embeddings (E, B, D), gate logits (E, B), gate targets (E, B))."""
+        from mlm.encoders.shared import EncoderOutput
+
+        normed, exits, logits = {}, [], []
+        for i, states in self._blocks(encoder, images):
+            normed[i] = states
+            if i < len(self.gates):
+                pooled = pooler(self.exit_levels(encoder, normed, states, i))
+                exits.append(pooled.embeds)
+                logits.append(self.gates[i](pooled.pooled.detach()).squeeze(-1))
+        last = len(encoder.blocks) - 1
+        out = EncoderOutput(normed[last], {level: normed[i] for level, i in encoder.level_outputs.items()})
+        if not exits:
+            return out, None, None, None
+        final = pooler(out.levels).embeds.detach()
+        targets = torch.stack([(e.detach() * final).sum(-1).clamp(0, 1) for e in exits])  # cosines (unit vectors)
+        return out, torch.stack(exits), torch.stack(logits), targets
+
+    @torch.no_grad()
+    def adaptive_pass(self, encoder, pooler, images: Tensor, threshold: float):
+        """Encoder output where each image stops at its first exit with agreement >= threshold."""
+        from mlm.encoders.shared import EncoderOutput
+
+        b = images.shape[0]
+        x, rope, masks = encoder.embed_image(images)
+        active = torch.arange(b, device=images.device)  # rows still running
+        tokens = x.new_zeros(x.shape)
+        levels = {level: x.new_zeros(x.shape) for level in encoder.level_outputs}
+        used = torch.full((b,), len(encoder.blocks), dtype=torch.long)
+        normed: dict[int, Tensor] = {}
+        for i, block in enumerate(encoder.blocks):
+            x = block(x, "image", rope=rope, mask=masks[block.level])
+            states = encoder.norm(x, "image")
+            normed[i] = states
+            last = i == len(encoder.blocks) - 1
+            stop = torch.ones(len(active), dtype=torch.bool, device=x.device)
+            if not last:
+                exit_states = self.exit_levels(encoder, normed, states, i)
+                agreement = torch.sigmoid(self.gates[i](pooler(exit_states).pooled)).squeeze(-1)
+                stop = agreement >= threshold
+            if bool(stop.any()):
+                rows = active[stop]
+                tokens[rows] = states[stop]
+                for level, state in self.exit_levels(encoder, normed, states, i).items():
+                    levels[level][rows] = state[stop]
+                used[rows.cpu()] = i + 1
+                keep = ~stop
+                active, x = active[keep], x[keep]
+                normed = {k: v[keep] for k, v in normed.items()}
+            if len(active) == 0:
+                break
+        self.blocks_used = used
+        self.images_seen, self.blocks_run = self.images_seen + b, self.blocks_run + int(used.sum())
+        return EncoderOutput(tokens, levels)

@@ -1,0 +1,52 @@
+"""What the model's passes return: :class:`MLMOutput` (a training forward), :class:`Features` (one modality after the
+encoder and pooling), and the text-mask check they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MLMOutput:
+    """What :meth:`MLMModel.forward` returns (the training loss computes its objectives from these)."""
+
+    image_embeds: Tensor | None = None  # (B, E) L2-normalised
+    text_embeds: Tensor | None = None  # (B, E) L2-normalised
+    logit_scale: Tensor | None = None  # scalar, exp'ed and clamped to <= 100
+    logit_bias: Tensor | None = None  # scalar, for the SigLIP loss
+    logits: Tensor | None = None  # (B, T, V): position t predicts token t + 1
+    image_tokens: Tensor | None = None  # (B, N, C) final image states read by the decoder
+    negative_embeds: Tensor | None = None  # (M, E) L2-normalised swapped-word negative captions, when given
+    word_logits: Tensor | None = None  # (B, V) the caption words predicted from each image, with model.word_head
+    match_logits: Tensor | None = None  # (P, 2) no match / match of image-text pairs, with model.match_head
+    match_labels: Tensor | None = None  # (P,) 1 where the pair matches
+    exit_embeds: Tensor | None = None  # (X, B, E) the images' embeddings at each early exit, with model.early_exit
+    exit_logits: Tensor | None = None  # (X, B) the halting gates' logits at each exit
+    exit_targets: Tensor | None = None  # (X, B) what the gates learn: each exit's agreement with the full depth
+
+
+@dataclass
+class Features:
+    """One modality after the encoder and pooling."""
+
+    embeds: Tensor  # (B, E) L2-normalised embeddings in the shared space
+    tokens: Tensor  # (B, T, C) final encoder states
+    pool_weights: dict[str, Tensor]  # level -> (B, T) softmax pooling weights over positions
+    projected: Tensor | None = None  # (B, E) the embeddings before L2 normalisation
+    mask: Tensor | None = None  # (B, T) True at real tokens (text)
+    exits: list | None = None  # training with model.early_exit: [exit embeds, gate logits, gate targets]
+
+
+def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:
+    """Return a boolean (B, T) mask (all True when None); raise ValueError unless text is right-padded."""
+    if text_mask is None:
+        return torch.ones_like(text_ids, dtype=torch.bool)
+    if text_mask.shape != text_ids.shape:
+        raise ValueError(f"text_mask has shape {tuple(text_mask.shape)} but text_ids {tuple(text_ids.shape)}")
+    text_mask = text_mask.bool()
+    if bool((text_mask[:, 1:] & ~text_mask[:, :-1]).any()):
+        raise ValueError("text must be right-padded: text_mask has a real token after a pad in some row")
+    return text_mask
