@@ -132,6 +132,8 @@ def run_caption(args: argparse.Namespace) -> int:
 
         if args.device not in (None, "cpu"):
             raise ValueError(f"--device {args.device}: --runtime onnx runs on the CPU")
+        if args.exit_threshold is not None:
+            raise ValueError("--exit-threshold: the ONNX graphs run every block; use --runtime torch for early exit")
         model = load_onnx_model(args.checkpoint)
     else:
         model = load_model(args.checkpoint, args.device, args.exit_threshold)

@@ -122,3 +122,5 @@ def test_training_with_exits_then_the_commands_run_with_a_threshold(tmp_path, ca
     assert rows["float"]["blocks"] == rows["exit"]["blocks"] == 2.0 and rows["exit-0"]["blocks"] == 1.0
     assert rows["exit"]["t2i_R@1"] == rows["float"]["t2i_R@1"]
     assert main([*argv[:-2], "--exit-thresholds", "0.5,x"]) == 2
+    assert main(["caption", images[0], "--checkpoint", str(run), "--exit-threshold", "0.5", "--runtime", "onnx"]) == 2
+    assert "use --runtime torch for early exit" in capsys.readouterr().err
