@@ -176,7 +176,7 @@ def answer_log_likelihood(model: MLMModel, pixels: Tensor, questions: Sequence[s
     """Log-likelihood (B, C) of each candidate answer (its tokens and EOS) given each image and question."""
     if len(questions) != pixels.shape[0]:
         raise ValueError(f"got {len(questions)} questions for {pixels.shape[0]} images")
-    image_tokens = model.encoder.encode_image(pixels.to(model.device)).tokens  # (B, N, C)
+    image_tokens = model.image_features(pixels.to(model.device)).tokens  # (B, N, C); early exit applies
     ids, targets = _answer_sequences(model, questions, candidates)
     ids, targets = ids.to(model.device), targets.to(model.device)
     rows_per_call = max(1, LOGIT_BUDGET // (ids.shape[1] * model.config.vocab_size))

@@ -249,7 +249,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             raise ValueError(
                 f"need one non-empty prompt per image: {images.shape[0]} images, {len(prompt_ids)} prompts"
             )
-        image_tokens = self.encoder.encode_image(images.to(self.device)).tokens  # (B, N, C)
+        image_tokens = self.image_features(images.to(self.device)).tokens  # (B, N, C); early exit applies
         return generate_from_prompts(
             self,
             image_tokens,

@@ -106,7 +106,7 @@ def test_training_with_exits_then_the_commands_run_with_a_threshold(tmp_path, ca
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 3 and all(row["caption"] for row in rows)
     model = load_model(run, "cpu", exit_threshold=0.0)
-    model.image_features(torch.randn(2, 3, 32, 32))
+    model.generate(torch.randn(2, 3, 32, 32), max_new_tokens=3)  # captions read the exited states
     assert model.early_exit.blocks_used.tolist() == [1, 1]  # threshold 0: every image stops at the first exit
     out = tmp_path / "eval"
     argv = ["eval", "--checkpoint", str(run), "--data", str(synth), "--task", "retrieval", "--out", str(out)]
