@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class EarlyExit(nn.Module):
@@ -44,7 +45,10 @@ class EarlyExit(nn.Module):
         """Yield (block index, normed states) after every block of an image pass, keeping each level's output."""
         x, rope, masks = encoder.embed_image(images)
         for i, block in enumerate(encoder.blocks):
-            x = block(x, "image", rope=rope, mask=masks[block.level])
+            if encoder.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, "image", rope=rope, mask=masks[block.level], use_reentrant=False)
+            else:
+                x = block(x, "image", rope=rope, mask=masks[block.level])
             yield i, encoder.norm(x, "image")
 
     def training_pass(self, encoder, pooler, images: Tensor):

@@ -77,6 +77,19 @@ def test_a_mixed_batch_gives_each_image_what_it_gets_alone():
     assert model.early_exit.mean_blocks() == pytest.approx((used.sum().item() + used.sum().item()) / 16)
 
 
+def test_grad_checkpointing_gives_the_same_exit_gradients():
+    model = _model().train()
+    images = torch.randn(2, 3, 32, 32)
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(on)
+        _, exits, logits, _ = model.early_exit.training_pass(model.encoder, model.pooler, images)
+        (exits.sum() + logits.sum()).backward()
+        grads.append(model.encoder.blocks[0].attn.o_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_bad_thresholds_and_settings_are_named():
     with pytest.raises(ValueError, match="an agreement threshold is in"):
         _model().set_exit_threshold(1.5)
