@@ -184,7 +184,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             negative_embeds=None if negatives is None else negatives.embeds,
             match_logits=matched[0],
             match_labels=matched[1],
-            **dict(zip(("exit_embeds", "exit_logits", "exit_targets"), image.exits or (), strict=False)),
+            **dict(zip(("exit_embeds", "exit_logits"), image.exits or (), strict=False)),
         )
 
     def start_decoding(self, image_tokens: Tensor, total_len: int) -> DecodingCache:

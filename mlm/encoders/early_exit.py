@@ -52,7 +52,8 @@ class EarlyExit(nn.Module):
             yield i, encoder.norm(x, "image")
 
     def training_pass(self, encoder, pooler, images: Tensor):
-        """(full-depth encoder output, exit embeddings (E, B, D), gate logits (E, B), gate targets (E, B))."""
+        """(full-depth encoder output, exit embeddings (E, B, D), gate logits (E, B)); the gates' targets, each exit's
+        agreement with the full-depth embedding, are computed by the loss from the model's output."""
         from mlm.encoders.shared import EncoderOutput
 
         normed, exits, logits = {}, [], []
@@ -65,10 +66,8 @@ class EarlyExit(nn.Module):
         last = len(encoder.blocks) - 1
         out = EncoderOutput(normed[last], {level: normed[i] for level, i in encoder.level_outputs.items()})
         if not exits:
-            return out, None, None, None
-        final = pooler(out.levels).embeds.detach()
-        targets = torch.stack([(e.detach() * final).sum(-1).clamp(0, 1) for e in exits])  # cosines (unit vectors)
-        return out, torch.stack(exits), torch.stack(logits), targets
+            return out, None, None
+        return out, torch.stack(exits), torch.stack(logits)
 
     @torch.no_grad()
     def adaptive_pass(self, encoder, pooler, images: Tensor, threshold: float):
@@ -87,15 +86,15 @@ class EarlyExit(nn.Module):
             states = encoder.norm(x, "image")
             normed[i] = states
             last = i == len(encoder.blocks) - 1
+            exit_states = self.exit_levels(encoder, normed, states, i)  # after the last block: the full levels
             stop = torch.ones(len(active), dtype=torch.bool, device=x.device)
             if not last:
-                exit_states = self.exit_levels(encoder, normed, states, i)
                 agreement = torch.sigmoid(self.gates[i](pooler(exit_states).pooled)).squeeze(-1)
                 stop = agreement >= threshold
             if bool(stop.any()):
                 rows = active[stop]
                 tokens[rows] = states[stop]
-                for level, state in self.exit_levels(encoder, normed, states, i).items():
+                for level, state in exit_states.items():
                     levels[level][rows] = state[stop]
                 used[rows.cpu()] = i + 1
                 keep = ~stop

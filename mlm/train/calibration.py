@@ -8,6 +8,7 @@ they are scored by is the run's training objective without the auxiliary word an
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -50,6 +51,5 @@ def calibration_loss(config: Config):
     """The run's objective for ranking units: contrastive + caption + VQA, at the run's weights."""
     from mlm.train.losses import ImageTextLoss
 
-    train = config.train
-    train.word_weight, train.match_weight, train.swap_negatives = 0.0, 0.0, 0
+    train = dataclasses.replace(config.train, word_weight=0.0, match_weight=0.0, swap_negatives=0, exit_weight=0.0)
     return ImageTextLoss.from_config(train)

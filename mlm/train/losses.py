@@ -299,7 +299,9 @@ class ImageTextLoss(nn.Module):
         agreement with the full depth)."""
         extra = (output.logit_bias, caption_rows) if isinstance(self.contrastive, SigLipLoss) else (caption_rows,)
         exits = [self.contrastive(e, output.text_embeds, output.logit_scale, *extra) for e in output.exit_embeds]
-        gates = F.binary_cross_entropy_with_logits(output.exit_logits.float(), output.exit_targets.float())
+        # what each gate learns: its exit's cosine with the full-depth embedding (unit vectors), clamped to [0, 1]
+        agreement = (output.exit_embeds.detach().float() * output.image_embeds.detach().float()[None]).sum(-1)
+        gates = F.binary_cross_entropy_with_logits(output.exit_logits.float(), agreement.clamp(0, 1))
         return torch.stack(exits).mean(), gates
 
     def forward(self, output, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

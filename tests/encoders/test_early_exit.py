@@ -41,7 +41,7 @@ def test_no_exit_is_the_full_pass_and_an_exit_gives_its_training_states(levels):
         torch.testing.assert_close(never.embeds, full.embeds, rtol=0, atol=0)
         torch.testing.assert_close(never.tokens, full.tokens, rtol=0, atol=0)
         assert model.early_exit.blocks_used.tolist() == [4, 4, 4]
-        _, exits, _, _ = model.early_exit.training_pass(model.encoder, model.pooler, images)
+        _, exits, _ = model.early_exit.training_pass(model.encoder, model.pooler, images)
         for stop in range(3):
             _force(model, stop)
             early = model.image_features(images)
@@ -84,7 +84,7 @@ def test_grad_checkpointing_gives_the_same_exit_gradients():
     for on in (False, True):
         model.zero_grad()
         model.set_grad_checkpointing(on)
-        _, exits, logits, _ = model.early_exit.training_pass(model.encoder, model.pooler, images)
+        _, exits, logits = model.early_exit.training_pass(model.encoder, model.pooler, images)
         (exits.sum() + logits.sum()).backward()
         grads.append(model.encoder.blocks[0].attn.o_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
