@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 class EarlyExit(nn.Module):
@@ -41,24 +40,15 @@ class EarlyExit(nn.Module):
         """The pooler's states at an exit after ``block``: levels done so far, the current states for the rest."""
         return {level: normed[i] if i <= block else current for level, i in encoder.level_outputs.items()}
 
-    def _blocks(self, encoder, images: Tensor):
-        """Yield (block index, normed states) after every block of an image pass, keeping each level's output."""
-        x, rope, masks = encoder.embed_image(images)
-        for i, block in enumerate(encoder.blocks):
-            if encoder.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, "image", rope=rope, mask=masks[block.level], use_reentrant=False)
-            else:
-                x = block(x, "image", rope=rope, mask=masks[block.level])
-            yield i, encoder.norm(x, "image")
-
     def training_pass(self, encoder, pooler, images: Tensor):
         """(full-depth encoder output, exit embeddings (E, B, D), gate logits (E, B)); the gates' targets, each exit's
         agreement with the full-depth embedding, are computed by the loss from the model's output."""
         from mlm.encoders.shared import EncoderOutput
 
+        x, rope, masks = encoder.embed_image(images)
         normed, exits, logits = {}, [], []
-        for i, states in self._blocks(encoder, images):
-            normed[i] = states
+        for i, out in encoder.block_outputs(x, "image", rope=rope, masks=masks):
+            normed[i] = states = encoder.norm(out, "image")
             if i < len(self.gates):
                 pooled = pooler(self.exit_levels(encoder, normed, states, i))
                 exits.append(pooled.embeds)

@@ -96,18 +96,24 @@ class SharedEncoder(nn.Module):
         """Run every block on embedded tokens x (B, T, C); masks maps level -> (T, S) mask."""
         pooled_blocks = set(self.level_outputs.values()) if levels else set()
         normed: dict[int, Tensor] = {}
+        for i, out in self.block_outputs(x, modality, rope=rope, masks=masks, caches=caches, absorbed=absorbed):
+            if i in pooled_blocks:
+                normed[i] = self.norm(out, modality)
+        last = len(self.blocks) - 1
+        tokens = normed[last] if last in normed else self.norm(out, modality)
+        outputs = {level: normed[idx] for level, idx in self.level_outputs.items()} if levels else {}
+        return EncoderOutput(tokens=tokens, levels=outputs)
+
+    def block_outputs(self, x: Tensor, modality: str, *, rope, masks: dict, caches=None, absorbed=False):
+        """Yield (block index, its output (B, T, C)) for every block, recomputed in the backward pass when gradient
+        checkpointing is on (training, no cache)."""
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, modality, rope=rope, mask=masks[block.level], use_reentrant=False)
             else:
                 x = block(x, modality, rope=rope, mask=masks[block.level], cache=cache, absorbed=absorbed)
-            if i in pooled_blocks:
-                normed[i] = self.norm(x, modality)
-        last = len(self.blocks) - 1
-        tokens = normed[last] if last in normed else self.norm(x, modality)
-        outputs = {level: normed[idx] for level, idx in self.level_outputs.items()} if levels else {}
-        return EncoderOutput(tokens=tokens, levels=outputs)
+            yield i, x
 
     def encode_image(self, images: Tensor) -> EncoderOutput:
         """Encode images (B, in_chans, H, W) into patch states (B, N, C), full level-masked attention."""

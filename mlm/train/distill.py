@@ -32,12 +32,9 @@ def teacher_folder(config: Config):
 
 def load_tokenizer(config: Config):
     """The teacher's tokenizer, which the student keeps."""
-    from mlm.data.tokenizer import MLMTokenizer
+    from mlm.train.init_from import folder_tokenizer
 
-    folder = teacher_folder(config)
-    if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"--teacher {config.train.distill.teacher}: {folder} has no tokenizer.json")
-    return MLMTokenizer.from_file(folder / "tokenizer.json")
+    return folder_tokenizer(teacher_folder(config), f"--teacher {config.train.distill.teacher}")
 
 
 def load_teacher(config: Config, student_vocab: int, device: torch.device) -> nn.Module:

@@ -35,14 +35,18 @@ def init_folder(config: Config) -> Path:
     return resolve_checkpoint(config.train.init_from)
 
 
-def load_tokenizer(config: Config):
-    """The checkpoint's tokenizer, which the fine-tuning run keeps (its ids are what the weights know)."""
+def folder_tokenizer(folder: Path, option: str):
+    """The tokenizer.json of a model folder; a missing one is named with the option that chose the folder."""
     from mlm.data.tokenizer import MLMTokenizer
 
-    folder = init_folder(config)
     if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"--init-from {config.train.init_from}: {folder} has no tokenizer.json")
+        raise FileNotFoundError(f"{option}: {folder} has no tokenizer.json")
     return MLMTokenizer.from_file(folder / "tokenizer.json")
+
+
+def load_tokenizer(config: Config):
+    """The checkpoint's tokenizer, which the fine-tuning run keeps (its ids are what the weights know)."""
+    return folder_tokenizer(init_folder(config), f"--init-from {config.train.init_from}")
 
 
 def report_new_words(tokenizer, texts) -> dict[str, int]:
