@@ -39,7 +39,7 @@ def test_bench_train_compares_ours_with_open_clip_coca(tmp_path, capsys):
 
 def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     out = tmp_path / "ablate.json"
-    names = ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "one-turn", "words-pooled", "no-words", "no-null",
+    names = ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "one-turn", "words-pooled", "no-words", "null",
              "no-pos-values", "no-overlap"]  # fmt: skip
     argv = ["bench", "ablate", "--quick", "--budget-s", "1", "--rows", ",".join(names), "--row", "mine=train.lr=1e-3",
             "--json", str(out)]  # fmt: skip
@@ -54,7 +54,7 @@ def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     assert rows["baseline"]["params"] - rows["no-pos-keys"]["params"] == 32 * 4
     assert rows["words-pooled"]["params"] == rows["baseline"]["params"]  # the same head, on the pooled image
     assert rows["no-words"]["params"] < rows["baseline"]["params"]  # no word head
-    assert rows["baseline"]["params"] - rows["no-null"]["params"] == 32  # one null token of width 32
+    assert rows["null"]["params"] - rows["baseline"]["params"] == 32  # one null token of width 32
     assert rows["baseline"]["params"] - rows["no-pos-values"]["params"] == 32 * 32  # the position projection
     # the shipped 5-pixel overlap widens the quick model's 8 px patch kernel to 18 px: 3 channels in, 32 out
     assert rows["baseline"]["params"] - rows["no-overlap"]["params"] == (18 * 18 - 8 * 8) * 3 * 32
