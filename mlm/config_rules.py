@@ -14,6 +14,7 @@ VQA_MODES = ("generative", "rank", "embedding")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
 GRAD_COMPRESSION = ("none", "fp16", "bf16", "int8", "int4", "powersgd")
+WORD_TARGETS = ("caption", "image")
 LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "k_proj", "v_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MAX_LIST = 1000  # config lists are short (levels, betas, trackers); longer ones are refused, never walked
 
@@ -155,6 +156,7 @@ def check_run(cfg) -> None:
         "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
         "train.contrastive_loss": (cfg.train.contrastive_loss, CONTRASTIVE_LOSSES),
         "train.grad_compression": (cfg.train.grad_compression, GRAD_COMPRESSION),
+        "train.word_targets": (cfg.train.word_targets, WORD_TARGETS),
         "eval.vqa_mode": (cfg.eval.vqa_mode, VQA_MODES),
     })  # fmt: skip
     t = cfg.train

@@ -12,7 +12,9 @@ The batch dict (the contract with ``MLMModel.forward`` and the training loop):
 - ``is_vqa``: BoolTensor (B,); ``image_ids``: list of image ids;
 - with swapped-word hard negatives (``train.swap_negatives``, :mod:`mlm.data.negatives`): ``negative_ids`` and
   ``negative_mask`` (M, T') for the M negative captions of the batch and ``negative_owner`` (M,), the row each
-  belongs to.
+  belongs to;
+- with ``train.word_targets: image``: ``word_ids`` (B, W), each row's image's caption tokens, ``pad_id`` after them
+  (a row whose image has no caption holds only pads).
 
 ``IGNORE_INDEX`` is defined here once; the token cross-entropy of :mod:`mlm.train.losses` imports it.
 """
@@ -53,6 +55,11 @@ class Collate:
             "is_vqa": torch.tensor([s["is_vqa"] for s in samples], dtype=torch.bool),  # (B,)
             "image_ids": [s["image_id"] for s in samples],
         }
+        if "word_ids" in samples[0]:
+            longest = max(1, *(len(s["word_ids"]) for s in samples))
+            batch["word_ids"] = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)  # (B, W)
+            for row, s in enumerate(samples):
+                batch["word_ids"][row, : len(s["word_ids"])] = torch.tensor(s["word_ids"], dtype=torch.long)
         if any("negatives" in s for s in samples):
             negatives = [(row, ids) for row, s in enumerate(samples) for ids in s.get("negatives", [])]
             longest = max((len(ids) for _, ids in negatives), default=1)

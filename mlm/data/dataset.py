@@ -3,8 +3,9 @@
 :class:`ImageTextDataset` turns a source's records into samples ``{image, ids, n_prompt, is_vqa, image_id}``
 (caption rows: one caption, a random one in training; VQA rows: ``question: q answer: a``, several questions about
 the same image packed together with ``train.vqa_turns`` > 1, see :mod:`mlm.data.turns`; with
-``train.swap_negatives`` also swapped-word negative captions, see :mod:`mlm.data.negatives`). ``build_loader``
-batches them with :class:`mlm.data.collate.Collate`.
+``train.swap_negatives`` also swapped-word negative captions, see :mod:`mlm.data.negatives`; with
+``train.word_targets: image`` also ``word_ids``, the tokens of every caption of the row's image, which the word
+objective learns from, for VQA rows too). ``build_loader`` batches them with :class:`mlm.data.collate.Collate`.
 
 A record whose image turns out bad when loaded (truncated, corrupt, too large...) is counted in ``dataset.stats``,
 logged, and replaced by the next record, so batches keep their size; with ``strict`` it raises instead.
@@ -48,6 +49,7 @@ class ImageTextDataset(Dataset):
         swap_groups: list[list[str]] | None = None,
         swap_negatives: int = 0,
         vqa_turns: int = 1,
+        image_words: bool = False,
     ):
         if len(source) == 0:
             raise ValueError(f"data source {getattr(source, 'name', '')!r} has no usable record")
@@ -65,6 +67,7 @@ class ImageTextDataset(Dataset):
             raise ValueError(f"train.swap_negatives={swap_negatives} needs data.swap_groups (groups of words to swap)")
         self.vqa_turns = vqa_turns if train else 1
         self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
+        self.image_captions = image_captions(source) if image_words else None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -92,6 +95,9 @@ class ImageTextDataset(Dataset):
                   "image_id": record.image_id}  # fmt: skip
         if targets is not None:
             sample["targets"] = targets
+        if self.image_captions is not None:
+            captions = record.captions or self.image_captions.get(turns.image_key(record), [])
+            sample["word_ids"] = sorted({i for c in captions for i in self.tokenizer.tokenize(c)})
         if self.swap_negatives:
             texts = [] if record.is_vqa else swap_negatives(caption, self.swap_index, self.swap_negatives, random)
             sample["negatives"] = [self.tokenizer.frame(self.tokenizer.tokenize(t), self.max_len) for t in texts]
@@ -112,6 +118,16 @@ class ImageTextDataset(Dataset):
         )
 
 
+def image_captions(records: Sequence[Record]) -> dict:
+    """Every caption of each image (by :func:`mlm.data.turns.image_key`) over the records that have captions."""
+    out: dict = {}
+    for record in records:
+        key = turns.image_key(record) if record.captions else None
+        if key is not None:
+            out.setdefault(key, []).extend(record.captions)
+    return out
+
+
 def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool) -> ImageTextDataset:
     """ImageTextDataset over a source with the transform, text length and image-size guard of a full ``Config``."""
     from mlm.data.transforms import build_transform
@@ -127,6 +143,7 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
         swap_groups=cfg.data.swap_groups,
         swap_negatives=cfg.train.swap_negatives,
         vqa_turns=cfg.train.vqa_turns,
+        image_words=cfg.train.word_targets == "image",
     )
 
 

@@ -333,7 +333,10 @@ class ImageTextLoss(nn.Module):
             parts["exits"], parts["gates"] = self._exits(output, caption_rows)
         if getattr(output, "match_logits", None) is not None:
             parts["match"] = self.match(output.match_logits, output.match_labels)
-        if self.words is not None:
+        if self.words is not None and "word_ids" in batch:  # train.word_targets: image, every row with captions
+            words = batch["word_ids"].to(output.logits.device)
+            parts["words"] = self.words(output.word_logits, words, torch.ones_like(caption_rows))
+        elif self.words is not None:
             parts["words"] = self.words(output.word_logits, batch["text_ids"].to(output.logits.device), caption_rows)
         total = sum(self.weights[name] * value for name, value in parts.items() if self.weights[name])
         # Every output stays in the graph, so DDP finds a gradient for every parameter (e.g. the unused SigLIP bias).

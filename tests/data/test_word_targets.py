@@ -1,0 +1,61 @@
+"""train.word_targets: image — the word objective learns every caption word of a row's image, VQA rows included."""
+
+import pytest
+import torch
+
+from mlm.config import ConfigError, TrainConfig, load_config
+from mlm.data.collate import Collate
+from mlm.data.dataset import ImageTextDataset, image_captions
+from mlm.data.records import Record
+from mlm.data.transforms import build_transform
+from mlm.data.turns import image_key
+from mlm.train.losses import ImageTextLoss, WordLoss
+
+
+def test_captions_are_grouped_by_image_and_questions_left_out():
+    records = [
+        Record(image="a.png", captions=["one", "two"]), Record(image="a.png", question="q", answers=["x"]),
+        Record(image="b.png", captions=["three"]), Record(image="a.png", captions=["four"]),
+    ]  # fmt: skip
+    assert image_captions(records) == {("path", "a.png"): ["one", "two", "four"], ("path", "b.png"): ["three"]}
+
+
+def test_every_row_gets_its_images_caption_words(synth_source, tok):
+    ds = ImageTextDataset(synth_source, tok, build_transform(32), max_len=64, train=True, image_words=True)
+    captions = image_captions(synth_source)
+    vqa = next(i for i in range(len(synth_source)) if synth_source[i].is_vqa)
+    caption_row = next(i for i in range(len(synth_source)) if not synth_source[i].is_vqa)
+    for index in (vqa, caption_row):
+        words = {i for c in captions[image_key(synth_source[index])] for i in tok.tokenize(c)}
+        assert ds[index]["word_ids"] == sorted(words)  # all five captions, not the one the row trains on
+    assert "word_ids" not in ImageTextDataset(synth_source, tok, build_transform(32), max_len=64)[vqa]
+    lone = [Record(image=synth_source[vqa].image, question="what?", answers=["x"], image_id=999)]
+    lone_ds = ImageTextDataset(lone, tok, build_transform(32), max_len=64, image_words=True)
+    batch = Collate(tok.pad_id)([ds[vqa], lone_ds[0]])
+    assert batch["word_ids"].shape[0] == 2
+    assert (batch["word_ids"][1] == tok.pad_id).all()  # an image with no caption: nothing to learn
+
+
+def test_the_loss_learns_word_ids_on_every_row():
+    torch.manual_seed(0)
+    vocab, idf = 11, torch.ones(11)
+    idf[0] = 0.0  # the pad id
+    out = type("Out", (), {})()
+    out.image_embeds = out.text_embeds = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    out.logit_scale, out.logit_bias = torch.tensor(10.0), torch.tensor(0.0)
+    out.logits, out.word_logits = torch.randn(3, 5, vocab), torch.randn(3, vocab)
+    batch = {"is_vqa": torch.tensor([False, True, True]), "labels": torch.randint(0, vocab, (3, 5)),
+             "text_ids": torch.randint(1, vocab, (3, 5)), "word_ids": torch.tensor([[3, 4], [5, 0], [0, 0]])}  # fmt: skip
+    loss_fn = ImageTextLoss.from_config(TrainConfig(word_weight=1.0), idf=idf)
+    _, parts = loss_fn(out, batch)
+    logp = out.word_logits.log_softmax(-1)
+    # row 0: half of its target on each of two words; row 1 (a VQA row) one word; row 2 has none and is left out
+    torch.testing.assert_close(parts["words"], -((logp[0, 3] + logp[0, 4]) / 2 + logp[1, 5]) / 2)
+    del batch["word_ids"]  # train.word_targets: caption — the caption rows' own ids
+    _, parts = loss_fn(out, batch)
+    torch.testing.assert_close(parts["words"], WordLoss(idf)(out.word_logits, batch["text_ids"], ~batch["is_vqa"]))
+
+
+def test_word_targets_choice_is_checked():
+    with pytest.raises(ConfigError, match="train.word_targets='images' is not allowed; choose one of caption, image"):
+        load_config(None, ["train.word_targets=images"])
