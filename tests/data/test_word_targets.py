@@ -45,7 +45,8 @@ def test_the_loss_learns_word_ids_on_every_row():
     out.logit_scale, out.logit_bias = torch.tensor(10.0), torch.tensor(0.0)
     out.logits, out.word_logits = torch.randn(3, 5, vocab), torch.randn(3, vocab)
     batch = {"is_vqa": torch.tensor([False, True, True]), "labels": torch.randint(0, vocab, (3, 5)),
-             "text_ids": torch.randint(1, vocab, (3, 5)), "word_ids": torch.tensor([[3, 4], [5, 0], [0, 0]])}  # fmt: skip
+             "text_ids": torch.randint(1, vocab, (3, 5)),
+             "word_ids": torch.tensor([[3, 4], [5, 0], [0, 0]])}  # fmt: skip
     loss_fn = ImageTextLoss.from_config(TrainConfig(word_weight=1.0), idf=idf)
     _, parts = loss_fn(out, batch)
     logp = out.word_logits.log_softmax(-1)
