@@ -36,12 +36,7 @@ class Collate:
 
     def __call__(self, samples: list[dict]) -> dict:
         images = torch.stack([s["image"] for s in samples])  # (B, 3, H, W)
-        longest = max(len(s["ids"]) for s in samples)
-        text_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)  # (B, T)
-        text_mask = torch.zeros(text_ids.shape, dtype=torch.bool)  # (B, T)
-        for row, s in enumerate(samples):
-            text_ids[row, : len(s["ids"])] = torch.tensor(s["ids"], dtype=torch.long)
-            text_mask[row, : len(s["ids"])] = True
+        text_ids, text_mask = self.pad([s["ids"] for s in samples])  # (B, T)
         labels = text_ids.masked_fill(~text_mask, IGNORE_INDEX)  # (B, T)
         for row, s in enumerate(samples):
             labels[row, : s["n_prompt"]] = IGNORE_INDEX  # the question is context, not a target
@@ -56,17 +51,18 @@ class Collate:
             "image_ids": [s["image_id"] for s in samples],
         }
         if "word_ids" in samples[0]:
-            longest = max(1, *(len(s["word_ids"]) for s in samples))
-            batch["word_ids"] = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)  # (B, W)
-            for row, s in enumerate(samples):
-                batch["word_ids"][row, : len(s["word_ids"])] = torch.tensor(s["word_ids"], dtype=torch.long)
+            batch["word_ids"] = self.pad([s["word_ids"] for s in samples])[0]  # (B, W)
         if any("negatives" in s for s in samples):
             negatives = [(row, ids) for row, s in enumerate(samples) for ids in s.get("negatives", [])]
-            longest = max((len(ids) for _, ids in negatives), default=1)
-            batch["negative_ids"] = torch.full((len(negatives), longest), self.pad_id, dtype=torch.long)  # (M, T')
-            batch["negative_mask"] = torch.zeros(batch["negative_ids"].shape, dtype=torch.bool)  # (M, T')
-            for m, (_, ids) in enumerate(negatives):
-                batch["negative_ids"][m, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                batch["negative_mask"][m, : len(ids)] = True
+            batch["negative_ids"], batch["negative_mask"] = self.pad([ids for _, ids in negatives])  # (M, T')
             batch["negative_owner"] = torch.tensor([row for row, _ in negatives], dtype=torch.long)  # (M,)
         return batch
+
+    def pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Id lists as a (N, L) LongTensor padded with ``pad_id`` (L = the longest, at least 1) and its mask."""
+        ids = torch.full((len(seqs), max((len(s) for s in seqs), default=1) or 1), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = True
+        return ids, mask

@@ -67,7 +67,15 @@ class ImageTextDataset(Dataset):
             raise ValueError(f"train.swap_negatives={swap_negatives} needs data.swap_groups (groups of words to swap)")
         self.vqa_turns = vqa_turns if train else 1
         self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
-        self.image_captions = image_captions(source) if image_words else None
+        # token ids of each image's captions, tokenized once here rather than for every sample of every epoch
+        self.image_words = (
+            {
+                key: sorted({i for c in texts for i in tokenizer.tokenize(c)})
+                for key, texts in image_captions(source).items()
+            }
+            if image_words
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.source)
@@ -95,9 +103,8 @@ class ImageTextDataset(Dataset):
                   "image_id": record.image_id}  # fmt: skip
         if targets is not None:
             sample["targets"] = targets
-        if self.image_captions is not None:
-            captions = record.captions or self.image_captions.get(turns.image_key(record), [])
-            sample["word_ids"] = sorted({i for c in captions for i in self.tokenizer.tokenize(c)})
+        if self.image_words is not None:
+            sample["word_ids"] = self.image_words.get(turns.image_key(record), [])
         if self.swap_negatives:
             texts = [] if record.is_vqa else swap_negatives(caption, self.swap_index, self.swap_negatives, random)
             sample["negatives"] = [self.tokenizer.frame(self.tokenizer.tokenize(t), self.max_len) for t in texts]

@@ -333,11 +333,11 @@ class ImageTextLoss(nn.Module):
             parts["exits"], parts["gates"] = self._exits(output, caption_rows)
         if getattr(output, "match_logits", None) is not None:
             parts["match"] = self.match(output.match_logits, output.match_labels)
-        if self.words is not None and "word_ids" in batch:  # train.word_targets: image, every row with captions
-            words = batch["word_ids"].to(output.logits.device)
-            parts["words"] = self.words(output.word_logits, words, torch.ones_like(caption_rows))
-        elif self.words is not None:
-            parts["words"] = self.words(output.word_logits, batch["text_ids"].to(output.logits.device), caption_rows)
+        if self.words is not None:  # train.word_targets: image gives every row its image's caption words
+            image_words = "word_ids" in batch
+            words = batch["word_ids"] if image_words else batch["text_ids"]
+            rows = torch.ones_like(caption_rows) if image_words else caption_rows
+            parts["words"] = self.words(output.word_logits, words.to(output.logits.device), rows)
         total = sum(self.weights[name] * value for name, value in parts.items() if self.weights[name])
         # Every output stays in the graph, so DDP finds a gradient for every parameter (e.g. the unused SigLIP bias).
         total = total + 0.0 * (output.logit_scale.sum() + output.logit_bias.sum())
