@@ -114,13 +114,17 @@ def _decode(module, args, cache, absorbed: bool, device, dtype) -> float:
 def _step_flops(module, args, cache, absorbed: bool, device, dtype) -> int:
     """FLOPs of one decode step after a cached context (torch.utils.flop_counter), on a copy of the cache."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     from mlm.layers.rope import rope_1d
 
+    def cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)  # torch counts the CUDA fused kernels only
+
     x = torch.randn(args.batch_size, 1, args.dim, device=device, dtype=dtype)
     cos, sin = rope_1d(torch.arange(cache.length, cache.length + 1, device=device), args.qk_rope_head_dim)
-    with FlopCounterMode(display=False) as counter:
+    cpu_fused = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_fused) as counter:
         module(x, rope=(cos, sin), cache=cache.copy(), absorbed=absorbed)
     return counter.get_total_flops()
 

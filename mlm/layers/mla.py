@@ -33,7 +33,7 @@ from mlm.layers.attention import (
     rope_for_heads,
 )
 from mlm.layers.kv_cache import KVCache, LatentKVCache
-from mlm.layers.level_attention import decode_keys
+from mlm.layers.level_attention import decode_keys, sdpa
 from mlm.layers.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -138,24 +138,41 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rope), dim=-1)  # (B, H, S, Dk)
         return attend(q, k, v, mask, self.scale, top_k)
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, top_k) -> Tensor:
-        """Attend over the latent directly: q·W_UK as the query, W_UV applied after; returns (B, H, T, v)."""
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, top_k, joint=None) -> Tensor:
+        """Attend over the latent directly: q·W_UK as the query, W_UV applied after; returns (B, H, T, v).
+
+        ``joint`` is [c_kv | k_rope] as one tensor when the cache stores it so (:class:`LatentKVCache`).
+        """
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        if q_latent.shape[2] == 1:
+        if q_latent.shape[2] == 1 and joint is not None and top_k == 0:
+            out_latent = self._fused_step(q_latent[:, :, 0], q_rope[:, :, 0], joint, mask)
+        elif q_latent.shape[2] == 1:
             out_latent = self._decode_step(q_latent[:, :, 0], q_rope[:, :, 0], c_kv, k_rope, mask, top_k)
         else:
             q = torch.cat((q_latent, q_rope), dim=-1)  # (B, H, T, r + rope)
-            k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, r + rope): one "head" shared by all
+            k = torch.cat((c_kv, k_rope), dim=-1)[:, None] if joint is None else joint[:, None]  # one shared "head"
             out_latent = attend(q, k, c_kv[:, None], mask, self.scale, top_k)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
 
-    def _decode_step(self, q_latent, q_rope, c_kv, k_rope, mask, top_k) -> Tensor:
-        """One query per row over the latent cache: (B, H, r) queries -> (B, H, 1, r).
+    def _fused_step(self, q_latent, q_rope, joint, mask) -> Tensor:
+        """One query per row over the joint cache in one fused attention call: (B, H, r) -> (B, H, 1, r).
 
-        The latent and RoPE parts are scored separately (as DeepSeek's inference code does: no concatenated copy of
-        the cache), their sum accumulated by one ``baddbmm``; heads ride in the row axis of one batched matmul.
+        The H heads are H queries of a single key/value "head" whose keys and values are both the joint rows
+        [c_kv | k_rope], so the cache is read once, in place; the RoPE part of the weighted values is dropped.
         """
+        joint, mask = decode_keys(mask, 0, 1, joint)
+        mask = dense_mask(mask, joint.device)
+        if mask is not None:  # (1, S) or (B, 1, 1, S): the step's row, the same for every head
+            mask = mask[..., -1:, :].reshape(-1, 1, 1, mask.shape[-1])
+        q = torch.cat((q_latent, q_rope), dim=-1)[:, None]  # (B, 1, H, r + rope)
+        kv = joint[:, None]  # (B, 1, S, r + rope)
+        out = sdpa(q, kv, kv, mask, self.scale)  # (B, 1, H, r + rope)
+        return out[:, 0, :, None, : self.kv_lora_rank]
+
+    def _decode_step(self, q_latent, q_rope, c_kv, k_rope, mask, top_k) -> Tensor:
+        """One query per row over separate latent and RoPE caches (top-k, fixed-length ONNX caches): (B, H, r) queries
+        -> (B, H, 1, r). The two score parts are accumulated by one ``baddbmm``; heads ride in the row axis."""
         c_kv, k_rope, mask = decode_keys(mask, top_k, 1, c_kv, k_rope)
         mask = dense_mask(mask, c_kv.device)
         step_mask = None if mask is None else mask[..., 0, :]  # (S,) or (B, 1, S)
@@ -163,18 +180,19 @@ class MultiHeadLatentAttention(nn.Module):
         return attend_scores(scores * self.scale, c_kv, step_mask, top_k)[:, :, None]
 
     def _project(self, x: Tensor, rope, cache: LatentKVCache | None, context, positions=None) -> tuple[Tensor, ...]:
-        """Queries of x and the keys' latent: (q_nope, q_rope, c_kv, k_rope), RoPE applied, cache appended."""
+        """Queries of x and the keys' latent: (q_nope, q_rope, c_kv, k_rope, joint), RoPE applied, cache appended;
+        joint is the cache's [c_kv | k_rope] tensor, or None when the keys come from no LatentKVCache."""
         q_nope, q_rope = self._queries(x)
         if self.cross:
             latent = context if isinstance(context, LatentKVCache) else self.encode_context(context, positions)
-            return q_nope, q_rope, latent.c_kv, latent.k_rope
+            return q_nope, q_rope, latent.c_kv, latent.k_rope, latent.joint
         c_kv, k_rope = self._latent(x)
         if rope is not None:
             cos, sin = rope_for_heads(rope, x.shape[1])
             q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, *rope)
         if cache is not None:
             c_kv, k_rope = cache.append(c_kv, k_rope)
-        return q_nope, q_rope, c_kv, k_rope
+        return q_nope, q_rope, c_kv, k_rope, getattr(cache, "joint", None)
 
     @torch.no_grad()
     def attention_weights(
@@ -192,7 +210,7 @@ class MultiHeadLatentAttention(nn.Module):
         values by, so ``o_proj(weights @ V)`` equals ``forward``. Not used by training or decoding.
         """
         check_sources(self, rope, None, context)
-        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, None, context, context_pos)
+        q_nope, q_rope, c_kv, k_rope, _ = self._project(x, rope, None, context, context_pos)
         w_uk, _ = self._up_weights()
         k_nope = torch.einsum("bsr,hnr->bhsn", c_kv, w_uk)  # (B, H, S, nope)
         scores = q_nope @ k_nope.transpose(-1, -2) + (q_rope @ k_rope[:, None].transpose(-1, -2))  # (B, H, T, S)
@@ -223,10 +241,12 @@ class MultiHeadLatentAttention(nn.Module):
         """
         check_sources(self, rope, cache, context)
         b, t, _ = x.shape
-        q_nope, q_rope, c_kv, k_rope = self._project(x, rope, cache, context, context_pos)
+        q_nope, q_rope, c_kv, k_rope, joint = self._project(x, rope, cache, context, context_pos)
         mask = check_mask(mask, t, c_kv.shape[1])
-        path = self._absorbed if absorbed else self._naive
-        out = path(q_nope, q_rope, c_kv, k_rope, mask, top_k)  # (B, H, T, v)
+        if absorbed:
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, top_k, joint)  # (B, H, T, v)
+        else:
+            out = self._naive(q_nope, q_rope, c_kv, k_rope, mask, top_k)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.v_head_dim))
 
 

@@ -78,6 +78,52 @@ def test_absorbed_decode_step_equals_naive_with_per_row_mask(top_k):
     torch.testing.assert_close(absorbed, naive, **TOL)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "row", "per_batch", "local"])
+def test_fused_decode_step_equals_separate_cache_step(mask_kind):
+    """The one-call step over the joint [c_kv | k_rope] cache == the step over separate latent and RoPE tensors."""
+    mla = make("mla", q_lora_rank=12)
+    cos, sin = rope_1d(torch.arange(8), ROPE)
+    cache = mla.new_cache()
+    with torch.no_grad():
+        mla(torch.randn(3, 7, DIM), rope=(cos[:7], sin[:7]), mask=causal(7), cache=cache)
+    masks = {
+        "none": None,
+        "row": torch.ones(1, 8, dtype=torch.bool),
+        "per_batch": torch.rand(3, 1, 1, 8) > 0.5,
+        "local": level_mask("local", 8, causal=True, grid=None, window=2, window_2d=3, region=3, region_2d=2),
+    }
+    mask = masks[mask_kind]
+    if mask_kind == "per_batch":
+        mask[..., -1] = True
+    if mask_kind == "local":
+        mask = mask[-1:]
+    with torch.no_grad():
+        q_nope, q_rope, c_kv, k_rope, joint = mla._project(torch.randn(3, 1, DIM), (cos[7:], sin[7:]), cache, None)
+    assert joint.data_ptr() == cache.joint.data_ptr() and joint.shape == (3, 8, KV_RANK + ROPE)
+    fused = mla._absorbed(q_nope, q_rope, c_kv, k_rope, mask, 0, joint)
+    separate = mla._absorbed(q_nope, q_rope, c_kv.contiguous(), k_rope.contiguous(), mask, 0, None)
+    torch.testing.assert_close(fused, separate, **TOL)
+
+
+def test_latent_cache_keeps_one_joint_buffer():
+    """c_kv and k_rope are views of one [c_kv | k_rope] buffer, written in place while it has room."""
+    cache = LatentKVCache.empty()
+    with torch.no_grad():
+        cache.append(torch.randn(2, 3, KV_RANK), torch.randn(2, 3, ROPE))
+        cache.append(torch.randn(2, 1, KV_RANK), torch.randn(2, 1, ROPE))  # grows to room for 6
+        before = cache.joint.data_ptr()
+        latent, rope_key = torch.randn(2, 2, KV_RANK), torch.randn(2, 2, ROPE)
+        cache.append(latent, rope_key)
+    joint = cache.joint
+    assert joint.data_ptr() == before and joint.shape == (2, 6, KV_RANK + ROPE)
+    assert cache.c_kv.data_ptr() == joint.data_ptr()
+    assert cache.k_rope.data_ptr() == joint.data_ptr() + KV_RANK * joint.element_size()
+    torch.testing.assert_close(joint[:, 4:], torch.cat((latent, rope_key), dim=-1))
+    assert cache.bytes_per_token() == (KV_RANK + ROPE) * 4
+    with pytest.raises(ValueError, match="latents of size 16, got 8"):
+        cache.append(torch.randn(2, 1, 8), torch.randn(2, 1, ROPE + 8))
+
+
 def decode_in_steps(module, x, rope, mask, steps, absorbed=False):
     """Run x through module chunk by chunk with a cache, passing rope and mask rows for the new positions."""
     cache, outs, start = module.new_cache(), [], 0
