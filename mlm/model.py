@@ -30,8 +30,9 @@ from mlm.config import Config, ModelConfig
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.encoders.early_exit import EarlyExit
 from mlm.encoders.pooling import POOLING, WordHead
-from mlm.encoders.shared import SharedEncoder
+from mlm.encoders.shared import EncoderOutput, SharedEncoder
 from mlm.fusion.decoder import MultimodalDecoder
+from mlm.fusion.length_groups import length_groups, merge_rows
 from mlm.fusion.matching import MatchHead, match_logits
 from mlm.generation import DecodingCache, DecodingConfig, cache_bytes, generate_from_prompts
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
@@ -151,6 +152,27 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         states = self.encoder.encode_text(text_ids).tokens  # (B, T, C)
         return self._decode(states, start=0, total_len=text_ids.shape[1], context=image_tokens)
 
+    def _text_pass(self, text_ids: Tensor, mask: Tensor, image_tokens: Tensor) -> tuple[EncoderOutput, Tensor, Tensor]:
+        """(text encoder output, decoder states (B, T, C), LM logits (B, T, V)) of a batch: one causal pass feeds
+        pooling and the decoder. Rows of very different lengths run as two groups, each cut to its longest row
+        (:mod:`mlm.fusion.length_groups`); states past a row's end are then zeros, which pooling and losses skip."""
+        T = text_ids.shape[1]
+        groups = length_groups(mask)
+        if groups is None:
+            out = self.encoder.encode_text(text_ids)
+            states = self._decode(out.tokens, start=0, total_len=T, context=image_tokens, hidden=True)
+            return out, states, self.decoder.lm_head(states)
+        outs, states, logits = [], [], []
+        for rows, length in groups:
+            out = self.encoder.encode_text(text_ids[rows, :length])
+            hidden = self._decode(out.tokens, start=0, total_len=length, context=image_tokens[rows], hidden=True)
+            outs.append(out)
+            states.append(hidden)
+            logits.append(self.decoder.lm_head(hidden))
+        levels = {name: merge_rows([o.levels[name] for o in outs], groups, T) for name in outs[0].levels}
+        text_out = EncoderOutput(tokens=merge_rows([o.tokens for o in outs], groups, T), levels=levels)
+        return text_out, merge_rows(states, groups, T), merge_rows(logits, groups, T)
+
     def forward(
         self,
         images: Tensor,
@@ -165,10 +187,8 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         (``rows``, ``groups``, ``negative_owner``; :func:`mlm.fusion.matching.match_logits`) adds matching logits."""
         image = self.image_features(images)
         mask = check_text_mask(text_ids, text_mask)
-        text_out = self.encoder.encode_text(text_ids)  # one causal pass feeds pooling and the decoder
+        text_out, states, logits = self._text_pass(text_ids, mask, image.tokens)
         text = self.pooler(text_out.levels, mask)
-        T = text_ids.shape[1]
-        states = self._decode(text_out.tokens, start=0, total_len=T, context=image.tokens, hidden=True)
         negatives = None if negative_ids is None else self.text_features(negative_ids, negative_mask)
         matched = (None, None)
         if self.match_head is not None and match is not None:
@@ -178,7 +198,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             text_embeds=text.embeds,
             logit_scale=self.logit_scale.exp().clamp(max=100.0).squeeze(0),
             logit_bias=self.logit_bias.squeeze(0),
-            logits=self.decoder.lm_head(states),
+            logits=logits,
             image_tokens=image.tokens,
             word_logits=None if self.word_head is None else self.word_head.logits(image, self.pooler.proj),
             negative_embeds=None if negatives is None else negatives.embeds,
