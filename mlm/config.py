@@ -100,6 +100,8 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = True
     max_image_pixels: int = 89_478_485  # decompression-bomb guard, PIL's default
+    # MB of decoded, transformed images kept in memory when the transform has no randomness (no augmentation); 0 = off
+    cache_images_mb: float = 0.0
     swap_groups: list[list[str]] = field(default_factory=list)  # interchangeable words for train.swap_negatives
 
 

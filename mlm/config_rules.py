@@ -55,7 +55,7 @@ _RANGES = [
     ("train.match_weight", 0.0, 1e3), ("train.exit_weight", 0.0, 1e3),
     ("train.word_weight", 0.0, 1e3), ("train.grad_compression_full_every", 0, 1 << 30),
     ("train.grad_compression_rank", 1, 1024), ("train.grad_compression_start", 0, 1 << 30),
-    ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
+    ("data.cache_images_mb", 0.0, 1 << 24), ("eval.batch_size", 1, 1 << 20), ("eval.chunk_size", 1, 1 << 24),
 ]  # fmt: skip
 
 

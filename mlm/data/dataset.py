@@ -50,6 +50,7 @@ class ImageTextDataset(Dataset):
         swap_negatives: int = 0,
         vqa_turns: int = 1,
         image_words: bool = False,
+        cache_bytes: int = 0,
     ):
         if len(source) == 0:
             raise ValueError(f"data source {getattr(source, 'name', '')!r} has no usable record")
@@ -66,6 +67,9 @@ class ImageTextDataset(Dataset):
         if self.swap_negatives and not self.swap_index:
             raise ValueError(f"train.swap_negatives={swap_negatives} needs data.swap_groups (groups of words to swap)")
         self.vqa_turns = vqa_turns if train else 1
+        # decoded, transformed images by image (records naming one image file share it), while under cache_bytes; only
+        # for a transform without randomness, so a cached image is the one decoding would give
+        self.pixel_cache = PixelCache(cache_bytes)
         self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
         # token ids of each image's captions, tokenized once here rather than for every sample of every epoch
         self.image_words = (
@@ -86,10 +90,13 @@ class ImageTextDataset(Dataset):
         self.stats.read += 1
         if not record.is_vqa and not record.captions:
             raise DataError(R.NO_CAPTION, record.origin, "record has neither captions nor a question")
-        image, notes = decode_image(record.image, self.max_pixels, record.origin)
-        for note in notes:
-            self.stats.fix(note, record.origin)
-        pixels = self.transform(image)  # (3, H, W)
+        key = ("path", record.image) if isinstance(record.image, str) else ("record", index)
+        pixels = self.pixel_cache.get(key)
+        if pixels is None:
+            image, notes = decode_image(record.image, self.max_pixels, record.origin)
+            for note in notes:
+                self.stats.fix(note, record.origin)
+            pixels = self.pixel_cache.put(key, self.transform(image))  # (3, H, W)
         targets = None
         if record.is_vqa and self.vqa_turns > 1:
             ids, targets = turns.packed_sample(self, index, record, self.vqa_turns)
@@ -125,6 +132,25 @@ class ImageTextDataset(Dataset):
         )
 
 
+class PixelCache:
+    """Image tensors by key up to a byte budget; once full, later images are not kept (no eviction churn)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes, self.items = max_bytes, 0, {}
+
+    def get(self, key) -> torch.Tensor | None:
+        """The tensor stored under key, or None."""
+        return self.items.get(key)
+
+    def put(self, key, pixels: torch.Tensor) -> torch.Tensor:
+        """Keep pixels under key while they fit the budget; return them."""
+        size = pixels.numel() * pixels.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.items[key] = pixels
+            self.bytes += size
+        return pixels
+
+
 def image_captions(records: Sequence[Record]) -> dict:
     """Every caption of each image (by :func:`mlm.data.turns.image_key`) over the records that have captions."""
     out: dict = {}
@@ -151,7 +177,18 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
         swap_negatives=cfg.train.swap_negatives,
         vqa_turns=cfg.train.vqa_turns,
         image_words=cfg.train.word_targets == "image",
+        cache_bytes=image_cache_bytes(cfg, train),
     )
+
+
+def image_cache_bytes(cfg, train: bool) -> int:
+    """data.cache_images_mb in bytes; 0 for a training transform with random augmentation (one info line)."""
+    if cfg.data.cache_images_mb <= 0:
+        return 0
+    if train and cfg.data.augment:
+        logger.info("data.cache_images_mb is ignored while data.augment is on (each epoch crops anew)")
+        return 0
+    return int(cfg.data.cache_images_mb * 2**20)
 
 
 def build_loader(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool, batch_size: int | None = None):
