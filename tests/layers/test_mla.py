@@ -253,6 +253,9 @@ def test_gqa_equals_mha_with_key_value_heads_repeated_per_group():
     x = torch.randn(2, 6, DIM)
     kwargs = dict(rope=rope_1d(torch.arange(6), ROPE), mask=causal(6))
     torch.testing.assert_close(gqa(x, **kwargs), mha(x, **kwargs), **TOL)
+    # several queries per key head stack on the query axis, a per-row (B, 1, T, S) mask repeated with them
+    row_mask = (torch.rand(2, 1, 6, 6) > 0.5) | torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(gqa(x, rope=kwargs["rope"], mask=row_mask), mha(x, rope=kwargs["rope"], mask=row_mask))
     # decoding folds the query heads of a group into one kernel call; it must agree too
     step_mask = torch.rand(2, 1, 1, 6) > 0.5  # per-row mask over the keys so far
     step_mask[..., -1] = True
