@@ -154,10 +154,11 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
 
     def _text_pass(self, text_ids: Tensor, mask: Tensor, image_tokens: Tensor) -> tuple[EncoderOutput, Tensor, Tensor]:
         """(text encoder output, decoder states (B, T, C), LM logits (B, T, V)) of a batch: one causal pass feeds
-        pooling and the decoder. Rows of very different lengths run as two groups, each cut to its longest row
-        (:mod:`mlm.fusion.length_groups`); states past a row's end are then zeros, which pooling and losses skip."""
+        pooling and the decoder. In training, rows of very different lengths run as two groups, each cut to its
+        longest row (:mod:`mlm.fusion.length_groups`); states past a row's end are then zeros, which pooling and
+        losses skip."""
         T = text_ids.shape[1]
-        groups = length_groups(mask)
+        groups = length_groups(mask) if self.training else None  # inference keeps every position's logits
         if groups is None:
             out = self.encoder.encode_text(text_ids)
             states = self._decode(out.tokens, start=0, total_len=T, context=image_tokens, hidden=True)
