@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -90,7 +91,7 @@ class ImageTextDataset(Dataset):
         self.stats.read += 1
         if not record.is_vqa and not record.captions:
             raise DataError(R.NO_CAPTION, record.origin, "record has neither captions nor a question")
-        key = ("path", record.image) if isinstance(record.image, str) else ("record", index)
+        key = ("path", str(record.image)) if isinstance(record.image, (str, Path)) else ("record", index)
         pixels = self.pixel_cache.get(key)
         if pixels is None:
             image, notes = decode_image(record.image, self.max_pixels, record.origin)
@@ -187,6 +188,10 @@ def image_cache_bytes(cfg, train: bool) -> int:
         return 0
     if train and cfg.data.augment:
         logger.info("data.cache_images_mb is ignored while data.augment is on (each epoch crops anew)")
+        return 0
+    if train and cfg.data.num_workers > 0:
+        # each worker would fill a copy of its own, and the training loop starts new workers every epoch
+        logger.info("data.cache_images_mb is ignored with data.num_workers > 0 (it serves one process)")
         return 0
     return int(cfg.data.cache_images_mb * 2**20)
 

@@ -9,7 +9,6 @@ same function for less work. The grouping is chosen by the padded token count it
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 MIN_SAVING = 0.15  # split only when two groups pad at least this share fewer tokens than one
@@ -42,8 +41,8 @@ def length_groups(mask: Tensor, min_saving: float = MIN_SAVING) -> list[tuple[Te
 
 def merge_rows(parts: list[Tensor], groups: list[tuple[Tensor, int]], length: int) -> Tensor:
     """Per-group tensors (b_i, t_i, ...) back into one (B, length, ...) in the batch's row order, zeros as padding."""
-    padded = [F.pad(part, (0, 0) * (part.ndim - 2) + (0, length - part.shape[1])) for part in parts]
-    rows = torch.cat([group_rows for group_rows, _ in groups])
-    inverse = torch.empty_like(rows)
-    inverse[rows] = torch.arange(rows.shape[0], device=rows.device)
-    return torch.cat(padded).index_select(0, inverse)
+    first = parts[0]
+    out = first.new_zeros(sum(part.shape[0] for part in parts), length, *first.shape[2:])
+    for part, (rows, _) in zip(parts, groups, strict=True):
+        out.index_put_((rows[:, None], torch.arange(part.shape[1], device=part.device)), part)
+    return out

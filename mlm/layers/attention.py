@@ -113,9 +113,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, top_k: int = 0) 
         q = q.reshape(b, h_kv, groups, q.shape[-1])  # (B, Hk, G, Dk)
         if mask is not None:
             mask = mask.expand(*mask.shape[:-2], groups, mask.shape[-1])
-    elif groups > 1 and top_k == 0:
-        # Several queries per key head: the group's query rows stacked on the query axis, masks repeated to match
-        # (G*T*S booleans, where copying K and V per query head costs G*S*(Dk + Dv) numbers for every row).
+    elif groups > 1 and top_k == 0 and (mask is None or groups * mask.numel() <= k.numel() + v.numel()):
+        # Several queries per key head: the group's query rows stacked on the query axis, the mask repeated to
+        # match, while its G copies hold fewer entries than one copy of K and V (the copies made below otherwise).
         q = q.reshape(b, h_kv, groups * t, q.shape[-1])  # (B, Hk, G*T, Dk)
         if mask is not None:
             mask = mask.repeat(*(1,) * (mask.ndim - 2), groups, 1)

@@ -55,6 +55,10 @@ def test_augmented_training_is_not_cached(caplog):
     assert "ignored while data.augment is on" in caplog.text
     assert image_cache_bytes(config, train=False) == 64 << 20
     assert image_cache_bytes(load_config(None, ["data.cache_images_mb=64", "data.augment=false"]), True) == 64 << 20
+    workers = load_config(None, ["data.cache_images_mb=64", "data.augment=false", "data.num_workers=2"])
+    with caplog.at_level(logging.INFO):
+        assert image_cache_bytes(workers, train=True) == 0
+    assert "ignored with data.num_workers > 0" in caplog.text
 
 
 def test_negative_budget_is_refused():
