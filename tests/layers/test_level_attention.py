@@ -154,6 +154,30 @@ def test_encoder_sparse_equals_dense_on_images_and_text():
     assert dense.blocks[2].router.weight.grad.abs().sum() > 0  # the router learns from the loss
 
 
+def test_padded_text_rows_equal_their_unpadded_selves_on_both_paths():
+    """Text is causal and padded at the end: a row's real tokens (states and gradients) do not see its pads, on the
+    dense and the fast path alike."""
+    levels = ["local", "regional", "routed", "global"]
+    dense, sparse = _encoder("dense", levels), _encoder("sparse", levels)
+    sparse.load_state_dict(dense.state_dict())
+    text = torch.randint(1, 100, (2, 45))
+    text[1, 30:] = 0  # pads
+    real = torch.ones(2, 45, 1, dtype=torch.float64)
+    real[1, 30:] = 0
+    outs = []
+    for enc in (dense, sparse):
+        enc.zero_grad()
+        txt = enc.encode_text(text).tokens
+        (txt.cos() * real).sum().backward()
+        with torch.no_grad():
+            alone = enc.encode_text(text[1:, :30]).tokens
+        torch.testing.assert_close(txt[1:, :30], alone, rtol=0, atol=1e-9)
+        outs.append((txt[:, :30], [p.grad.clone() for p in enc.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=1e-9)
+    for gs, gd in zip(outs[1][1], outs[0][1], strict=True):
+        torch.testing.assert_close(gs, gd, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("absorbed", [False, True])
 @pytest.mark.parametrize("attention", ["mla", "gqa"])
 def test_cached_text_decoding_equals_the_full_sparse_pass(absorbed, attention):

@@ -30,6 +30,9 @@ def _worker(rank, world_size, init_file, out_file, mode):
         if mode == "int4-no-ef":
             hook = QuantizedAllReduce(4, error_feedback=False)
             model.register_comm_hook(hook, quantized_hook)
+        elif mode == "int4-full4":
+            hook = QuantizedAllReduce(4, full_every=4)
+            model.register_comm_hook(hook, quantized_hook)
         else:
             train = SimpleNamespace(grad_compression=mode, grad_compression_full_every=0, grad_compression_rank=2)
             hook = register(model, train, SimpleNamespace(num_processes=world_size))
@@ -47,6 +50,7 @@ def _worker(rank, world_size, init_file, out_file, mode):
                     "last": model.module.weight.grad.clone(),
                     "bytes": getattr(hook, "bytes_sent", None),
                     "numel": applied.numel(),
+                    "residuals": len(getattr(hook, "residuals", {})),
                     "steps": steps,
                 },
                 out_file,
@@ -87,6 +91,35 @@ def test_int8_and_int4_with_error_feedback_track_the_true_gradient(tmp_path):
         assert got["bytes"] <= bytes_bound * 4 * got["numel"] * got["steps"]  # fp32 sends 4 bytes a value
     plain = _run(tmp_path, "int4-no-ef")
     assert error(plain["applied"]) > 10 * error(runs["int4"]["applied"])
+
+
+def test_full_precision_rounds_are_exact_and_clear_the_residuals(tmp_path):
+    truth = _true_mean()
+    got = _run(tmp_path, "int4-full4")  # steps 4, 8, ..., 20 go in fp32, the 15 others as int4
+    torch.testing.assert_close(got["last"], truth, rtol=1e-6, atol=1e-6)  # step 20 is a full round
+    assert got["residuals"] == 0  # ... which sends what was left and starts the residuals afresh
+    numel, chunks = got["numel"], -(-got["numel"] // CHUNK)
+    assert got["bytes"] == 5 * 4 * numel + 15 * (chunks * CHUNK // 2 + 4 * chunks)
+
+
+def test_a_backend_that_cannot_reduce_the_dtype_is_named(monkeypatch):
+    from mlm.train import comm
+
+    def refuse(tensor):
+        raise RuntimeError(f"unsupported dtype {tensor.dtype}")
+
+    monkeypatch.setattr(comm.dist, "all_reduce", refuse)
+    monkeypatch.setattr(comm.dist, "get_backend", lambda: "gloo")
+    train = SimpleNamespace(grad_compression="bf16")
+    with pytest.raises(ValueError, match=r"^train.grad_compression=bf16: the gloo backend cannot reduce torch.bfloat16"):
+        comm._build_state(train, {})
+
+
+def test_one_process_says_so_in_one_line(caplog):
+    with caplog.at_level("INFO", logger="mlm.train.comm"):
+        assert register(None, SimpleNamespace(grad_compression="int8"), SimpleNamespace(num_processes=1)) is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlm.train.comm"]
+    assert lines == ["train.grad_compression=int8: one process, nothing is communicated; training uncompressed"]
 
 
 def test_fp16_hook_and_bad_modes(tmp_path):
