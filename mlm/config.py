@@ -51,7 +51,10 @@ class ModelConfig:
     local_window_2d: int = 3  # side of the square patch neighbourhood in a local block (odd)
     region_size: int = 4  # text tokens per region
     region_size_2d: int = 2  # side of a square patch region
-    top_k: int = 0  # keys kept per query in global blocks; 0 = dense
+    top_k: int = 0  # keys kept per query in global blocks; 0 = dense, -1 = length-adaptive (sparsity_schedule)
+    # [short_len, keep_short, long_len, keep_long]: share of keys a routed block (routed_tokens 0) or an adaptive
+    # top-k keeps, log-linear in the length between (the seeds: 80% up to 256 tokens, 20% from 1,024)
+    sparsity_schedule: list[float] = field(default_factory=lambda: [256, 0.8, 1024, 0.2])
     routed_tokens: int = 0  # keys a routed block selects per image (plus each patch's window); 0 = length-adaptive
     level_impl: str = "auto"  # dense (boolean masks) | sparse (skip masked work) | auto (sparse from 256 tokens)
     sharing: str = "full"  # full | norms (per-modality norms) | ffn (per-modality FFN experts) | none (two towers)

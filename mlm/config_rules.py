@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 _RANGES = [
     ("model.dim", 4, 16384), ("model.n_layers", 1, 256), ("model.local_window", 0, 1 << 20),
     ("model.local_window_2d", 1, 1023), ("model.region_size", 1, 1 << 20), ("model.region_size_2d", 1, 1023),
-    ("model.top_k", 0, 1 << 20), ("model.routed_tokens", 0, 1 << 20), ("model.mlp_ratio", 0.25, 64),
+    ("model.top_k", -1, 1 << 20), ("model.routed_tokens", 0, 1 << 20), ("model.mlp_ratio", 0.25, 64),
     ("model.ffn_hidden_dim", 0, 1 << 20),
     ("model.image_size", 1, 8192),
     ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.patch_overlap", 0, 1024),
@@ -110,6 +110,12 @@ def check_model(m) -> None:
     if "routed" in m.levels and m.routed_tokens > side * side:
         raise ConfigError(f"model.routed_tokens={m.routed_tokens} is larger than the sequence: at most {side * side} "
                           f"(patches of a {side}x{side} grid)")  # fmt: skip
+    from mlm.layers.sparsity import KeepSchedule  # the layer owns the schedule's rules
+
+    try:
+        KeepSchedule.from_config(m.sparsity_schedule)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
     if (m.image_pos_embed == "sincos" or m.cross_pos_keys or m.cross_pos_values) and m.dim % 4:
         raise ConfigError(f"model.dim={m.dim} must be a multiple of 4 for 2-D sin-cos positions "
                           "(model.image_pos_embed=sincos, model.cross_pos_keys or model.cross_pos_values)")  # fmt: skip

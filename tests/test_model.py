@@ -141,13 +141,14 @@ def test_loading_a_folder_without_weights_names_the_missing_file(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["model.attention=mla"],
-        ["model.attention=gqa"],
-        ["model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true"],
+        ["model.attention=mla", "model.top_k=3"],
+        ["model.attention=gqa", "model.top_k=3"],
+        ["model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true", "model.top_k=3"],
+        ["model.top_k=-1", "model.sparsity_schedule=[2,0.9,8,0.3]"],  # length-adaptive: each row its own k
     ],
 )
 def test_cached_step_by_step_decoding_equals_one_full_forward(overrides):
-    model = tiny_model(*overrides, "model.top_k=3")
+    model = tiny_model(*overrides)
     if model.decoder.pos_values is not None:
         torch.nn.init.normal_(model.decoder.pos_values.weight)  # it starts at zero
     images, ids, _ = batch(2, 9)

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from mlm.config import ModelConfig
 from mlm.encoders.sharing import PerModality, check_modality, separate_attention, separate_modules
-from mlm.layers.level_attention import LevelPattern, RoutedPattern, routed_count
+from mlm.layers.level_attention import LevelPattern, RoutedPattern
+from mlm.layers.sparsity import ADAPTIVE, KeepSchedule, routed_count
 from mlm.layers.mla import build_attention
 from mlm.layers.mlp import SwiGLU
 
@@ -35,7 +36,10 @@ class EncoderBlock(nn.Module):
         super().__init__()
         separate_norms, separate_ffn = separate_modules(cfg.sharing)
         self.level = level
-        self.top_k = cfg.top_k if level == "global" else 0
+        schedule = KeepSchedule.from_config(cfg.sparsity_schedule)
+        # -1: the schedule's share of the keys each query may see (top_k_mask takes the schedule for k)
+        self.top_k = (schedule if cfg.top_k == ADAPTIVE else cfg.top_k) if level == "global" else 0
+        self.schedule = schedule
         self.attn_norm = PerModality(lambda: nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), separate_norms)
         self.attn = build_attention(cfg.dim, cfg.mla, cfg.attention, norm_eps=cfg.norm_eps)  # text (and images)
         # Two towers (sharing=none): images get attention weights of their own; the text cache stays on self.attn.
@@ -66,6 +70,6 @@ class EncoderBlock(nn.Module):
         """Return x (B, T, C) after attention (with an optional KV cache) and the feed-forward."""
         h = self.attn_norm(x, modality)
         if self.router is not None and isinstance(mask, LevelPattern) and mask.level == "routed":
-            mask = RoutedPattern(mask, self.router(h).squeeze(-1), routed_count(self.routed_tokens, h.shape[1]))
+            mask = RoutedPattern(mask, self.router(h).squeeze(-1), routed_count(self.routed_tokens, h.shape[1], self.schedule))
         x = x + self.attention(modality)(h, rope=rope, mask=mask, cache=cache, absorbed=absorbed, top_k=self.top_k)
         return x + self.ffn(self.ffn_norm(x, modality), modality)

@@ -80,8 +80,8 @@ def rope_for_heads(rope: tuple[Tensor, Tensor], n_tokens: int) -> tuple[Tensor, 
 
 
 def attend_scores(scores: Tensor, v: Tensor, mask: Tensor | None, top_k: int = 0) -> Tensor:
-    """Softmax scaled scores (..., T, S) over allowed keys (top_k best if top_k > 0) and weight v (..., S, D)."""
-    keep = top_k_mask(scores, mask, top_k) if top_k > 0 else mask
+    """Softmax scaled scores (..., T, S) over allowed keys (the top_k best unless top_k is 0) and weight v (..., S, D)."""
+    keep = top_k_mask(scores, mask, top_k) if top_k != 0 else mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     return scores.softmax(dim=-1) @ v
@@ -97,7 +97,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, top_k: int = 0) 
 
     Each key/value head serves H // Hk consecutive query heads. mask is boolean (T, S) or (B, 1, T, S), or a level
     pattern (:mod:`mlm.layers.level_attention`, which skips masked work on long inputs); top_k > 0 keeps only the k
-    best allowed keys per query.
+    best allowed keys per query, a :class:`~mlm.layers.sparsity.KeepSchedule` its share of the keys each may see.
     """
     b, h, t, _ = q.shape
     if isinstance(mask, RoutedPattern) and top_k == 0:
@@ -122,7 +122,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, top_k: int = 0) 
     elif groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dk)
         v = v.repeat_interleave(groups, dim=1)  # (B, H, S, Dv)
-    if top_k > 0 or t == 1:
+    if top_k != 0 or t == 1:
         # Explicit scores for top-k, and for decoding, where SDPA's fallback kernel would rescale every cached key.
         out = attend_scores((q @ k.transpose(-1, -2)) * scale, v, mask, top_k)  # scores (B, H, T, S)
     else:

@@ -16,7 +16,6 @@ dense boolean mask of :func:`mlm.layers.masks.level_mask`, which stays the refer
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -290,23 +289,6 @@ def regional_1d(q: Tensor, k: Tensor, v: Tensor, region: int, causal: bool, scal
 def regional_2d(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], size: int, scale: float) -> Tensor:
     """Attention within square regions of the patch grid plus to every other region's top-left patch."""
     return _region_attend(q, k, v, *_regions_2d(tuple(grid), size, str(q.device)), scale)
-
-
-def keep_fraction(n_tokens: int) -> float:
-    """The seeds' length-adaptive sparsity: ~80% of the keys under 256 tokens, ~20% over 1,024, log-linear between."""
-    lo, hi, f_lo, f_hi = 256, 1024, 0.8, 0.2
-    if n_tokens <= lo:
-        return f_lo
-    if n_tokens >= hi:
-        return f_hi
-    return f_lo + (f_hi - f_lo) * math.log(n_tokens / lo) / math.log(hi / lo)
-
-
-def routed_count(setting: int, n_tokens: int) -> int:
-    """Tokens a routed block selects: ``setting`` (> 0, at most n) or, for 0, the length schedule."""
-    if setting < 0:
-        raise ValueError(f"model.routed_tokens={setting} must be >= 0 (0 = length-adaptive)")
-    return min(setting, n_tokens) if setting else max(1, math.ceil(keep_fraction(n_tokens) * n_tokens))
 
 
 @dataclass(frozen=True)

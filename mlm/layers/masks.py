@@ -99,16 +99,24 @@ def level_mask(
     return _cached_mask.__wrapped__(*key) if torch.compiler.is_compiling() else _cached_mask(*key)
 
 
-def top_k_mask(scores: Tensor, mask: Tensor | None, k: int) -> Tensor:
+def top_k_mask(scores: Tensor, mask: Tensor | None, k) -> Tensor:
     """Return a boolean mask like scores (..., T, S) keeping, per query, the k best keys that mask allows.
 
-    A query with fewer than k allowed keys keeps all of them.
+    A query with fewer than k allowed keys keeps all of them. k may be a length schedule (an object with
+    ``counts(n)``, :class:`mlm.layers.sparsity.KeepSchedule`): each query then keeps its share of the n keys it may
+    see, so a causal row keeps as many in a cached decoding step as in the full pass.
     """
-    if k < 1:
+    if isinstance(k, int) and k < 1:
         raise ValueError(f"top-k needs k >= 1, got k={k}")
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    k = min(k, scores.shape[-1])
-    index = scores.topk(k, dim=-1).indices  # (..., T, k)
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, index, True)
+    if isinstance(k, int):
+        index = scores.topk(min(k, scores.shape[-1]), dim=-1).indices  # (..., T, k)
+        picked = torch.ones_like(index, dtype=torch.bool)
+    else:
+        allowed = (scores > float("-inf")).sum(-1, keepdim=True)  # (..., T, 1)
+        per_row = k.counts(allowed)
+        index = scores.topk(int(per_row.max()), dim=-1).indices
+        picked = torch.arange(index.shape[-1], device=scores.device) < per_row  # the row's first per_row ranks
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, index, picked)
     return keep & (scores > float("-inf"))  # drop masked keys picked when fewer than k were allowed

@@ -10,11 +10,10 @@ from mlm.layers.level_attention import (
     AUTO_MIN_TOKENS,
     LevelPattern,
     RoutedPattern,
-    keep_fraction,
     pattern_attend,
     routed_attend,
-    routed_count,
 )
+from mlm.layers.sparsity import keep_fraction, routed_count
 
 SIZES = dict(window=3, window_2d=3, region=4, region_2d=2)
 

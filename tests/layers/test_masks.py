@@ -89,6 +89,34 @@ def test_top_k_keeps_exactly_k_best_allowed_keys():
     assert (kept_min > dropped_max).all()
 
 
+def test_length_adaptive_top_k_keeps_the_schedules_share_of_each_rows_keys():
+    from mlm.layers.sparsity import SEEDS, KeepSchedule
+
+    scores = torch.randn(2, 3, 6, 6)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()  # row i may see i + 1 keys; short rows keep 80%
+    keep = top_k_mask(scores, causal, SEEDS)
+    assert keep.sum(-1)[0, 0].tolist() == [1, 2, 3, 4, 4, 5]  # ceil(0.8 n)
+    assert not (keep & ~causal).any()
+    kept_min = scores.masked_fill(~keep, float("inf")).amin(-1)
+    dropped_max = scores.masked_fill(keep | ~causal, float("-inf")).amax(-1)
+    assert (kept_min > dropped_max).all()
+    long = top_k_mask(torch.randn(1, 2048), None, SEEDS)  # from 1,024 keys: 20%
+    assert int(long.sum()) == 410
+    mid = KeepSchedule.from_config([10, 1.0, 1000, 0.1])  # log-linear between: halfway at 100 keys
+    assert int(top_k_mask(torch.randn(1, 100), None, mid).sum()) == 55
+    with pytest.raises(ValueError, match="short_len < long_len"):
+        KeepSchedule.from_config([100, 0.8, 50, 0.2])
+
+
+def test_a_bad_sparsity_schedule_names_the_setting():
+    from mlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.sparsity_schedule=\[256.0, 0.8\]: four numbers"):
+        load_config(None, ["model.sparsity_schedule=[256,0.8]"])
+    with pytest.raises(ConfigError, match="keep fractions in"):
+        load_config(None, ["model.sparsity_schedule=[256,1.5,1024,0.2]"])
+
+
 def test_top_k_without_mask_and_bad_k():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
     assert top_k_mask(scores, None, 2).tolist() == [[False, True, True, False]]
