@@ -138,3 +138,25 @@ def test_bad_pruning_input_is_one_line(tiny_run, tmp_path, capsys):
                  "--calib", str(tmp_path)]) == 2  # fmt: skip
     assert "must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_heldout_loss_is_the_objective_on_fixed_batches(tiny_run, tiny_model):
+    """bench comm scores every row by it: the same batches each call, the same value, and it moves with the weights."""
+    from mlm.train.calibration import calibration_batches, calibration_loss, heldout_loss, run_settings
+
+    run, synth = tiny_run
+    config = run_settings(tiny_model, run)
+    batches = calibration_batches(tiny_model, config, str(synth), "val", 2, 8)
+    again = calibration_batches(tiny_model, config, str(synth), "val", 2, 8)
+    assert all(torch.equal(a["text_ids"], b["text_ids"]) for a, b in zip(batches, again, strict=True))
+    loss = heldout_loss(tiny_model, config, batches)
+    assert loss == heldout_loss(tiny_model, config, again)
+    with torch.no_grad():
+        first = calibration_loss(config)(tiny_model(batches[0]["images"], batches[0]["text_ids"],
+                                                    batches[0]["text_mask"]), batches[0])[0]  # fmt: skip
+        second = calibration_loss(config)(tiny_model(batches[1]["images"], batches[1]["text_ids"],
+                                                     batches[1]["text_mask"]), batches[1])[0]  # fmt: skip
+    assert loss == pytest.approx((float(first) + float(second)) / 2, rel=1e-6)
+    with torch.no_grad():
+        tiny_model.decoder.lm_head.weight.mul_(0.5)  # (the projection alone would not do: embeddings are unit vectors)
+    assert heldout_loss(tiny_model, config, batches) != loss

@@ -4,7 +4,10 @@ Every row trains the same config from the same seed for ``--steps`` steps with o
 (``int4-no-ef`` is int4 with ``train.grad_compression_error_feedback=false``; ``powersgd-warm`` starts PowerSGD
 after the learning-rate warmup, ``train.grad_compression_start`` = ``train.warmup_steps``) and reports the payload
 bytes one process sent per step, against the fp32 gradient (4 bytes a parameter: what uncompressed DDP all-reduces), the
-step time, and the loss after the last steps (the mean of the last logging interval) with its gap to ``none``.
+step time, the training loss after the last steps (the mean of the last logging interval) and the held-out loss
+of the final model (the same objective on fixed batches of the data's val split, ``--heldout-batches`` of the global batch
+size), each with its gap to ``none``. The held-out loss is the one to compare: the last training batches differ
+from run to run.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes per run (default: 2)")
     parser.add_argument("--data", help="data to train on (default: the config's data.train)")
     parser.add_argument("--out", help="keep the rows' run folders here (default: a temporary folder, removed)")
+    parser.add_argument("--heldout-batches", type=int, default=8,
+                        help="fixed held-out batches the final loss is scored on (default: 8)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny data, a few steps (for tests)")
 
 
@@ -97,6 +102,7 @@ def _row(args, name: str, data: str, root: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     model = MLMModel.from_pretrained(Path(summary["last_checkpoint"]) / "model")
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what DDP reduces
+    heldout = _heldout(args, model, config, data)
     fp32 = 4 * params
     sent = _bytes_per_step(run_dir / "metrics.csv") or fp32  # no hook: DDP all-reduces the fp32 gradient
     return {
@@ -110,7 +116,25 @@ def _row(args, name: str, data: str, root: Path) -> dict:
         "step_s": round(summary["time_s"] / max(summary["steps"], 1), 4),
         "samples_per_s": summary["samples_per_s"],
         "loss": summary["final_losses"].get("loss"),
+        "heldout_loss": round(heldout, 5),
     }
+
+
+def _heldout(args, model, config, data: str) -> float:
+    """The final model's objective on fixed batches of the val split (the same batches for every row)."""
+    from mlm.train.calibration import calibration_batches, heldout_loss
+
+    _threads(2)
+    batch_size = 4 if args.quick else config.train.batch_size * args.processes
+    batches = calibration_batches(model, config, data, "val", 1 if args.quick else args.heldout_batches, batch_size)
+    return heldout_loss(model, config, batches)
+
+
+def _threads(n: int) -> None:
+    """Score with the machine's threads (the runs used one per process)."""
+    import torch
+
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
 
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
@@ -136,10 +160,11 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         rows = {name: _row(args, name, data, root) for name in names}
     base = rows.get("none")
     for row in rows.values():
-        gap = None
-        if base is not None and base["loss"] and row["loss"] is not None:
-            gap = round(100.0 * (row["loss"] - base["loss"]) / base["loss"], 2)
-        row["loss_gap_pct"] = gap
+        for key, gap_key in (("loss", "loss_gap_pct"), ("heldout_loss", "heldout_gap_pct")):
+            gap = None
+            if base is not None and base[key] and row[key] is not None:
+                gap = round(100.0 * (row[key] - base[key]) / base[key], 2)
+            row[gap_key] = gap
     report = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "processes": args.processes,
               "data": args.data or "config", "rows": rows}  # fmt: skip
     return report, _table(report)
@@ -150,12 +175,17 @@ def _table(report: dict) -> str:
     lines = [
         f"{report['processes']} processes (gloo), {report['steps']} steps, config {report['config']}",
         "",
-        "| mode | bytes/step | vs fp32 | step s | samples/s | loss | gap to none |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | bytes/step | vs fp32 | step s | samples/s | loss | gap to none | held-out loss | gap to none |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def pct(value) -> str:
+        return "—" if value is None else f"{value:+.2f}%"
+
     for row in report["rows"].values():
-        gap = "—" if row["loss_gap_pct"] is None else f"{row['loss_gap_pct']:+.2f}%"
+        gap = pct(row["loss_gap_pct"])
         loss = "—" if row["loss"] is None else f"{row['loss']:.4f}"
         lines.append(f"| {row['mode']} | {row['bytes_per_step']:,.0f} | {row['bytes_ratio']:.3f} | {row['step_s']:.3f} "
-                     f"| {row['samples_per_s']:.1f} | {loss} | {gap} |")  # fmt: skip
+                     f"| {row['samples_per_s']:.1f} | {loss} | {gap} | {row['heldout_loss']:.4f} "
+                     f"| {pct(row['heldout_gap_pct'])} |")  # fmt: skip
     return "\n".join(lines)

@@ -53,3 +53,16 @@ def calibration_loss(config: Config):
 
     train = dataclasses.replace(config.train, word_weight=0.0, match_weight=0.0, swap_negatives=0, exit_weight=0.0)
     return ImageTextLoss.from_config(train)
+
+
+@torch.no_grad()
+def heldout_loss(model, config: Config, batches: list[dict]) -> float:
+    """Mean of the run's objective (as :func:`calibration_loss`) over fixed batches, model in eval mode: a loss that
+    two runs can be compared by without the noise of their last training batches."""
+    loss_fn = calibration_loss(config)
+    model.eval()
+    total = 0.0
+    for batch in batches:
+        out = model(batch["images"], batch["text_ids"], batch["text_mask"])
+        total += float(loss_fn(out, batch)[0])
+    return total / max(1, len(batches))
