@@ -4,10 +4,10 @@ Every row trains the same config from the same seed for ``--steps`` steps with o
 (``int4-no-ef`` is int4 with ``train.grad_compression_error_feedback=false``; ``powersgd-warm`` starts PowerSGD
 after the learning-rate warmup, ``train.grad_compression_start`` = ``train.warmup_steps``) and reports the payload
 bytes one process sent per step, against the fp32 gradient (4 bytes a parameter: what uncompressed DDP all-reduces), the
-step time, the training loss after the last steps (the mean of the last logging interval) and the held-out loss
-of the final model (the same objective on fixed batches of the data's val split, ``--heldout-batches`` of the global batch
-size), each with its gap to ``none``. The held-out loss is the one to compare: the last training batches differ
-from run to run.
+step time, the training loss after the last steps (the mean of the last logging interval) and the held-out
+loss of the final model (the same objective on fixed batches of the data's val split, ``--heldout-batches`` of the
+global batch size), each with its gap to ``none``. The held-out loss is the one to compare: the last training
+batches differ from run to run.
 """
 
 from __future__ import annotations

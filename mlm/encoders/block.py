@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from mlm.config import ModelConfig
 from mlm.encoders.sharing import PerModality, check_modality, separate_attention, separate_modules
 from mlm.layers.level_attention import LevelPattern, RoutedPattern
-from mlm.layers.sparsity import ADAPTIVE, KeepSchedule, routed_count
 from mlm.layers.mla import build_attention
 from mlm.layers.mlp import SwiGLU
+from mlm.layers.sparsity import ADAPTIVE, KeepSchedule, routed_count
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -70,6 +70,8 @@ class EncoderBlock(nn.Module):
         """Return x (B, T, C) after attention (with an optional KV cache) and the feed-forward."""
         h = self.attn_norm(x, modality)
         if self.router is not None and isinstance(mask, LevelPattern) and mask.level == "routed":
-            mask = RoutedPattern(mask, self.router(h).squeeze(-1), routed_count(self.routed_tokens, h.shape[1], self.schedule))
+            mask = RoutedPattern(
+                mask, self.router(h).squeeze(-1), routed_count(self.routed_tokens, h.shape[1], self.schedule)
+            )
         x = x + self.attention(modality)(h, rope=rope, mask=mask, cache=cache, absorbed=absorbed, top_k=self.top_k)
         return x + self.ffn(self.ffn_norm(x, modality), modality)

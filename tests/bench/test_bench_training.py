@@ -96,8 +96,16 @@ def test_bench_comm_quick_runs_two_processes_per_mode(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert list(rows) == ["none", "int4-no-ef", "int4"]
     for row in rows.values():
-        assert set(row) >= {"bytes_per_step", "bytes_ratio", "step_s", "samples_per_s", "loss", "loss_gap_pct",
-                            "heldout_loss", "heldout_gap_pct"}
+        assert set(row) >= {
+            "bytes_per_step",
+            "bytes_ratio",
+            "step_s",
+            "samples_per_s",
+            "loss",
+            "loss_gap_pct",
+            "heldout_loss",
+            "heldout_gap_pct",
+        }
         assert row["processes"] == 2 and row["steps"] == 4
     assert rows["none"]["bytes_ratio"] == 1.0 and rows["none"]["loss_gap_pct"] == 0.0
     assert rows["none"]["heldout_gap_pct"] == 0.0 and rows["int4"]["heldout_loss"] != rows["none"]["heldout_loss"]

@@ -111,7 +111,9 @@ def test_a_backend_that_cannot_reduce_the_dtype_is_named(monkeypatch):
     monkeypatch.setattr(comm.dist, "all_reduce", refuse)
     monkeypatch.setattr(comm.dist, "get_backend", lambda: "gloo")
     train = SimpleNamespace(grad_compression="bf16")
-    with pytest.raises(ValueError, match=r"^train.grad_compression=bf16: the gloo backend cannot reduce torch.bfloat16"):
+    with pytest.raises(
+        ValueError, match=r"^train.grad_compression=bf16: the gloo backend cannot reduce torch.bfloat16"
+    ):
         comm._build_state(train, {})
 
 
