@@ -80,7 +80,7 @@ def rope_for_heads(rope: tuple[Tensor, Tensor], n_tokens: int) -> tuple[Tensor, 
 
 
 def attend_scores(scores: Tensor, v: Tensor, mask: Tensor | None, top_k: int = 0) -> Tensor:
-    """Softmax scaled scores (..., T, S) over allowed keys (the top_k best unless top_k is 0), weighting v (..., S, D)."""
+    """Softmax scaled scores (..., T, S) over allowed keys (the top_k best unless top_k is 0); weights v (..., S, D)."""
     keep = top_k_mask(scores, mask, top_k) if top_k != 0 else mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
