@@ -79,6 +79,7 @@ class ModelConfig:
     cross_pos_values: bool = False  # the image tokens the decoder reads get a learned projection of their position
     cross_null: bool = False  # the decoder's cross-attention can attend to a learned "nothing here" token
     early_exit: bool = False  # halting gates after each image block: easy images stop early (--exit-threshold)
+    exit_lens: bool = False  # each exit maps its states to an estimate of the final ones (a tuned lens; early_exit)
     match_head: bool = False  # a match / no-match head on the decoder (image-text matching, train.match_weight)
     dropout: float = 0.0
     norm_eps: float = 1e-6

@@ -176,6 +176,8 @@ def check_run(cfg) -> None:
         raise ConfigError(f"train.word_weight={t.word_weight} needs model.word_head: true (the head it trains)")
     if t.match_weight and not cfg.model.match_head:
         raise ConfigError(f"train.match_weight={t.match_weight} needs model.match_head: true (the head it trains)")
+    if cfg.model.exit_lens and not cfg.model.early_exit:
+        raise ConfigError("model.exit_lens=true needs model.early_exit: true (the exits it reads)")
     if t.exit_weight and not cfg.model.early_exit:
         raise ConfigError(f"train.exit_weight={t.exit_weight} needs model.early_exit: true (the exits it trains)")
     if t.lora.rank and not t.lora.target_modules:

@@ -68,7 +68,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         # SuperClass (Huang et al., 2024): the pooled image classifies the words of its caption
         self.word_head = WordHead(m.embed_dim, m.vocab_size, m.word_head_patches) if m.word_head else None
         self.match_head = MatchHead(m.dim) if m.match_head else None  # ALBEF/BLIP's image-text matching
-        self.early_exit = EarlyExit(m.dim, m.n_layers) if m.early_exit else None  # halting gates (images)
+        self.early_exit = EarlyExit(m.dim, m.n_layers, m.exit_lens) if m.early_exit else None  # halting gates (images)
         self.exit_threshold: float | None = None  # set_exit_threshold: images stop at a confident exit
         # one-element vectors, not scalars: FSDP2 cannot shard a 0-d parameter; forward returns them as scalars
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
@@ -205,7 +205,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             negative_embeds=None if negatives is None else negatives.embeds,
             match_logits=matched[0],
             match_labels=matched[1],
-            **dict(zip(("exit_embeds", "exit_logits"), image.exits or (), strict=False)),
+            **dict(zip(("exit_embeds", "exit_logits", "exit_lens"), image.exits or (), strict=False)),
         )
 
     def start_decoding(self, image_tokens: Tensor, total_len: int) -> DecodingCache:

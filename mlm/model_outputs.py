@@ -25,6 +25,7 @@ class MLMOutput:
     match_labels: Tensor | None = None  # (P,) 1 where the pair matches
     exit_embeds: Tensor | None = None  # (X, B, E) the images' embeddings at each early exit, with model.early_exit
     exit_logits: Tensor | None = None  # (X, B) the halting gates' logits at each exit
+    exit_lens: Tensor | None = None  # scalar: the exit lenses' relative error to the final states, model.exit_lens
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Features:
     pool_weights: dict[str, Tensor]  # level -> (B, T) softmax pooling weights over positions
     projected: Tensor | None = None  # (B, E) the embeddings before L2 normalisation
     mask: Tensor | None = None  # (B, T) True at real tokens (text)
-    exits: list | None = None  # training with model.early_exit: [exit embeds, gate logits]
+    exits: list | None = None  # training with model.early_exit: [exit embeds, gate logits, lens loss or None]
 
 
 def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:

@@ -33,7 +33,7 @@ from mlm.train.trainer_state import TrainerState
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("loss", "contrastive", "caption", "vqa", "words", "match", "exits", "gates", "distill")
+PARTS = ("loss", "contrastive", "caption", "vqa", "words", "match", "exits", "gates", "lens", "distill")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

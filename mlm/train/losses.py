@@ -266,7 +266,7 @@ class ImageTextLoss(nn.Module):
         self.words = words
         self.weights = {"contrastive": contrastive_weight, "caption": caption_weight, "vqa": vqa_weight,
                         "words": word_weight if words is not None else 0.0, "match": match_weight,
-                        "exits": exit_weight, "gates": 1.0}  # fmt: skip
+                        "exits": exit_weight, "gates": 1.0, "lens": 1.0}  # fmt: skip
         self.match = MatchLoss(rank, world_size)
 
     @classmethod
@@ -328,9 +328,12 @@ class ImageTextLoss(nn.Module):
             "match": torch.zeros((), device=output.logits.device),
             "exits": torch.zeros((), device=output.logits.device),
             "gates": torch.zeros((), device=output.logits.device),
+            "lens": torch.zeros((), device=output.logits.device),
         }
         if getattr(output, "exit_embeds", None) is not None:
             parts["exits"], parts["gates"] = self._exits(output, caption_rows)
+        if getattr(output, "exit_lens", None) is not None:  # model.exit_lens: the lenses' own error
+            parts["lens"] = output.exit_lens
         if getattr(output, "match_logits", None) is not None:
             parts["match"] = self.match(output.match_logits, output.match_labels)
         if self.words is not None:  # train.word_targets: image gives every row its image's caption words

@@ -41,7 +41,7 @@ def test_no_exit_is_the_full_pass_and_an_exit_gives_its_training_states(levels):
         torch.testing.assert_close(never.embeds, full.embeds, rtol=0, atol=0)
         torch.testing.assert_close(never.tokens, full.tokens, rtol=0, atol=0)
         assert model.early_exit.blocks_used.tolist() == [4, 4, 4]
-        _, exits, _ = model.early_exit.training_pass(model.encoder, model.pooler, images)
+        _, exits, _, _ = model.early_exit.training_pass(model.encoder, model.pooler, images)
         for stop in range(3):
             _force(model, stop)
             early = model.image_features(images)
@@ -77,6 +77,46 @@ def test_a_mixed_batch_gives_each_image_what_it_gets_alone():
     assert model.early_exit.mean_blocks() == pytest.approx((used.sum().item() + used.sum().item()) / 16)
 
 
+def test_lenses_start_as_the_identity_train_alone_and_hand_on_their_states():
+    """A zero-initialised lens changes nothing; its loss reaches only the lenses (the encoder and the full depth are
+    untouched); a few steps of it bring an exit's states closer to the final ones; an image that stops at a lensed
+    exit gets the lensed states (decoder input) and the embedding of the training pass."""
+    torch.manual_seed(0)
+    plain, lensed = _model(), _model(exit_lens=True)
+    lensed.load_state_dict(plain.state_dict(), strict=False)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        _, before, _, none = plain.early_exit.training_pass(plain.encoder, plain.pooler, images)
+        _, start, _, loss0 = lensed.early_exit.training_pass(lensed.encoder, lensed.pooler, images)
+    assert none is None and torch.equal(start, before)
+    lensed.train()
+    _, _, _, loss = lensed.early_exit.training_pass(lensed.encoder, lensed.pooler, images)
+    loss.backward()
+    trained = {n for n, p in lensed.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(n.startswith("early_exit.lenses.") for n in trained)
+    opt = torch.optim.Adam(lensed.early_exit.lenses.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        lensed.early_exit.training_pass(lensed.encoder, lensed.pooler, images)[3].backward()
+        opt.step()
+    lensed.eval()
+    with torch.no_grad():
+        after = lensed.early_exit.training_pass(lensed.encoder, lensed.pooler, images)
+        assert float(after[3]) < 0.8 * float(loss0)
+        torch.testing.assert_close(lensed.image_features(images).embeds, plain.image_features(images).embeds)
+        _force(lensed, 1)
+        lensed.set_exit_threshold(0.5)
+        early = lensed.image_features(images)
+        torch.testing.assert_close(early.embeds, after[1][1])
+        lensed.set_exit_threshold(None)
+        x, rope, masks = lensed.encoder.embed_image(images)
+        for block in lensed.encoder.blocks[:2]:
+            x = block(x, "image", rope=rope, mask=masks[block.level])
+        torch.testing.assert_close(early.tokens, lensed.early_exit.lensed(lensed.encoder.norm(x, "image"), 1))
+    with pytest.raises(ConfigError, match="model.exit_lens=true needs model.early_exit"):
+        load_config(None, ["model.exit_lens=true"])
+
+
 def test_grad_checkpointing_gives_the_same_exit_gradients():
     model = _model().train()
     images = torch.randn(2, 3, 32, 32)
@@ -84,7 +124,7 @@ def test_grad_checkpointing_gives_the_same_exit_gradients():
     for on in (False, True):
         model.zero_grad()
         model.set_grad_checkpointing(on)
-        _, exits, logits = model.early_exit.training_pass(model.encoder, model.pooler, images)
+        _, exits, logits, _ = model.early_exit.training_pass(model.encoder, model.pooler, images)
         (exits.sum() + logits.sum()).backward()
         grads.append(model.encoder.blocks[0].attn.o_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
@@ -111,7 +151,7 @@ def test_training_with_exits_then_the_commands_run_with_a_threshold(tmp_path, ca
     trainer = Trainer(load_config(None, tiny_checkpoint.TINY_MODEL + sets))
     trainer.fit()
     metrics = (tmp_path / "run" / "metrics.csv").read_text()
-    assert "loss/exits" in metrics and "loss/gates" in metrics
+    assert "loss/exits" in metrics and "loss/gates" in metrics and "loss/lens" in metrics
     gates = trainer.unwrapped.early_exit.gates[0].weight
     assert gates.abs().sum() > 0  # trained (not all zero)
     run, images = tmp_path / "run", sorted(str(p) for p in (synth / "images").glob("*.png"))[:3]
