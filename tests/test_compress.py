@@ -34,6 +34,13 @@ def test_int8_codes_round_trip_exactly_and_outputs_stay_close(tiny_run, tmp_path
         for key, value in int8._layer_tensors(loaded, name).items():
             torch.testing.assert_close(value, int8._layer_tensors(quantized, name)[key], rtol=0, atol=0)
     assert loaded.decoder.lm_head.weight is loaded.encoder.token_embed.weight  # still tied
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "int8" / "model.safetensors")
+    up = [n for n in int8.embeddings(quantized) if n.endswith("kv_b_proj")]
+    assert up and all(stored[f"{n}.weight.int8"].dtype == torch.int8 for n in up)  # runs in float, stored as int8
+    for n in up:  # the model in memory is the one the file holds
+        torch.testing.assert_close(loaded.get_submodule(n).weight, quantized.get_submodule(n).weight, rtol=0, atol=0)
     assert int8.parameter_count(loaded) == int8.parameter_count(float_model)
     torch.manual_seed(0)
     images, ids = torch.randn(4, 3, 32, 32), torch.randint(4, 60, (4, 9))

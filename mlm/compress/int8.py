@@ -6,9 +6,9 @@ kernels run this project's layers about twice as fast on the CPUs we measured (R
 every ``nn.Linear`` gets int8 weights with one scale per output row, and its input is quantized per token when it runs,
 except two that stay float: the LM head, whose weight is the token embedding, and MLA's up-projection ``kv_b_proj``,
 whose weight the absorbed decode folds into the queries and outputs. Embedding tables (the token embedding, which is
-also the LM head) and convolution kernels (the patch embedding) are stored as int8 with one scale per row / output
-channel and run in float: quantizing rounds them to those values, so the file is small and the model in memory is the
-one it holds.
+also the LM head), convolution kernels (the patch embedding) and the ``kv_b_proj`` weights are stored as int8 with
+one scale per row / output channel and run in float: quantizing rounds them to those values, so the file is small
+and the model in memory is the one it holds.
 
 A compressed model is the normal folder plus ``quantization_config.json``; its model.safetensors holds each quantized
 weight as ``<layer>.weight.int8`` (int8) and ``<layer>.weight.scale`` (fp32; fbgemm also ``<layer>.weight.zero_point``).
@@ -44,11 +44,16 @@ def quantizable(model: nn.Module) -> list[str]:
 
 
 STORED_INT8 = (nn.Embedding, nn.Conv2d)  # stored as int8, run in float
+STORED_LINEAR = ("kv_b_proj",)  # float Linear layers stored as int8 too (the LM head is the token embedding)
+
+
+def _stored_int8(name: str, module: nn.Module) -> bool:
+    return type(module) in STORED_INT8 or (type(module) is nn.Linear and name.rsplit(".", 1)[-1] in STORED_LINEAR)
 
 
 def embeddings(model: nn.Module) -> list[str]:
-    """Names of the model's embedding tables and convolutions (stored as int8, run in float)."""
-    return [name for name, module in model.named_modules() if type(module) in STORED_INT8]
+    """Names of the layers stored as int8 and run in float: embedding tables, convolutions, ``kv_b_proj``."""
+    return [name for name, module in model.named_modules() if _stored_int8(name, module)]
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,8 +235,8 @@ def load_int8(model: nn.Module, weights: str | Path, quant_file: str | Path) -> 
         except KeyError:
             raise ValueError(f"{weights}: no int8 weight for {layer!r} listed in {quant_file}") from None
     for table in config["embeddings"]:
-        if type(known.get(table)) not in STORED_INT8:
-            raise ValueError(f"{quant_file}: {table!r} is not an embedding or convolution of this model")
+        if table not in known or not _stored_int8(table, known[table]):
+            raise ValueError(f"{quant_file}: {table!r} is not an embedding, convolution or kv_b_proj of this model")
         try:
             table_codes, scale = tensors.pop(f"{table}.weight.int8"), tensors.pop(f"{table}.weight.scale")
         except KeyError:
