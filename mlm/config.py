@@ -56,7 +56,7 @@ class ModelConfig:
     # top-k keeps, log-linear in the length between (the seeds: 80% up to 256 tokens, 20% from 1,024)
     sparsity_schedule: list[float] = field(default_factory=lambda: [256, 0.8, 1024, 0.2])
     routed_tokens: int = 0  # keys a routed block selects per image (plus each patch's window); 0 = length-adaptive
-    level_impl: str = "auto"  # dense (boolean masks) | sparse (skip masked work) | auto (sparse from 256 tokens)
+    level_impl: str = "auto"  # dense (boolean masks) | sparse (skip masked work) | auto (sparse from 256 tokens) | flex
     sharing: str = "full"  # full | norms (per-modality norms) | ffn (per-modality FFN experts) | none (two towers)
     pooling: str = "hierarchical"  # hierarchical (per-level attention pooling) | mean (mean of the last block)
     level_weight_init: str = "ramp"  # ramp (0.1 lowest level -> 1.0 highest) | uniform (all 1.0)

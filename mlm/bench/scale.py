@@ -6,7 +6,8 @@ attention (SDPA with no mask) and ``routed`` a local window plus ``--routed-toke
 and length: the median forward + backward time, the bytes autograd saves for backward (the activation memory a
 training step holds, each storage once; on CUDA also the peak allocated), and the growth exponent fitted over the
 lengths from ``--fit-from`` on. Dense masks above ``--dense-max`` tokens are skipped (their (T, T) scores outgrow
-memory).
+memory). ``--paths`` adds ``flex`` (FlexAttention, compiled per shape; the first call, untimed, compiles it), and
+``--forward-only`` times inference (no gradients: FlexAttention has no CPU backward); routed levels have no flex path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 logger = logging.getLogger(__name__)
 
 LEVELS = ("global", "local", "regional", "routed")
+PATHS = ("sparse", "dense", "flex")
 TARGETS = {"local_speedup_4096": 5.0, "local_memory_4096": 0.2, "routed_over_global_4096": 4.0, "exponent": 1.2}
 
 
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-max", type=int, default=8192, help="longest dense-mask reference (default 8192)")
     parser.add_argument("--fit-from", type=int, default=1024, help="fit exponents from this length (default 1024)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point (default 3)")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=["sparse", "dense"],
+                        help="paths to time: sparse (blocked), dense (mask), flex (default sparse dense)")  # fmt: skip
+    parser.add_argument("--forward-only", action="store_true", help="time inference (no backward, nothing saved)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
 
@@ -76,7 +81,7 @@ def _measure(args, level: str, n: int, grid, impl: str) -> dict:
 
     device = torch.device(args.device)
     shape = (args.batch_size, args.heads, n, args.head_dim)
-    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(shape, device=device, requires_grad=not args.forward_only) for _ in range(3))
     pattern = _pattern(args, level, n, grid, impl)
     saved: dict[int, int] = {}
 
@@ -92,9 +97,10 @@ def _measure(args, level: str, n: int, grid, impl: str) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.set_grad_enabled(not args.forward_only):
             out = attend(q, k, v, pattern, args.head_dim**-0.5)
-        out.sum().backward()
+        if not args.forward_only:
+            out.sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:
@@ -106,19 +112,20 @@ def _measure(args, level: str, n: int, grid, impl: str) -> dict:
 
 
 def _sweep(args, sizes: list[int], grid_of) -> dict:
-    """{level: {"sparse"|"dense": {size: result}}} over the sizes (grid_of(size) -> grid or None)."""
+    """{level: {path: {size: result}}} over the sizes (grid_of(size) -> grid or None)."""
     out = {}
     for level in args.levels:
-        out[level] = {"sparse": {}, "dense": {}}
+        out[level] = {path: {} for path in args.paths}
         for size in sizes:
             grid = grid_of(size)
             n = size * size if grid else size
-            out[level]["sparse"][str(n)] = _measure(args, level, n, grid, "sparse")
-            if n <= args.dense_max and level != "global":  # global's dense reference is itself
-                out[level]["dense"][str(n)] = _measure(args, level, n, grid, "dense")
-            logger.info(
-                "%s %s n=%d: %.4fs", "2-D" if grid else "1-D", level, n, out[level]["sparse"][str(n)]["seconds"]
-            )
+            for path in args.paths:
+                if path == "dense" and (n > args.dense_max or level == "global"):  # global's dense is itself
+                    continue
+                if path == "flex" and level == "routed":  # routed keys are chosen per input: blocked path only
+                    continue
+                out[level][path][str(n)] = result = _measure(args, level, n, grid, path)
+                logger.info("%s %s %s n=%d: %.4fs", "2-D" if grid else "1-D", level, path, n, result["seconds"])
     return out
 
 
@@ -137,11 +144,12 @@ def _targets(one_d: dict, exponents: dict) -> dict:
     """The issue's ratios at 4,096 tokens (1-D), where measured."""
     out = {}
     local, glob, routed = one_d.get("local"), one_d.get("global"), one_d.get("routed")
-    if local and "4096" in local["dense"]:
+    if local and "4096" in local.get("dense", {}) and "4096" in local.get("sparse", {}):
         sparse, dense = local["sparse"]["4096"], local["dense"]["4096"]
         out["local_speedup_4096"] = dense["seconds"] / sparse["seconds"]
-        out["local_memory_4096"] = sparse["saved_bytes"] / dense["saved_bytes"]
-    if routed and glob and "4096" in routed["sparse"]:
+        if dense["saved_bytes"]:  # nothing is saved when timing the forward only
+            out["local_memory_4096"] = sparse["saved_bytes"] / dense["saved_bytes"]
+    if routed and glob and "4096" in routed.get("sparse", {}) and "4096" in glob.get("sparse", {}):
         out["routed_over_global_4096"] = glob["sparse"]["4096"]["seconds"] / routed["sparse"]["4096"]["seconds"]
     met = {}
     for name, value in out.items():
@@ -180,6 +188,10 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if "flex" in args.paths and not args.forward_only and not args.device.startswith("cuda"):
+        raise ValueError("--paths flex on the CPU needs --forward-only: torch has no FlexAttention backward there")
+    if "flex" in args.paths:  # one compiled kernel per level and shape
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -11,6 +11,8 @@ dense boolean mask of :func:`mlm.layers.masks.level_mask`, which stays the refer
 - regional: attention within the region plus to the first token of every other region, two score blocks under one
   softmax; cost n·(R + n/R);
 - global: SDPA with no mask, or ``is_causal`` (both take fused kernels; an explicit mask does not on CPU).
+
+``impl="flex"`` runs local, regional and global levels on FlexAttention instead (:mod:`mlm.layers.flex`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlm.layers.flex import flex_attend
 from mlm.layers.masks import LEVELS, level_mask
 
-IMPLS = ("auto", "dense", "sparse")
+IMPLS = ("auto", "dense", "sparse", "flex")  # flex: FlexAttention (inference only on the CPU)
 AUTO_MIN_TOKENS = 256  # below this the dense mask is as fast (bench scale: the fast paths win from a few hundred)
 
 
@@ -76,7 +79,7 @@ class LevelPattern:
         """Whether :func:`pattern_attend` takes the fast path for this pattern."""
         if self.impl == "dense" or self.start:  # cached steps read a row of the cached mask
             return False
-        return self.impl == "sparse" or self.n_queries >= AUTO_MIN_TOKENS
+        return self.impl in ("sparse", "flex") or self.n_queries >= AUTO_MIN_TOKENS
 
 
 def decode_keys(mask, top_k: int, seq_dim: int, *cached: Tensor) -> tuple:
@@ -90,6 +93,8 @@ def decode_keys(mask, top_k: int, seq_dim: int, *cached: Tensor) -> tuple:
 
 def pattern_attend(q: Tensor, k: Tensor, v: Tensor, pattern: LevelPattern, scale: float) -> Tensor:
     """Attention of q (B, H, T, Dk) over k (B, Hk, S, Dk), v (B, Hk, S, Dv) under pattern -> (B, H, T, Dv)."""
+    if pattern.impl == "flex" and not pattern.start:
+        return flex_attend(q, k, v, pattern, scale)
     if not pattern.sparse():
         mask = pattern.mask(q.device)
         return sdpa(q, _heads(k, q.shape[1]), _heads(v, q.shape[1]), mask, scale)

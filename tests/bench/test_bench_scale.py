@@ -51,3 +51,24 @@ def test_level_sizes_larger_than_the_sequence_name_the_setting(field, value, lev
         check_run(cfg)
     if field in ("local_window", "region_size_2d"):
         check_model(m)  # a saved model with such sizes still loads
+
+
+def test_bench_scale_times_flex_for_inference_and_refuses_its_cpu_backward(tmp_path, capsys, monkeypatch):
+    """--paths flex --forward-only adds a flex row per level but routed; without --forward-only the CPU refuses."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from mlm.layers import flex
+
+    monkeypatch.setattr(flex, "_compiled", lambda: flex_attention)  # the unfused reference: no compilation here
+    out = tmp_path / "scale.json"
+    argv = (f"bench scale --lengths 32 --grids 6 --heads 2 --head-dim 8 --window 4 --window-2d 3 --region 8 "
+            f"--region-2d 3 --routed-tokens 4 --repeats 1 --paths sparse flex --forward-only --json {out}")  # fmt: skip
+    assert main(argv.split()) == 0
+    report = json.loads(out.read_text())
+    for part, n in (("one_d", "32"), ("two_d", "36")):
+        assert set(report[part]["routed"]["flex"]) == set()
+        for level in ("global", "local", "regional"):
+            assert report[part][level]["flex"][n]["seconds"] > 0 and report[part][level]["flex"][n]["saved_bytes"] == 0
+    capsys.readouterr()
+    assert main("bench scale --lengths 8 --grids 2 --paths flex".split()) == 2
+    assert "--paths flex on the CPU needs --forward-only" in capsys.readouterr().err
