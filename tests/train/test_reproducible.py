@@ -18,12 +18,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 6
 
 
-def _train(config_path, *extra):
+def _train(*config_paths, extra=()):
+    """Run `mlm train` on each config at once (one thread each: independent processes, so still deterministic)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "mlm.cli", "train", "--config", str(config_path), *extra]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return result
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mlm.cli", "train", "--config", str(path), *extra],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for path in config_paths
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+        results.append((stdout, stderr))
+    return results
 
 
 def _config(synth_dir, run_dir, *overrides):
@@ -45,24 +58,24 @@ def _same_weights(a, b):
 
 
 def test_two_fresh_runs_are_identical_and_resume_is_exact(synth_dir, tmp_path):
-    first = _train(_config(synth_dir, tmp_path / "a"))
-    _train(_config(synth_dir, tmp_path / "b"))
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, b, cut = tmp_path / "a", tmp_path / "b", tmp_path / "cut"
+    # two fresh runs, and one stopped by its time limit after a few steps (resumed below without one)
+    (out, err), _, _ = _train(
+        _config(synth_dir, a), _config(synth_dir, b), _config(synth_dir, cut, "train.max_time_s=0.05")
+    )
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     assert len(_losses(a)["loss"]) == STEPS and _losses(a) == _losses(b)
     assert _same_weights(_weights(a), _weights(b))
 
     # quiet by default: the progress bar, our one-line messages and the summary, no library INFO or warnings
     for noise in ("INFO", "Removed shared tensor", "UserWarning", "accelerate"):
-        assert noise not in first.stderr + first.stdout
-    assert first.stdout.startswith("completed: 6 steps")
+        assert noise not in err + out
+    assert out.startswith("completed: 6 steps")
 
-    # stopped by its time limit after a few steps, then resumed without one: the same run as `a`
-    cut = tmp_path / "cut"
-    _train(_config(synth_dir, cut, "train.max_time_s=0.05"))
+    # the resumed run is the same run as `a`
     stopped_at = ckpt.read_trainer_state(ckpt.latest_checkpoint(cut))["step"]
     assert 0 < stopped_at < STEPS
-    _train(_config(synth_dir, cut), "--resume", "latest")
+    _train(_config(synth_dir, cut), extra=("--resume", "latest"))
     assert ckpt.read_trainer_state(ckpt.latest_checkpoint(cut))["step"] == STEPS
     assert _losses(cut) == _losses(a), f"resumed after step {stopped_at}"
     assert _same_weights(_weights(cut), _weights(a))
