@@ -18,26 +18,35 @@ import torch
 from torch import Tensor
 
 
-def mask_mod(pattern):
-    """The predicate (b, h, q_idx, kv_idx) -> bool of a level pattern's dense mask (q_idx counts from its start)."""
-    level, start, causal, grid = pattern.level, pattern.start, pattern.causal, pattern.grid
-    if level == "routed":  # a routed level without its router scores is its local part (global when causal)
+def mask_key(pattern) -> tuple:
+    """What a level pattern's mask depends on: (level, queries, keys, causal, grid, sizes, start); routed levels
+    without their router scores are their local part (global when causal), as in the dense mask."""
+    level, causal, grid = pattern.level, pattern.causal, pattern.grid
+    if level == "routed":
         level = "global" if causal else "local"
+    sizes = {"local": (pattern.window, pattern.window_2d), "regional": (pattern.region, pattern.region_2d)}
+    return level, pattern.n_queries, pattern.n_keys, causal, grid, sizes.get(level, (0, 0)), pattern.start
+
+
+def mask_mod(key: tuple):
+    """The predicate (b, h, q_idx, kv_idx) -> bool of the dense mask a :func:`mask_key` stands for (q_idx counts
+    from the pattern's start)."""
+    level, _, _, causal, grid, (size, size_2d), start = key
 
     def allowed(q: Tensor, k: Tensor) -> Tensor:
         if level == "global":
             return k >= 0
         if grid is None and level == "local":
-            return (q - k).abs() <= pattern.window
+            return (q - k).abs() <= size
         if grid is None:
-            return (q // pattern.region == k // pattern.region) | (k % pattern.region == 0)
+            return (q // size == k // size) | (k % size == 0)
         gw = grid[1]
         if level == "local":
             near = torch.maximum((q // gw - k // gw).abs(), (q % gw - k % gw).abs())
-            return near <= pattern.window_2d // 2
-        s, cols = pattern.region_2d, -(-gw // pattern.region_2d)
-        same = (q // gw // s) * cols + q % gw // s == (k // gw // s) * cols + k % gw // s
-        return same | ((k // gw % s == 0) & (k % gw % s == 0))
+            return near <= size_2d // 2
+        cols = -(-gw // size_2d)
+        same = (q // gw // size_2d) * cols + q % gw // size_2d == (k // gw // size_2d) * cols + k % gw // size_2d
+        return same | ((k // gw % size_2d == 0) & (k % gw % size_2d == 0))
 
     def predicate(b, h, q_idx, kv_idx):
         q = q_idx + start
@@ -48,18 +57,27 @@ def mask_mod(pattern):
 
 
 @functools.lru_cache(maxsize=64)
-def block_mask(pattern, device: str):
-    """The FlexAttention block mask of a level pattern, one per pattern and device."""
+def _block_mask(key: tuple, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask_mod(pattern), None, None, pattern.n_queries, pattern.n_keys, device=device)
+    return create_block_mask(mask_mod(key), None, None, key[1], key[2], device=device)
+
+
+def block_mask(pattern, device: str):
+    """The FlexAttention block mask of a level pattern, one per mask and device. Building it evaluates the predicate
+    at every (query, key) pair once (O(T·S) memory for that moment); the kernel then skips the masked blocks."""
+    key = mask_key(pattern)
+    # while torch.compile traces, tensors are fake: caching one would hand it to later eager calls
+    return _block_mask.__wrapped__(key, device) if torch.compiler.is_compiling() else _block_mask(key, device)
 
 
 @functools.cache
 def _compiled():
-    """flex_attention compiled once (each new shape still compiles its own kernel)."""
+    """flex_attention compiled once. Each new shape compiles its own kernel, so the recompile limit is raised from
+    torch's 8 (past it torch would run the unfused reference, which builds the scores)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -77,5 +95,4 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, pattern, scale: float, compiled
         q, k, v = q.detach(), k.detach(), v.detach()
     mask = block_mask(pattern, str(q.device))
     run = _compiled() if compiled and not torch.compiler.is_compiling() else flex_attention
-    gqa = k.shape[1] != q.shape[1]
-    return run(q, k.contiguous(), v.contiguous(), block_mask=mask, scale=scale, enable_gqa=gqa)
+    return run(q, k, v, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])

@@ -17,6 +17,7 @@ dense boolean mask of :func:`mlm.layers.masks.level_mask`, which stays the refer
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -94,7 +95,9 @@ def decode_keys(mask, top_k: int, seq_dim: int, *cached: Tensor) -> tuple:
 def pattern_attend(q: Tensor, k: Tensor, v: Tensor, pattern: LevelPattern, scale: float) -> Tensor:
     """Attention of q (B, H, T, Dk) over k (B, Hk, S, Dk), v (B, Hk, S, Dv) under pattern -> (B, H, T, Dv)."""
     if pattern.impl == "flex" and not pattern.start:
-        return flex_attend(q, k, v, pattern, scale)
+        if not torch.compiler.is_exporting():
+            return flex_attend(q, k, v, pattern, scale)
+        pattern = dataclasses.replace(pattern, impl="auto")  # an exported graph takes the default path
     if not pattern.sparse():
         mask = pattern.mask(q.device)
         return sdpa(q, _heads(k, q.shape[1]), _heads(v, q.shape[1]), mask, scale)
