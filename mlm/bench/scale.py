@@ -190,8 +190,6 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     if "flex" in args.paths and not args.forward_only and not args.device.startswith("cuda"):
         raise ValueError("--paths flex on the CPU needs --forward-only: torch has no FlexAttention backward there")
-    if "flex" in args.paths:  # one compiled kernel per level and shape
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -17,15 +17,15 @@ import functools
 import torch
 from torch import Tensor
 
+from mlm.layers.masks import mask_level
+
 
 def mask_key(pattern) -> tuple:
-    """What a level pattern's mask depends on: (level, queries, keys, causal, grid, sizes, start); routed levels
-    without their router scores are their local part (global when causal), as in the dense mask."""
-    level, causal, grid = pattern.level, pattern.causal, pattern.grid
-    if level == "routed":
-        level = "global" if causal else "local"
-    sizes = {"local": (pattern.window, pattern.window_2d), "regional": (pattern.region, pattern.region_2d)}
-    return level, pattern.n_queries, pattern.n_keys, causal, grid, sizes.get(level, (0, 0)), pattern.start
+    """What a level pattern's mask depends on: (level, queries, keys, causal, grid, sizes, start), the level and
+    sizes as :func:`mlm.layers.masks.mask_level` gives them for the dense mask."""
+    p = pattern
+    level, *sizes = mask_level(p.level, p.causal, p.window, p.window_2d, p.region, p.region_2d)
+    return level, p.n_queries, p.n_keys, p.causal, p.grid, tuple(sizes), p.start
 
 
 def mask_mod(key: tuple):

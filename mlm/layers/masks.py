@@ -56,12 +56,23 @@ def _regional(n_tokens: int, grid: tuple[int, int] | None, region: int, region_2
     return (region_id[:, None] == region_id[None, :]) | is_first[None, :]
 
 
+def mask_level(
+    level: str, causal: bool, window: int, window_2d: int, region: int, region_2d: int
+) -> tuple[str, int, int]:
+    """(level, size, size_2d) a level's mask depends on: a routed level's mask is its local part (its routed tokens
+    are added per input), or global attention when causal; only the sizes the level uses count."""
+    if level == "routed":
+        level = "global" if causal else "local"
+    sizes = {"local": (window, window_2d), "regional": (region, region_2d)}.get(level, (0, 0))
+    return level, *sizes
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_mask(
     level: str, n_tokens: int, causal: bool, grid: tuple[int, int] | None, size: int, size_2d: int, device: str
 ) -> Tensor:
-    """Build one (T, T) mask; lru_cache keeps one copy per shape and device."""
-    if level == "local" or (level == "routed" and not causal):  # routed: the local part; tokens are added per input
+    """Build one (T, T) mask of a :func:`mask_level` level; lru_cache keeps one copy per shape and device."""
+    if level == "local":
         mask = _local(n_tokens, grid, size, size_2d)
     elif level == "regional":
         mask = _regional(n_tokens, grid, size, size_2d)
@@ -91,10 +102,9 @@ def level_mask(
         grid = (int(grid[0]), int(grid[1]))
         if grid[0] * grid[1] != n_tokens:
             raise ValueError(f"grid {grid[0]}x{grid[1]} has {grid[0] * grid[1]} patches but n_tokens={n_tokens}")
-    # Only the sizes the level uses enter the cache key, so unrelated settings share one entry.
-    sizes = {"local": (window, window_2d), "regional": (region, region_2d), "routed": (window, window_2d)}
-    size, size_2d = sizes.get(level, (0, 0)) if level != "routed" or not causal else (0, 0)
-    key = (level, n_tokens, bool(causal), grid, size, size_2d, str(torch.device(device)))
+    # Only what the mask depends on enters the cache key, so unrelated settings share one entry.
+    kind, size, size_2d = mask_level(level, causal, window, window_2d, region, region_2d)
+    key = (kind, n_tokens, bool(causal), grid, size, size_2d, str(torch.device(device)))
     # while torch.export / torch.compile trace, tensors are fake: caching one would hand it to later eager calls
     return _cached_mask.__wrapped__(*key) if torch.compiler.is_compiling() else _cached_mask(*key)
 
