@@ -187,14 +187,16 @@ class TokenCrossEntropy(_GlobalBatch):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Mean loss over the target tokens of ``rows`` (B,) bool, normalised by the global token count."""
         targets = labels[:, 1:].masked_fill(~rows[:, None], IGNORE_INDEX)  # (B, T-1)
-        pred = logits[:, :-1].float()  # (B, T-1, V): logits at t predict the label at t+1
-        per_token = F.cross_entropy(pred.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        counts = gather_counts((targets != IGNORE_INDEX).sum().long().reshape(1), self.world_size)
+        keep = targets != IGNORE_INDEX
+        counts = gather_counts(keep.sum().long().reshape(1), self.world_size)
         total = int(counts.sum())
-        anchor = 0.0 * pred.sum()
+        anchor = 0.0 * logits[:1, :1].sum()  # keeps the logits in the graph (DDP) when no target is here
         if total == 0:
             return anchor
-        return self.world_size * per_token.sum() / total + anchor
+        # Only the target positions, as (N, V) rows: a (B, V, T) layout runs log-softmax over a strided dim, and
+        # the prompt and padding positions (most of a VQA row) need no softmax at all.
+        pred = logits[:, :-1][keep].float()  # logits at t predict the label at t+1
+        return self.world_size * F.cross_entropy(pred, targets[keep], reduction="sum") / total + anchor
 
 
 def word_idf(tokenizer, texts) -> torch.Tensor:
