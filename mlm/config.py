@@ -139,6 +139,7 @@ class TrainConfig:
     batch_size: int = 64
     max_steps: int = 1000
     max_time_s: float = 0.0  # stop after this many seconds of training; 0 = no limit
+    fit_steps_to_time: bool = False  # end the cosine at the steps that fit max_time_s (timed early)
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -168,6 +169,7 @@ class TrainConfig:
     swap_negatives: int = 0  # captions per caption row with one word swapped (data.swap_groups), as extra negatives
     vqa_turns: int = 1  # questions about the same image packed into one VQA row, as conversation turns
     vqa_fraction: float = 0.5  # share of VQA records in every batch when the data has both kinds; -1 = as they come
+    vqa_same_images: bool = False  # VQA rows ask about the caption rows' images (each encoded once)
     local_loss: bool = False
     init_from: str = ""  # fine-tune: a trained model/checkpoint/run folder's weights and tokenizer start the run
     lora: LoraSettings = field(default_factory=LoraSettings)

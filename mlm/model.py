@@ -37,7 +37,7 @@ from mlm.fusion.matching import MatchHead, match_logits
 from mlm.generation import DecodingCache, DecodingConfig, cache_bytes, generate_from_prompts
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
 from mlm.model_files import config_json, model_config, read_config, read_decoding, resolve_file
-from mlm.model_outputs import Features, MLMOutput, check_text_mask
+from mlm.model_outputs import Features, MLMOutput, check_text_mask, unique_images
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,12 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         """Return image/text embeddings, logit scale and bias, and LM logits for a batch of image-text pairs;
         negative_ids (M, T') are extra captions for the contrastive loss; with ``model.match_head``, ``match``
         (``rows``, ``groups``, ``negative_owner``; :func:`mlm.fusion.matching.match_logits`) adds matching logits."""
-        image = self.image_features(images)
+        distinct, rows = unique_images(images)  # an image in two rows (caption and VQA) is encoded once
+        image = self.image_features(distinct)
+        word_logits = None if self.word_head is None else self.word_head.logits(image, self.pooler.proj)
+        if rows is not None:
+            image = image.take(rows)
+            word_logits = None if word_logits is None else word_logits[rows]
         mask = check_text_mask(text_ids, text_mask)
         text_out, states, logits = self._text_pass(text_ids, mask, image.tokens)
         text = self.pooler(text_out.levels, mask)
@@ -201,7 +206,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             logit_bias=self.logit_bias.squeeze(0),
             logits=logits,
             image_tokens=image.tokens,
-            word_logits=None if self.word_head is None else self.word_head.logits(image, self.pooler.proj),
+            word_logits=word_logits,
             negative_embeds=None if negatives is None else negatives.embeds,
             match_logits=matched[0],
             match_labels=matched[1],

@@ -1,5 +1,6 @@
 """What the model's passes return: :class:`MLMOutput` (a training forward), :class:`Features` (one modality after the
-encoder and pooling), and the text-mask check they share."""
+encoder and pooling), the text-mask check they share, and :func:`unique_images`, which lets a batch that holds an
+image twice (a caption row and a VQA row about it, ``train.vqa_same_images``) encode it once."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ class Features:
     projected: Tensor | None = None  # (B, E) the embeddings before L2 normalisation
     mask: Tensor | None = None  # (B, T) True at real tokens (text)
     exits: list | None = None  # training with model.early_exit: [exit embeds, gate logits, lens loss or None]
+
+    def take(self, rows: Tensor) -> Features:
+        """These features for the rows ``rows`` (B',) of the batch (gradients flow back to the rows taken)."""
+        exits = None
+        if self.exits is not None:  # (X, B, E), (X, B), and a relative error that repeating rows leaves unchanged
+            exits = [self.exits[0][:, rows], self.exits[1][:, rows], *self.exits[2:]]
+        return Features(
+            self.embeds[rows], self.tokens[rows], {k: v[rows] for k, v in self.pool_weights.items()},
+            None if self.projected is None else self.projected[rows], None if self.mask is None else self.mask[rows],
+            exits,
+        )  # fmt: skip
+
+
+def unique_images(images: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(distinct images (U, ...), each row's index into them (B,)), or (images, None) when no two rows are equal."""
+    if images.shape[0] < 2 or images.requires_grad:  # torch.unique has no gradient to the pixels
+        return images, None
+    flat = images.flatten(1)
+    if torch.unique(flat.sum(dim=1)).numel() == images.shape[0]:  # cheap: distinct sums, distinct images
+        return images, None
+    distinct, rows = torch.unique(flat, dim=0, return_inverse=True)
+    if distinct.shape[0] == images.shape[0]:
+        return images, None
+    return distinct.view(-1, *images.shape[1:]), rows
 
 
 def check_text_mask(text_ids: Tensor, text_mask: Tensor | None) -> Tensor:

@@ -110,6 +110,50 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(param.grad, plain[name], msg=name)
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.word_head=true", "model.word_head_patches=true"]])
+def test_an_image_in_two_rows_is_encoded_once_with_the_same_outputs_and_gradients(overrides, monkeypatch):
+    import mlm.model
+
+    model = tiny_model(*overrides).train()
+    images, ids, mask = batch(4)
+    images[2] = images[0]  # a caption row and a VQA row about one image
+    calls = []
+    encode = model.encoder.encode_image
+    monkeypatch.setattr(model.encoder, "encode_image", lambda x: calls.append(x.shape[0]) or encode(x))
+
+    def run():
+        model.zero_grad()
+        out = model(images, ids, mask)
+        loss = summed_losses(out, ids, mask) + (0 if out.word_logits is None else out.word_logits.square().mean())
+        loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    once, grads = run()
+    monkeypatch.setattr(mlm.model, "unique_images", lambda x: (x, None))
+    every, every_grads = run()
+    assert calls == [3, 4]
+    for name in ("image_embeds", "text_embeds", "logits", "image_tokens", "word_logits"):
+        if getattr(every, name) is not None:
+            torch.testing.assert_close(getattr(once, name), getattr(every, name), msg=name)
+    assert grads.keys() == every_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, every_grads[name], msg=name)
+
+
+def test_unique_images_finds_repeated_rows_only():
+    from mlm.model_outputs import unique_images
+
+    images = torch.randn(5, 3, 4, 4)
+    assert unique_images(images)[1] is None
+    images[3], images[4] = images[1], images[1]
+    distinct, rows = unique_images(images)
+    assert distinct.shape == (3, 3, 4, 4)
+    torch.testing.assert_close(distinct[rows], images)
+    same_sums = torch.stack([torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])]).view(2, 1, 1, 2)
+    assert unique_images(same_sums)[1] is None  # equal sums, different images
+    assert unique_images(images.requires_grad_())[1] is None
+
+
 def test_save_and_load_round_trip_with_tokenizer_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tokenizer = MLMTokenizer.train_wordpiece(["a red circle", "a blue square", "question: what? answer: red"], 48)

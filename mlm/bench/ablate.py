@@ -36,9 +36,9 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.cross_pos_keys=false"],
         "cross-attention keys without the patch positions (content only)",
     ),
-    # the shipped tiny config packs 3 questions per VQA row, has the per-patch word objective and position values
+    # the shipped tiny config packs 5 questions per VQA row, has the per-patch word objective and position values
     # on, so these rows switch one of them off (or the word head to the pooled image); it has no null token
-    "one-turn": (["train.vqa_turns=1", "model.max_text_len=40"], "one question per VQA row instead of 3"),
+    "one-turn": (["train.vqa_turns=1", "model.max_text_len=40"], "one question per VQA row instead of 5"),
     "words-pooled": (["model.word_head_patches=false"], "caption words predicted from the pooled image, not per patch"),
     "no-words": (
         ["model.word_head=false", "model.word_head_patches=false", "train.word_weight=0"],
@@ -47,6 +47,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
     "null": (["model.cross_null=true"], "a learned null token in the decoder's cross-attention"),
     "no-pos-values": (["model.cross_pos_values=false"], "image tokens the decoder reads without their positions"),
     "no-overlap": (["model.patch_overlap=0"], "patches see only their own pixels (no overlapping patch projection)"),
+    "same-images": (
+        ["train.vqa_same_images=true"],
+        "VQA rows ask about the caption rows' images, so each image is encoded once a step",
+    ),
     "match": (
         ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
         "the decoder tells matching from hard-negative image-text pairs (ITM)",

@@ -28,7 +28,9 @@ def _config(args, tmp: str):
     from mlm.config import load_config
     from mlm.data.synthetic import generate
 
-    sets = [*(QUICK if args.quick else []), *args.overrides, f"train.output_dir={Path(tmp) / 'ours'}",
+    # both models' schedules are sized by the same probe (steps_within); refitting ours mid-run would favour it
+    sets = [*(QUICK if args.quick else []), "train.fit_steps_to_time=false", *args.overrides,
+            f"train.output_dir={Path(tmp) / 'ours'}",
             "train.save_every=0", "train.eval_every=0", "train.trackers=[]"]  # fmt: skip
     if args.quick:
         generate(Path(tmp) / "data", n_images=40, size=32, seed=0)

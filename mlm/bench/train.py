@@ -89,6 +89,7 @@ def _batches(config, spec: str | None, batch_size: int, tmp: str, tokenizer=None
     from mlm.data.sources import open_source
     from mlm.data.synthetic import generate
     from mlm.data.tokenizer import MLMTokenizer
+    from mlm.data.turns import image_key
     from mlm.train.sampler import GlobalBatchSampler, SeededItems
 
     if not spec:
@@ -100,8 +101,9 @@ def _batches(config, spec: str | None, batch_size: int, tmp: str, tokenizer=None
     config.model.vocab_size = tokenizer.vocab_size
     dataset = build_dataset(source, tokenizer, config, train=True)
     is_vqa = torch.tensor([r.is_vqa for r in source])
+    keys = [image_key(r) for r in source] if config.train.vqa_same_images else None
     sampler = GlobalBatchSampler(len(dataset), batch_size, config.train.seed, 0, 1, is_vqa=is_vqa,
-                                 vqa_fraction=config.train.vqa_fraction)  # fmt: skip
+                                 vqa_fraction=config.train.vqa_fraction, image_keys=keys)  # fmt: skip
     items, collate = SeededItems(dataset, config.train.seed), Collate(tokenizer.pad_id)
 
     def endless():

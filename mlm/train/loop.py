@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 from mlm.compress.qat import prepare_qat
 from mlm.config import Config, ConfigError
 from mlm.data.dataset import build_dataset
+from mlm.data.turns import image_key
 from mlm.fusion.matching import match_inputs
 from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
 from mlm.train import comm, distill, init_from, sampler, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
 from mlm.train.losses import ImageTextLoss, word_idf
-from mlm.train.schedule import build_optimizer, build_scheduler
+from mlm.train.schedule import TimeFit, build_optimizer, build_scheduler
 from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
 from mlm.train.trainer_state import TrainerState
 
@@ -68,6 +69,14 @@ class Trainer:
             self._restore_comm_hook()
             logger.info("resumed from %s at step %d", self.checkpoint, self.state.step)
         self.last_checkpoint = str(self.checkpoint) if self.checkpoint else None
+        # The config decides the schedule (a checkpoint's scheduler state holds it too); a fitted end stays.
+        self._schedule.warmup, self._schedule.total = t.warmup_steps, self.state.max_steps or t.max_steps
+        self._time_fit = None
+        if t.fit_steps_to_time:
+            if t.max_time_s > 0:
+                self._time_fit = TimeFit(t)
+            else:
+                logger.warning("train.fit_steps_to_time: no train.max_time_s to fit; the schedule ends at max_steps")
 
     def _build_data(self, train_dataset, val_source) -> None:
         """Tokenizer, training dataset, deterministic sampler and the validation subset."""
@@ -87,6 +96,7 @@ class Trainer:
         self.sampler = sampler.GlobalBatchSampler(
             len(train_dataset), c.train.batch_size, c.train.seed, accel.process_index, accel.num_processes,
             is_vqa=torch.tensor([r.is_vqa for r in records]), vqa_fraction=c.train.vqa_fraction,
+            image_keys=[image_key(r) for r in records] if c.train.vqa_same_images else None,
         )  # fmt: skip
         if c.train.hard_negative_sampler:
             texts = [r.captions[0] if r.captions else r.question or "" for r in records]
@@ -126,6 +136,7 @@ class Trainer:
         model.to(accel.device)
         optimizer = build_optimizer(model, c.train)
         scheduler = build_scheduler(optimizer, c.train)
+        self._schedule = scheduler.lr_lambdas[0]  # its end moves with train.fit_steps_to_time
         setup.configure_deepspeed(accel, c.train)
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
         self.comm_hook = comm.register(self.model, c.train, accel)  # DDP gradients compressed, when asked
@@ -319,10 +330,12 @@ class Trainer:
         if self._relayout:
             batches = self._relayout_buckets(batches)
         self._reset_interval()
-        self._bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not accel.is_main_process, desc="train")
+        self._bar = tqdm(
+            total=self._schedule.total, initial=self.state.step, disable=not accel.is_main_process, desc="train"
+        )
         with StopSignal() as stop, explain_oom(self.config):
             try:
-                while self.state.step < t.max_steps:
+                while self.state.step < self._schedule.total:
                     self._one_step(batches)
                     status = self._stop_reason(stop) or status
                     if status != "completed":
@@ -342,6 +355,8 @@ class Trainer:
         self._train_s += time.perf_counter() - tick
         self._steps += 1
         self.state.step += 1
+        if self._time_fit is not None:
+            self._fit_schedule()
         if self.guard.update(parts is not None, self.state.step, self.last_checkpoint):
             self._sums, self._applied = self._sums + parts, self._applied + 1
         if self.state.step % t.log_every == 0:
@@ -355,6 +370,19 @@ class Trainer:
                 logger.warning("step %d: no checkpoint saved during a run of non-finite steps", self.state.step)
             else:
                 self.save()
+
+    def _fit_schedule(self) -> None:
+        """When a measurement is due, end the schedule at the steps that fit train.max_time_s at the latest pace."""
+        pace = self._time_fit.pace(self.state.step, self._elapsed())
+        if pace is None:
+            return
+        pace = float(self.accelerator.gather(torch.tensor([pace], device=self.accelerator.device)).max())
+        total = self._time_fit.total(self.state.step, self._elapsed(), pace)
+        if total != self._schedule.total:
+            logger.info("train.fit_steps_to_time: at step %d, %.3f s a step: the schedule ends at step %d",
+                        self.state.step, pace, total)  # fmt: skip
+        self._schedule.total = self.state.max_steps = total
+        self._bar.total = total
 
     def _evaluate_and_log(self) -> None:
         self._metrics = self.evaluate()
@@ -370,6 +398,7 @@ class Trainer:
         summary = {
             "status": status,
             "steps": self.state.step,
+            "schedule_steps": self._schedule.total,
             "samples": self.samples_seen,
             "time_s": round(self.state.elapsed_s, 2),
             "samples_per_s": round(self.samples_seen / max(self.state.elapsed_s, 1e-9), 2),

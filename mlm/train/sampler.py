@@ -127,6 +127,9 @@ class GlobalBatchSampler:
     has the same number of caption rows however the data is mixed; an epoch ends when either kind runs out.
     With ``features`` set (TF-IDF caption vectors or text embeddings), caption records are ordered by similarity
     before cutting, so a batch holds look-alike captions (hard negatives); batch order is then shuffled.
+    With ``image_keys`` (one hashable name per record, or None) the VQA rows ask about the images of the batch's
+    caption rows, one question record drawn at random per image (``train.vqa_same_images``; the model then encodes
+    each image once); an image without questions gets a random VQA record.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class GlobalBatchSampler:
         world_size: int = 1,
         is_vqa: torch.Tensor | None = None,
         vqa_fraction: float = -1.0,
+        image_keys: list | None = None,
     ):
         if not (vqa_fraction == -1.0 or 0.0 <= vqa_fraction <= 1.0):
             raise ValueError(f"train.vqa_fraction={vqa_fraction} must lie in [0, 1], or be -1 (records as they come)")
@@ -150,7 +154,14 @@ class GlobalBatchSampler:
             n_vqa = round(vqa_fraction * batch_size)
             pools = [(torch.nonzero(~is_vqa).flatten(), batch_size - n_vqa), (torch.nonzero(is_vqa).flatten(), n_vqa)]
             self.pools = [(index, rows) for index, rows in pools if rows > 0]
-        self._len = min(len(index) // (rows * world_size) for index, rows in self.pools)
+        self.questions: dict[int, list[int]] | None = None  # caption record -> VQA records about its image
+        if image_keys is not None and len(self.pools) == 2:
+            by_image: dict = {}
+            for i in self.pools[1][0].tolist():
+                if image_keys[i] is not None:
+                    by_image.setdefault(image_keys[i], []).append(i)
+            self.questions = {c: by_image.get(image_keys[c], []) for c in self.pools[0][0].tolist()}
+        self._len = min(len(index) // (rows * world_size) for index, rows in self.pools[: 1 if self.questions else 2])
         if self._len == 0:
             sizes = ", ".join(f"{len(index)} records for {rows} rows per batch" for index, rows in self.pools)
             raise ValueError(
@@ -173,6 +184,9 @@ class GlobalBatchSampler:
         generator = torch.Generator().manual_seed(seed_for(self.seed, epoch))
         n, parts = len(self), []
         for pool, (index, rows) in enumerate(self.pools):
+            if pool == 1 and self.questions is not None:
+                parts.append(self._same_image_questions(parts[0], rows, generator))
+                continue
             if pool == 0 and self.features is not None:
                 order = index[similarity_order(self.features[index], rows * self.world_size, generator)]
             else:
@@ -182,6 +196,17 @@ class GlobalBatchSampler:
         if self.features is not None:
             batches = batches[torch.randperm(n, generator=generator)]  # mix the similarity groups across the epoch
         return batches[:, self.rank].tolist()
+
+    def _same_image_questions(self, captions: torch.Tensor, rows: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, W, rows) VQA records about the images of ``captions`` (n, W, caption rows), in their row order."""
+        slots = captions[..., torch.arange(rows) % captions.shape[-1]]  # more VQA than caption rows: images again
+        draws = torch.randint(2**31 - 1, slots.shape, generator=generator)
+        fallback = self.pools[1][0]
+        picked = [
+            options[d % len(options)] if (options := self.questions[c]) else int(fallback[d % len(fallback)])
+            for c, d in zip(slots.flatten().tolist(), draws.flatten().tolist(), strict=True)
+        ]
+        return torch.tensor(picked, dtype=torch.long).view(slots.shape)
 
     def keyed_batches(self, epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:
         """Batches from position ``start`` as ``(epoch, index)`` keys for :class:`SeededItems`."""

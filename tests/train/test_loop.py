@@ -208,3 +208,25 @@ def test_the_word_objective_trains_its_head_and_lowers_its_loss(synth_dir, tmp_p
     words = [v for _, v in read_metrics(tmp_path / "metrics.csv")["loss/words"]]
     assert words[0] > 0 and sum(words[-3:]) / 3 < 0.8 * sum(words[:3]) / 3
     assert not torch.equal(head, trainer.unwrapped.word_head.weight)
+
+
+def test_fit_steps_to_time_ends_the_schedule_within_the_budget_and_resume_keeps_it(synth_dir, tmp_path, monkeypatch):
+    """With a clock at one second a step, a 32 s budget fits 31 steps (25 timed, then (32 * 0.97 - 25) more); the
+    cosine reaches zero there, and resuming the finished run trains nothing more."""
+    monkeypatch.setattr(Trainer, "_elapsed", lambda self: float(self.state.step))
+    config = tiny_config(synth_dir, tmp_path, "train.max_steps=500", "train.max_time_s=32",
+                         "train.fit_steps_to_time=true")  # fmt: skip
+    summary = _trainer(config).fit()
+    assert (summary["status"], summary["steps"], summary["schedule_steps"]) == ("completed", 31, 31)
+    assert summary["final_lr"] == pytest.approx(0.0, abs=1e-9)
+    assert ckpt.read_trainer_state(ckpt.resolve_resume(tmp_path, "latest"))["max_steps"] == 31
+    again = _trainer(config, resume="latest").fit()
+    assert (again["steps"], again["schedule_steps"]) == (31, 31)
+
+
+def test_without_fitting_the_time_limit_cuts_the_schedule(synth_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "_elapsed", lambda self: float(self.state.step))
+    config = tiny_config(synth_dir, tmp_path, "train.max_steps=500", "train.max_time_s=12")
+    summary = _trainer(config).fit()
+    assert (summary["status"], summary["steps"], summary["schedule_steps"]) == ("time limit", 12, 500)
+    assert summary["final_lr"] > 0.9 * config.train.lr

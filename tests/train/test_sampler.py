@@ -82,6 +82,29 @@ def test_every_batch_holds_the_configured_share_of_vqa_records():
         GlobalBatchSampler(60, batch_size=4, seed=0, is_vqa=is_vqa, vqa_fraction=1.5)
 
 
+def test_vqa_rows_can_ask_about_the_caption_rows_images():
+    """Records 0-9 are captions of images 0-9; records 10-39 are three questions about each of images 0-8 (image 9
+    has none): every VQA row is about the image of the caption row in its slot, or a random question for image 9."""
+    is_vqa = torch.tensor([i >= 10 for i in range(40)])
+    keys = [f"img{i}" for i in range(10)] + [f"img{(i - 10) // 3}" for i in range(10, 37)] + [None] * 3
+    sampler = GlobalBatchSampler(40, batch_size=4, seed=0, rank=1, world_size=2, is_vqa=is_vqa, vqa_fraction=0.5,
+                                 image_keys=keys)  # fmt: skip
+    assert len(sampler) == 2  # the caption records set the epoch's length
+    drawn = set()
+    for epoch in range(4):
+        batches = sampler.epoch_batches(epoch)
+        assert batches == sampler.epoch_batches(epoch)
+        for batch in batches:
+            assert is_vqa[batch].tolist() == [False, False, True, True]
+            for caption, question in zip(batch[:2], batch[2:], strict=True):
+                assert keys[question] == keys[caption] or (keys[caption] == "img9" and question >= 10)
+            drawn.update(batch[2:])
+    assert len(drawn) > 6  # a random question of each image, not always its first
+    wider = GlobalBatchSampler(40, batch_size=6, seed=0, is_vqa=is_vqa, vqa_fraction=0.5, image_keys=keys)
+    batch = wider.epoch_batches(0)[0]  # three caption and three VQA rows
+    assert [keys[i] for i in batch[3:]] == [keys[i] for i in batch[:3]] or "img9" in [keys[i] for i in batch[:3]]
+
+
 class _CountingEncoder(torch.nn.Module):
     """encode_text stand-in: a fixed function of the ids; counts its calls (FSDP needs equal counts per process)."""
 
