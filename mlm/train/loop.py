@@ -373,11 +373,12 @@ class Trainer:
 
     def _fit_schedule(self) -> None:
         """When a measurement is due, end the schedule at the steps that fit train.max_time_s at the latest pace."""
-        pace = self._time_fit.pace(self.state.step, self._elapsed())
+        elapsed = self._elapsed()
+        pace = self._time_fit.pace(self.state.step, elapsed)
         if pace is None:
             return
         pace = float(self.accelerator.gather(torch.tensor([pace], device=self.accelerator.device)).max())
-        total = self._time_fit.total(self.state.step, self._elapsed(), pace)
+        total = self._time_fit.total(self.state.step, elapsed, pace)
         if total != self._schedule.total:
             logger.info("train.fit_steps_to_time: at step %d, %.3f s a step: the schedule ends at step %d",
                         self.state.step, pace, total)  # fmt: skip
