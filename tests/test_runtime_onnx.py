@@ -127,9 +127,89 @@ def test_a_graph_from_another_model_or_too_long_a_decoding_is_refused(exported, 
 def test_bench_compress_has_an_onnx_row_with_the_float_quality(tiny_run, tmp_path):
     out = tmp_path / "compress.json"
     argv = ["bench", "compress", "--checkpoint", str(tiny_run[0]), "--data", str(tiny_run[1]), "--threads", "1"]
-    argv += ["--variants", "onnx", "--repeats", "1", "--batch-size", "4", "--max-samples", "8", "--json", str(out)]
+    argv += ["--variants", "onnx,onnx-int8", "--repeats", "1", "--batch-size", "4", "--max-samples", "8"]
+    argv += ["--json", str(out)]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["float", "onnx"]
+    assert [r["variant"] for r in rows] == ["float", "onnx", "onnx-int8"]
     assert rows[1]["caption_s_1t"] > 0 and abs(rows[1]["t2i_R@1_delta"]) < 1e-6 and rows[1]["vqa_delta"] == 0
+    # the weights once (graph structure is a large share of so small a model), then as int8
+    assert rows[1]["size_ratio"] < 2.0 and rows[2]["size_bytes"] < 0.6 * rows[1]["size_bytes"]
     assert main([*argv[:-2], "--variants", "fp8"]) == 2
+
+
+def _graph(weight, table, name: str):
+    """A graph ``(x @ weight + table[ids]) * 2`` with the weight, an embedding table and an additive float table."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"]),
+        helper.make_node("Gather", ["model.embed", "ids"], ["e"]),
+        helper.make_node("Add", ["xw", "e"], ["s"]),
+        helper.make_node("Add", ["s", "table"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(weight.T.copy(), "model.embed"),
+             numpy_helper.from_array(table, "table")]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64]),
+                      helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_int8_weights_are_shared_once_and_tables_stay_float(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from mlm.runtime.onnx_int8 import WEIGHTS_FILE, quantize_weights, share_weights
+
+    rng = np.random.default_rng(0)
+    weight, table = rng.normal(size=(64, 64)).astype(np.float32), rng.normal(size=(1, 64)).astype(np.float32)
+    x, ids = rng.normal(size=(3, 64)).astype(np.float32), np.array([0, 5, 63])
+    expected = x @ weight + weight.T[ids] + table
+    float_dir, int8_dir = tmp_path / "float", tmp_path / "int8"
+    float_dir.mkdir(), int8_dir.mkdir()
+    share_weights({"a": _graph(weight, table, "a"), "b": _graph(weight, table, "b")}, float_dir)
+    assert (float_dir / WEIGHTS_FILE).stat().st_size < 2 * weight.nbytes + 1024  # w and its transpose, once each
+    int8 = quantize_weights(_graph(weight, table, "a"))
+    ops = {node.op_type for node in int8.graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops and "DequantizeLinear" in ops  # the embedding: int8 rows
+    kept = next(t for t in int8.graph.initializer if t.name == "table")  # a table, not a weight: unchanged
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(kept), table)
+    share_weights({"a": int8}, int8_dir)
+    assert (int8_dir / WEIGHTS_FILE).stat().st_size < 0.35 * (float_dir / WEIGHTS_FILE).stat().st_size
+    for folder, tolerance in ((float_dir, 1e-6), (int8_dir, 0.02)):
+        session = onnxruntime.InferenceSession(str(folder / "a.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x, "ids": ids})[0]
+        np.testing.assert_allclose(got, expected, atol=tolerance * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.slow
+def test_an_int8_export_embeds_and_captions_close_to_the_float_model(tiny_run, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from mlm.run_folder import resolve_checkpoint
+    from mlm.runtime.onnx_int8 import folder_bytes
+    from mlm.runtime.onnx_model import load_onnx_model
+
+    out = tmp_path / "int8"
+    assert main(["export", "onnx", str(tiny_run[0]), str(out), "--int8", "--max-len", "24"]) == 0
+    assert "INT8 weights in weights.bin" in capsys.readouterr().out
+    manifest = json.loads((out / "onnx_config.json").read_text())
+    assert manifest["weights"] == {"file": "weights.bin", "int8": True}
+    model, graphs = inference.load_model(tiny_run[0], "cpu"), load_onnx_model(out)
+    weights = resolve_checkpoint(tiny_run[0]) / "model.safetensors"
+    assert (out / "weights.bin").stat().st_size < 0.45 * weights.stat().st_size  # small tensors and tables: float
+    assert folder_bytes(out) > (out / "weights.bin").stat().st_size
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, model.config.image_size, model.config.image_size)
+    ids = torch.randint(4, model.config.vocab_size, (4, 6))
+    with torch.no_grad():
+        image = F.cosine_similarity(graphs.encode_image(images), model.encode_image(images, normalize=True))
+        text = F.cosine_similarity(graphs.encode_text(ids), model.encode_text(ids, normalize=True))
+        assert image.min() > 0.99 and text.min() > 0.99
+        assert all(isinstance(c, str) for c in graphs.generate(images, max_new_tokens=6))
+    assert main(["export", str(tiny_run[0]), "--out", str(tmp_path / "x"), "--int8"]) == 2
+    assert "--int8 applies to mlm export onnx only" in capsys.readouterr().err

@@ -8,8 +8,9 @@ checkpoint, converted as ``mlm compress`` converts it), ``pruned`` and ``pruned-
 an ``mlm compress --prune-*`` model, usually recovered by fine-tuning or ``mlm distill``), ``student`` (with
 ``--student-checkpoint``: a distilled smaller model), ``exit`` and ``exit-T`` (with ``--exit-checkpoint``: a model
 trained with ``model.early_exit``, at full depth and at each ``--exit-thresholds`` T; ``blocks`` is the mean number
-of encoder blocks an image ran during the scoring), and ``onnx`` (the float model's graphs run by ONNX Runtime,
-:mod:`mlm.runtime`; its size is that of the three graphs, its thread count ONNX Runtime's intra-op threads).
+of encoder blocks an image ran during the scoring), ``onnx`` (the float model's graphs run by ONNX Runtime,
+:mod:`mlm.runtime`; its size is that of the three graphs and their shared weights file, its thread count ONNX
+Runtime's intra-op threads) and ``onnx-int8`` (the same with INT8 weights, ``mlm export onnx --int8``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("float", "int8-torchao", "int8-fbgemm", "onnx")  # float always runs: the ratios' baseline
+VARIANTS = ("float", "int8-torchao", "int8-fbgemm", "onnx", "onnx-int8")  # float always runs: the ratios' baseline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from mlm.inference import image_batches, image_transform, load_model
     from mlm.run_folder import resolve_checkpoint
     from mlm.runtime.onnx_export import export_onnx
+    from mlm.runtime.onnx_int8 import folder_bytes
     from mlm.runtime.onnx_model import load_onnx_model
 
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
@@ -168,14 +170,13 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             exited = model.exit_threshold is not None
             row["blocks"] = model.early_exit.mean_blocks() if exited else float(model.config.n_layers)
             rows.append(row)
-        onnx = Path(tmp) / "onnx"
-        if "onnx" in chosen:
-            export_onnx(float_model, onnx)
-            row = {"variant": "onnx", "size_bytes": sum(p.stat().st_size for p in onnx.glob("*.onnx")),
-                   "params": rows[0]["params"]}  # fmt: skip
-            row.update(_latency(lambda n: load_onnx_model(onnx, n), pixels, texts, threads, args.repeats,
+        for name in (v for v in ("onnx", "onnx-int8") if v in chosen):
+            graphs = Path(tmp) / name
+            export_onnx(float_model, graphs, int8=name == "onnx-int8")
+            row = {"variant": name, "size_bytes": folder_bytes(graphs), "params": rows[0]["params"]}
+            row.update(_latency(lambda n, g=graphs: load_onnx_model(g, n), pixels, texts, threads, args.repeats,
                                 args.max_new_tokens))  # fmt: skip
-            row.update(_quality(load_onnx_model(onnx), records, args.max_samples))
+            row.update(_quality(load_onnx_model(graphs), records, args.max_samples))
             row["blocks"] = rows[0]["blocks"]
             rows.append(row)
     base = rows[0]

@@ -1,5 +1,5 @@
 """``mlm export CHECKPOINT --out DIR [--merge-lora]``: write a trained model as one self-contained model folder;
-``mlm export onnx CHECKPOINT OUT [--max-len L]``: write it as ONNX graphs (:mod:`mlm.runtime.onnx_export`).
+``mlm export onnx CHECKPOINT OUT [--max-len L] [--int8]``: write it as ONNX graphs (:mod:`mlm.runtime.onnx_export`).
 
 The checkpoint may be a model, checkpoint or run folder (a run folder means its latest checkpoint). With
 ``--merge-lora`` the LoRA adapters of a ``train.lora`` run are folded into the weights and the folder holds a plain
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``export`` command."""
     parser = sub.add_parser(
         "export", help="write a trained model as a model folder (optionally merging LoRA), or as ONNX graphs",
-        usage="mlm export CHECKPOINT --out DIR [--merge-lora] | mlm export onnx CHECKPOINT OUT [--max-len L]",
+        usage="mlm export CHECKPOINT --out DIR [--merge-lora] | mlm export onnx CHECKPOINT OUT [--max-len L] [--int8]",
     )  # fmt: skip
     parser.add_argument("paths", nargs="+", metavar="[onnx] CHECKPOINT [OUT]",
                         help="model, checkpoint step_* or run folder; 'onnx' first for ONNX graphs")  # fmt: skip
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights")
     parser.add_argument("--max-len", type=int, help="ONNX: longest prompt + generated text in tokens "
                         "(default: model.max_text_len + the checkpoint's max_new_tokens)")  # fmt: skip
+    parser.add_argument("--int8", action="store_true", help="ONNX: INT8 weights (ONNX Runtime's MatMulNBits at 8 bits; "
+                        "other weights stored as int8 rows), one shared weights file")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -42,8 +44,9 @@ def _targets(args: argparse.Namespace) -> tuple[bool, str, str]:
         raise ValueError("usage: mlm export CHECKPOINT --out DIR, or mlm export onnx CHECKPOINT OUT")
     if onnx and args.merge_lora:
         raise ValueError("--merge-lora: merge with a plain export first, then export that folder as onnx")
-    if not onnx and args.max_len is not None:
-        raise ValueError("--max-len applies to mlm export onnx only")
+    if not onnx and (args.max_len is not None or args.int8):
+        raise ValueError(f"{'--max-len' if args.max_len is not None else '--int8'} applies to mlm export onnx only "
+                         "(INT8 PyTorch models: mlm compress CHECKPOINT OUT --int8)")  # fmt: skip
     return onnx, paths[0], args.out
 
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     onnx, checkpoint, args.out = _targets(args)
     if onnx:
-        return _run_onnx(checkpoint, args.out, args.max_len)
+        return _run_onnx(checkpoint, args.out, args.max_len, args.int8)
     out = check_new_folder(args.out, f"--out {args.out}")
     folder = resolve_checkpoint(checkpoint)
     model = MLMModel.from_pretrained(str(folder))
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_onnx(checkpoint: str, out: str, max_len: int | None) -> int:
+def _run_onnx(checkpoint: str, out: str, max_len: int | None, int8: bool = False) -> int:
     """Export the three graphs and print their checks."""
     from mlm.inference import load_model
     from mlm.runtime.onnx_export import export_onnx
@@ -88,8 +91,9 @@ def _run_onnx(checkpoint: str, out: str, max_len: int | None) -> int:
     if max_len is not None and max_len < 2:
         raise ValueError(f"--max-len {max_len}: must be at least 2")
     model = load_model(checkpoint, "cpu")
-    manifest = export_onnx(model, out, total_len=max_len)
+    manifest = export_onnx(model, out, total_len=max_len, int8=int8)
     checks = ", ".join(f"{name} {diff:.1e}" for name, diff in manifest["max_abs_difference"].items())
-    print(f"wrote {out}: image.onnx, text.onnx, decoder_step.onnx (up to {manifest['total_len']} tokens); "
-          f"largest difference to PyTorch: {checks}")  # fmt: skip
+    weights = "INT8 weights" if int8 else "weights"
+    print(f"wrote {out}: image.onnx, text.onnx, decoder_step.onnx (up to {manifest['total_len']} tokens), {weights} "
+          f"in {manifest['weights']['file']}; largest difference to the float model: {checks}")  # fmt: skip
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mlm.runtime.graphs import ImageGraph, StepGraph, TextGraph, exportable
+from mlm.runtime.onnx_int8 import WEIGHTS_FILE
 
 FORMAT = "mlm-onnx"
 MANIFEST = "onnx_config.json"
@@ -74,14 +75,25 @@ def _dynamic_shapes(model) -> dict[str, list]:
     }
 
 
-def _stamp(path: Path, fingerprint: str) -> None:
-    """Write the weights' fingerprint into an ONNX file's metadata."""
+def _finish(folder: Path, fingerprint: str, int8: bool) -> None:
+    """Stamp each graph with the weights' fingerprint, optionally make its weights INT8, and move the weights of
+    all three into one shared file (:mod:`mlm.runtime.onnx_int8`)."""
     import onnx
 
-    graph = onnx.load(str(path))
-    entry = graph.metadata_props.add()
-    entry.key, entry.value = "mlm_fingerprint", fingerprint
-    onnx.save(graph, str(path))
+    from mlm.runtime.onnx_int8 import quantize_weights, share_weights
+
+    models = {}
+    for name in GRAPHS:
+        graph = onnx.load(str(folder / f"{name}.onnx"))
+        graph = quantize_weights(graph) if int8 else graph
+        for node in graph.graph.node:  # the exporter's per-node stack traces were most of a graph's bytes
+            for field in ("metadata_props", "doc_string", "name"):
+                node.ClearField(field)
+        graph.graph.ClearField("value_info")  # intermediate shapes: ONNX Runtime infers them again
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = "mlm_fingerprint", fingerprint
+        models[name] = graph
+    share_weights(models, folder)
 
 
 def _largest_difference(path: Path, names: list[str], inputs: tuple, expected) -> float:
@@ -94,9 +106,21 @@ def _largest_difference(path: Path, names: list[str], inputs: tuple, expected) -
     return max(float((torch.from_numpy(g) - e.float()).abs().max()) for g, e in zip(got, expected, strict=True))
 
 
+def _check(path: Path, name: str, inputs: list[str], samples: list, tolerance: float | None) -> float:
+    """The graph's largest difference to PyTorch over the samples; ValueError when it exceeds ``tolerance``."""
+    difference = max(_largest_difference(path, inputs, given, expected) for given, expected in samples)
+    if tolerance is not None and not difference <= tolerance:
+        raise ValueError(f"{name}.onnx differs from PyTorch by {difference:.2e} (> {tolerance:g})")
+    return difference
+
+
 @torch.no_grad()
-def export_onnx(model, out: str | Path, *, total_len: int | None = None, tolerance: float = 1e-4) -> dict:
-    """Write the three graphs and their manifest into ``out`` (new or empty); return the manifest."""
+def export_onnx(
+    model, out: str | Path, *, total_len: int | None = None, tolerance: float = 1e-4, int8: bool = False
+) -> dict:
+    """Write the three graphs and their manifest into ``out`` (new or empty); return the manifest. With ``int8``
+    the graphs' weights are INT8 (:mod:`mlm.runtime.onnx_int8`); their differences to the float model are
+    recorded, and the float graphs are checked against ``tolerance`` before they are quantized."""
     from mlm.inference import model_fingerprint
     from mlm.model_files import config_json
     from mlm.run_folder import check_new_folder, write_folder
@@ -114,17 +138,18 @@ def export_onnx(model, out: str | Path, *, total_len: int | None = None, toleran
     def fill(tmp: Path) -> None:
         examples, shapes, checks = _examples(model, graphs, 2, total_len), _dynamic_shapes(model), {}
         others = _examples(model, graphs, 3, total_len, seed=1)
+        examples_of = {name: [(sample[name], graph(*sample[name])) for sample in (examples, others)]
+                       for name, graph in graphs.items()}  # fmt: skip
         for name, graph in graphs.items():
             inputs, outputs = GRAPHS[name]
             path = tmp / f"{name}.onnx"
             torch.onnx.export(graph, examples[name], str(path), dynamo=True, input_names=inputs, output_names=outputs,
                               dynamic_shapes=shapes[name], external_data=False, verbose=False)  # fmt: skip
-            _stamp(path, fingerprint)
-            checks[name] = max(
-                _largest_difference(path, inputs, sample[name], graph(*sample[name])) for sample in (examples, others)
-            )
-            if not checks[name] <= tolerance:
-                raise ValueError(f"{name}.onnx differs from PyTorch by {checks[name]:.2e} (> {tolerance:g})")
+            if int8:  # the float graph must be right before its weights are rounded
+                _check(path, name, inputs, examples_of[name], tolerance)
+        _finish(tmp, fingerprint, int8)
+        for name, (inputs, _) in GRAPHS.items():
+            checks[name] = _check(tmp / f"{name}.onnx", name, inputs, examples_of[name], None if int8 else tolerance)
         manifest.update(
             format=FORMAT,
             version=1,
@@ -133,6 +158,7 @@ def export_onnx(model, out: str | Path, *, total_len: int | None = None, toleran
             attention=model.config.attention,
             graphs={name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in GRAPHS.items()},
             max_abs_difference=checks,
+            weights={"file": WEIGHTS_FILE, "int8": int8},
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         (tmp / "config.json").write_text(json.dumps(config_json(model.config), indent=2))
