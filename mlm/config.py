@@ -70,6 +70,7 @@ class ModelConfig:
     in_chans: int = 3
     vocab_size: int = 1000  # replaced by the tokenizer's size when a run starts
     max_text_len: int = 32
+    vqa_prompt: str = "question: {question} answer:"  # what the decoder reads before an answer; {question} once
     embed_dim: int = 128  # the shared image-text space
     pool_hidden_dim: int = 64
     decoder_layers: int = 2

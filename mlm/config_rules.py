@@ -121,6 +121,9 @@ def check_model(m) -> None:
                           "(model.image_pos_embed=sincos, model.cross_pos_keys or model.cross_pos_values)")  # fmt: skip
     if m.mla.qk_rope_head_dim % 4:
         raise ConfigError(f"model.mla.qk_rope_head_dim={m.mla.qk_rope_head_dim} must be a multiple of 4 (2-D RoPE)")
+    if not isinstance(m.vqa_prompt, str) or m.vqa_prompt.count("{question}") != 1:
+        raise ConfigError(f"model.vqa_prompt={show_value(m.vqa_prompt)}: must hold {{question}} once, e.g. "
+                          "'question: {question} answer:'")  # fmt: skip
     if m.attention == "gqa" and m.mla.n_heads % m.mla.n_kv_heads:
         raise ConfigError(f"model.mla.n_heads={m.mla.n_heads} is not a multiple of model.mla.n_kv_heads")
 

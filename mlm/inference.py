@@ -124,7 +124,7 @@ def check_question(model: MLMModel, question: str, what: str = "question") -> No
     """Raise ValueError naming the question when its prompt leaves no room for an answer in the model's text
     length (``model.max_text_len`` tokens: BOS, the prompt, at least one answer token, EOS)."""
     limit = model.config.max_text_len
-    tokens = 1 + len(model.tokenizer.tokenize(vqa_prompt(question.strip()))) + 2
+    tokens = 1 + len(model.tokenizer.tokenize(vqa_prompt(question.strip(), model.config.vqa_prompt))) + 2
     if tokens > limit:
         raise ValueError(
             f"{what}: {tokens} tokens with the prompt and an answer; this model reads at most {limit} "
@@ -160,7 +160,8 @@ def _answer_sequences(model: MLMModel, questions: Sequence[str], candidates: Seq
     sequences, spans = [], []
     for question in questions:
         # the prompt's tail keeps the "answer:" marker when a long question is cut, as training does
-        prompt = [tok.bos_id] + tok.tokenize(vqa_prompt(question.strip()))[-(model.config.max_text_len - 2) :]
+        text = vqa_prompt(question.strip(), model.config.vqa_prompt)
+        prompt = [tok.bos_id] + tok.tokenize(text)[-(model.config.max_text_len - 2) :]
         for answer in answers:
             sequences.append(prompt + answer)
             spans.append((len(prompt) - 1, len(prompt) - 1 + len(answer)))

@@ -328,10 +328,10 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         return [self.tokenizer.decode(seq).strip() for seq in ids]
 
     def answer(self, images: Tensor, questions: list[str], **generate_kwargs) -> list[str]:
-        """Answer one question per image (VQA) by continuing the prompt ``question: <q> answer:``."""
+        """Answer one question per image (VQA) by continuing the prompt (``model.vqa_prompt``)."""
         if len(questions) != images.shape[0]:
             raise ValueError(f"got {len(questions)} questions for {images.shape[0]} images")
-        prompts = [vqa_prompt(q.strip()) for q in questions]
+        prompts = [vqa_prompt(q.strip(), self.config.vqa_prompt) for q in questions]
         return self.generate(images, prompts, **generate_kwargs)
 
     def kv_cache_bytes(self) -> dict[str, int]:

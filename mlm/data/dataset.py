@@ -27,7 +27,7 @@ from mlm.data.collate import Collate
 from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
 from mlm.data.negatives import check_groups, swap_negatives
 from mlm.data.records import DataError, Record, SkipStats
-from mlm.data.tokenizer import MLMTokenizer
+from mlm.data.tokenizer import VQA_PROMPT, MLMTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class ImageTextDataset(Dataset):
         swap_groups: list[list[str]] | None = None,
         swap_negatives: int = 0,
         vqa_turns: int = 1,
+        vqa_prompt: str = VQA_PROMPT,
         image_words: bool = False,
         cache_bytes: int = 0,
     ):
@@ -68,6 +69,7 @@ class ImageTextDataset(Dataset):
         if self.swap_negatives and not self.swap_index:
             raise ValueError(f"train.swap_negatives={swap_negatives} needs data.swap_groups (groups of words to swap)")
         self.vqa_turns = vqa_turns if train else 1
+        self.vqa_prompt = vqa_prompt
         # decoded, transformed images by image (records naming one image file share it), while under cache_bytes; only
         # for a transform without randomness, so a cached image is the one decoding would give
         self.pixel_cache = PixelCache(cache_bytes)
@@ -103,7 +105,8 @@ class ImageTextDataset(Dataset):
             ids, targets = turns.packed_sample(self, index, record, self.vqa_turns)
             n_prompt = targets.index(True) if True in targets else len(ids)
         elif record.is_vqa:
-            ids, n_prompt = self.tokenizer.encode_vqa(record.question, turns.answer_of(record), self.max_len)
+            answer = turns.answer_of(record)
+            ids, n_prompt = self.tokenizer.encode_vqa(record.question, answer, self.max_len, self.vqa_prompt)
         else:
             caption = random.choice(record.captions) if self.train else record.captions[0]
             ids, n_prompt = self.tokenizer.frame(self.tokenizer.tokenize(caption), self.max_len), 0
@@ -177,6 +180,7 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
         swap_groups=cfg.data.swap_groups,
         swap_negatives=cfg.train.swap_negatives,
         vqa_turns=cfg.train.vqa_turns,
+        vqa_prompt=cfg.model.vqa_prompt,
         image_words=cfg.train.word_targets == "image",
         cache_bytes=image_cache_bytes(cfg, train),
     )

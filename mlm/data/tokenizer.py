@@ -2,7 +2,8 @@
 
 All three are one ``tokenizers.Tokenizer`` underneath, so saving and loading is always ``tokenizer.json``. Every
 sequence is framed as ``[BOS] tokens [EOS]`` and padded with ``[PAD]``; VQA records use the text
-``question: <q> answer: <a>`` (see :func:`vqa_prompt`), and the prompt part is never a training target.
+``question: <q> answer: <a>`` by default (``model.vqa_prompt``, see :func:`vqa_prompt`), and the prompt part is
+never a training target.
 WordPiece follows BERT (Devlin et al., 2019) and is learned by :mod:`mlm.data.wordpiece`, the same texts always
 giving the same vocabulary; the BPE is CLIP's (Radford et al., 2021) as open_clip ships it.
 """
@@ -31,14 +32,17 @@ _ROLE_NAMES = {
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-def vqa_prompt(question: str) -> str:
-    """The text the decoder is conditioned on for a question; the answer follows it."""
-    return f"question: {question} answer:"
+VQA_PROMPT = "question: {question} answer:"  # model.vqa_prompt's default, and that of every older checkpoint
 
 
-def vqa_text(question: str, answer: str) -> str:
+def vqa_prompt(question: str, template: str = VQA_PROMPT) -> str:
+    """The text the decoder is conditioned on for a question (``{question}`` of the template); the answer follows."""
+    return template.replace("{question}", question)
+
+
+def vqa_text(question: str, answer: str, template: str = VQA_PROMPT) -> str:
     """The full training text of a VQA record."""
-    return f"{vqa_prompt(question)} {answer}"
+    return f"{vqa_prompt(question, template)} {answer}"
 
 
 class MLMTokenizer:
@@ -196,17 +200,18 @@ class MLMTokenizer:
             raise ValueError(f"max_len={max_len} leaves no room for BOS and EOS; use at least 2")
         return [self.bos_id] + ids[: max_len - 2] + [self.eos_id]
 
-    def encode_vqa(self, question: str, answer: str, max_len: int) -> tuple[list[int], int]:
-        """Ids of ``question: <q> answer: <a>`` framed by BOS/EOS and the prompt length (BOS up to "answer:").
+    def encode_vqa(self, question: str, answer: str, max_len: int, template: str = VQA_PROMPT) -> tuple[list[int], int]:
+        """Ids of the prompt (``question: <q> answer:`` by default) and answer framed by BOS/EOS, and the prompt
+        length (BOS up to the answer).
 
         When too long, the question is cut, never the answer (unless the answer alone does not fit).
         """
-        prompt = self.tokenize(vqa_prompt(question))
+        prompt = self.tokenize(vqa_prompt(question, template))
         reply = self.tokenize(answer)[: max(0, max_len - 3)]
         room = max_len - 2 - len(reply)
         if len(prompt) > room:
-            # keep the question's start and the trailing "answer :" marker so the prompt stays well formed
-            marker = self.tokenize(vqa_prompt("").split()[-1])
+            # keep the question's start and what follows it (the "answer :" marker) so the prompt stays well formed
+            marker = self.tokenize(template.split("{question}", 1)[1])
             prompt = prompt[: max(0, room - len(marker))] + marker
         ids = [self.bos_id] + prompt + reply + [self.eos_id]
         return ids, 1 + len(prompt)

@@ -1,6 +1,7 @@
 """Several questions about one image in one training row, as turns of a conversation (LLaVA-style packing).
 
-A VQA record becomes ``[BOS] question: q1 answer: a1 [EOS] [BOS] question: q2 answer: a2 [EOS] ...``: its own
+A VQA record becomes ``[BOS] question: q1 answer: a1 [EOS] [BOS] question: q2 answer: a2 [EOS] ...`` (with the
+default ``model.vqa_prompt``): its own
 question first, then other questions about the same image (in a random order) while they fit ``max_len``. Every
 answer and its EOS is a target; each turn starts with BOS, so a first turn is exactly the single-question row
 that evaluation decodes. One image pass then feeds several answers, and each answer routes its gradient to the
@@ -14,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from mlm.data.records import Record
-from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
+from mlm.data.tokenizer import VQA_PROMPT, MLMTokenizer, vqa_prompt
 
 
 def image_key(record: Record):
@@ -42,13 +43,17 @@ def answer_of(record: Record) -> str:
 
 
 def encode_turns(
-    tokenizer: MLMTokenizer, first: tuple[str, str], others: list[tuple[str, str]], max_len: int
+    tokenizer: MLMTokenizer,
+    first: tuple[str, str],
+    others: list[tuple[str, str]],
+    max_len: int,
+    template: str = VQA_PROMPT,
 ) -> tuple[list[int], list[bool]]:
     """Ids of the packed turns and, per id, whether it is a target (answers and their EOS)."""
-    ids, n_prompt = tokenizer.encode_vqa(*first, max_len)
+    ids, n_prompt = tokenizer.encode_vqa(*first, max_len, template)
     targets = [False] * n_prompt + [True] * (len(ids) - n_prompt)
     for question, answer in others:
-        prompt, reply = tokenizer.tokenize(vqa_prompt(question)), tokenizer.tokenize(answer)
+        prompt, reply = tokenizer.tokenize(vqa_prompt(question, template)), tokenizer.tokenize(answer)
         turn = [tokenizer.bos_id, *prompt, *reply, tokenizer.eos_id]
         if len(ids) + len(turn) > max_len:
             break
@@ -62,4 +67,5 @@ def packed_sample(dataset, index: int, record: Record, turns: int) -> tuple[list
     pool = dataset.same_image.get(index, [])
     chosen = random.sample(pool, min(len(pool), turns - 1))
     others = [(dataset.source[j].question, answer_of(dataset.source[j])) for j in chosen]
-    return encode_turns(dataset.tokenizer, (record.question, answer_of(record)), others, dataset.max_len)
+    first = (record.question, answer_of(record))
+    return encode_turns(dataset.tokenizer, first, others, dataset.max_len, dataset.vqa_prompt)

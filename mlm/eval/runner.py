@@ -201,11 +201,13 @@ def _rank_batch(model: MLMModel, pixels: torch.Tensor, questions: list[str], can
 def _embedding_batch(
     model: MLMModel, pixels: torch.Tensor, questions: list[str], candidates: Sequence[str]
 ) -> list[str]:
-    """No fusion: the candidate whose pooled text ``question: q answer: a`` lies closest to the pooled image."""
+    """No fusion: the candidate whose pooled text (``question: q answer: a`` by default) lies closest to the pooled
+    image."""
     from mlm.data.tokenizer import vqa_text
 
     images = infer.embed_images(model, pixels)  # (b, E)
-    texts = infer.embed_texts(model, [vqa_text(q, c) for q in questions for c in candidates])  # (b*C, E)
+    pairs = [vqa_text(q, c, model.config.vqa_prompt) for q in questions for c in candidates]
+    texts = infer.embed_texts(model, pairs)  # (b*C, E)
     scores = torch.einsum("be,bce->bc", images, texts.view(len(questions), len(candidates), -1))  # (b, C)
     return [candidates[int(i)] for i in scores.argmax(dim=-1)]
 

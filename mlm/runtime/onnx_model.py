@@ -167,7 +167,8 @@ class OnnxModel:
 
         if len(questions) != images.shape[0]:
             raise ValueError(f"got {len(questions)} questions for {images.shape[0]} images")
-        return self.generate(images, [vqa_prompt(q.strip()) for q in questions], **generate_kwargs)
+        prompts = [vqa_prompt(q.strip(), self.config.vqa_prompt) for q in questions]
+        return self.generate(images, prompts, **generate_kwargs)
 
 
 def load_onnx_model(folder: str | Path, threads: int = 0) -> OnnxModel:

@@ -219,7 +219,7 @@ class AnswerAPI(CaptionAPI):
     def _prompt(self, item: dict) -> list[int]:
         from mlm.data.tokenizer import vqa_prompt
 
-        return self.model.tokenizer.encode(vqa_prompt(item["question"]), eos=False)
+        return self.model.tokenizer.encode(vqa_prompt(item["question"], self.model.config.vqa_prompt), eos=False)
 
 
 class EmbedAPI(_ModelAPI):

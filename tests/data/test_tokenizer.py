@@ -71,6 +71,16 @@ def test_vqa_truncation_keeps_answer_and_marker(tok):
     assert tok.decode(ids[:n_prompt]).endswith("answer :")
 
 
+def test_a_compact_vqa_prompt_frames_training_rows_and_keeps_its_marker_when_cut(tok):
+    template = "{question} [SEP]"
+    ids, n_prompt = tok.encode_vqa("what color is the circle?", "red", 32, template)
+    assert ids[:n_prompt] == tok.encode("what color is the circle? [SEP]", eos=False)
+    assert ids[n_prompt - 1] == tok.sep_id and tok.decode(ids[n_prompt:]) == "red"
+    assert len(ids) == len(tok.encode_vqa("what color is the circle?", "red", 32)[0]) - 3  # 4 words -> 1 token
+    cut, n_cut = tok.encode_vqa("how many objects are there at the top left of the square?", "2", 6, template)
+    assert len(cut) == 6 and cut[n_cut - 1] == tok.sep_id and tok.decode(cut[n_cut:]) == "2"
+
+
 def test_save_and_load_round_trip(tok, tmp_path):
     path = tok.save(tmp_path / "tok")
     assert path.name == "tokenizer.json"

@@ -57,6 +57,25 @@ def test_dataset_packs_turns_of_the_same_image_deterministically(source, tok):
     assert plain[vqa[0]]["ids"] == tok.encode_vqa(source[vqa[0]].question, source[vqa[0]].answer, 64)[0]
 
 
+def test_every_turn_and_the_model_s_answer_prompt_use_model_vqa_prompt(source, tok, tmp_path):
+    from mlm.config import ModelConfig
+    from mlm.model import MLMModel
+
+    template = "{question} [SEP]"
+    first, second = ("what shape is red?", "circle"), ("where is the red circle?", "top left")
+    ids, targets = encode_turns(tok, first, [second], 40, template)
+    assert ids.count(tok.sep_id) == 2 and not set(tok.tokenize("question answer")) & set(ids)
+    vqa = next(i for i in range(len(source)) if source[i].is_vqa)
+    ds = ImageTextDataset(source, tok, build_transform(32), max_len=64, train=False, vqa_prompt=template)
+    assert ds[vqa]["ids"] == tok.encode_vqa(source[vqa].question, source[vqa].answer, 64, template)[0]
+    model = MLMModel(ModelConfig(dim=32, n_layers=1, levels=["global"], image_size=16, patch_size=8,
+                                 vocab_size=tok.vocab_size, vqa_prompt=template), tokenizer=tok)  # fmt: skip
+    model.save_pretrained(tmp_path / "m")
+    assert MLMModel.from_pretrained(tmp_path / "m").config.vqa_prompt == template  # saved with the model
+    with pytest.raises(ConfigError, match="model.vqa_prompt"):
+        load_config(None, ["model.vqa_prompt=question: answer:"])
+
+
 def test_vqa_turns_range_is_checked():
     with pytest.raises(ConfigError, match="train.vqa_turns"):
         load_config(None, ["train.vqa_turns=0"])
