@@ -51,6 +51,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["train.vqa_same_images=true"],
         "VQA rows ask about the caption rows' images, so each image is encoded once a step",
     ),
+    "compact-prompt": (
+        ["model.vqa_prompt={question} [SEP]"],
+        "VQA prompts as the question and one [SEP] token instead of question: ... answer:",
+    ),
     "match": (
         ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
         "the decoder tells matching from hard-negative image-text pairs (ITM)",

@@ -40,7 +40,7 @@ def test_bench_train_compares_ours_with_open_clip_coca(tmp_path, capsys):
 def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     out = tmp_path / "ablate.json"
     names = ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "one-turn", "words-pooled", "no-words", "null",
-             "no-pos-values", "no-overlap"]  # fmt: skip
+             "no-pos-values", "no-overlap", "compact-prompt"]  # fmt: skip
     argv = ["bench", "ablate", "--quick", "--budget-s", "1", "--rows", ",".join(names), "--row", "mine=train.lr=1e-3",
             "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
@@ -58,6 +58,7 @@ def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     assert rows["baseline"]["params"] - rows["no-pos-values"]["params"] == 32 * 32  # the position projection
     # the shipped 5-pixel overlap widens the quick model's 8 px patch kernel to 18 px: 3 channels in, 32 out
     assert rows["baseline"]["params"] - rows["no-overlap"]["params"] == (18 * 18 - 8 * 8) * 3 * 32
+    assert rows["compact-prompt"]["params"] == rows["baseline"]["params"]  # a data format, no weights
     assert main(["bench", "ablate", "--quick", "--rows", "nonsense"]) == 2
 
 
