@@ -64,7 +64,8 @@ class ModelConfig:
     ffn_hidden_dim: int = 0  # SwiGLU width; 0 = from mlp_ratio (a pruned model states its own: mlm compress)
     image_size: int = 64
     patch_size: int = 8
-    conv_stem: int = 0  # stride-2 3x3 convolutions before the patch projection (early convolutions); 0 = linear
+    conv_stem: int = 0  # 3x3 convs before the patch projection (early convolutions; stride 2 while the patch allows)
+    conv_stem_width: int = 0  # channels of the stem's last conv (each one before has half); 0 = dim / 2
     patch_overlap: int = 0  # pixels of the neighbouring patches each patch projection also sees (each side)
     image_pos_embed: str = "sincos"  # absolute patch positions added to the embeddings: sincos | learned | none
     in_chans: int = 3

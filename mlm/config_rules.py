@@ -39,6 +39,7 @@ _RANGES = [
     ("model.ffn_hidden_dim", 0, 1 << 20),
     ("model.image_size", 1, 8192),
     ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.patch_overlap", 0, 1024),
+    ("model.conv_stem_width", 0, 4096),
     ("model.in_chans", 1, 64),
     ("model.vocab_size", 1, 1 << 21), ("model.max_text_len", 4, 1 << 16), ("model.embed_dim", 1, 16384),
     ("model.pool_hidden_dim", 1, 16384), ("model.decoder_layers", 0, 256), ("model.dropout", 0.0, 1.0),
@@ -97,11 +98,6 @@ def check_model(m) -> None:
             raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(levels)}")
     if len(m.levels) != m.n_layers:
         raise ConfigError(f"model.levels has {len(m.levels)} entries but model.n_layers={m.n_layers}")
-    if m.conv_stem < 0 or m.patch_size % 2**m.conv_stem:
-        raise ConfigError(
-            f"model.conv_stem={m.conv_stem}: need conv_stem >= 0 and 2**conv_stem dividing "
-            f"model.patch_size={m.patch_size}"
-        )
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:

@@ -29,7 +29,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
     ),  # fmt: skip
     "top-k": (["model.top_k=8"], "global blocks keep the 8 best keys per query"),
     "no-fusion": (["eval.vqa_mode=embedding"], "VQA answered from pooled embeddings, not the cross-modal decoder"),
-    "conv-stem": (["model.conv_stem=1"], "a stride-2 conv layer before the patch projection (early convolutions)"),
+    # the stem measured in the README (two 3x3 convs at 30x30, 16 and 32 channels, then 7x7 projections at stride 5)
+    "conv-stem": (
+        ["model.conv_stem=2", "model.conv_stem_width=32", "model.patch_overlap=1"],
+        "3x3 conv layers before the patch projection (early convolutions) instead of linear overlapping patches",
+    ),
     "swap-negatives": (["train.swap_negatives=4"], "4 captions with one word swapped (data.swap_groups) as negatives"),
     # the shipped tiny config has positional keys on, so the row switches them off
     "no-pos-keys": (

@@ -1,10 +1,11 @@
 """Patch embeddings and positions: timm's linear ``PatchEmbed``, optionally after a convolutional stem, and the
 absolute position table (``model.image_pos_embed``).
 
-A stem of stride-2 3x3 convolutions before the patch projection ("early convolutions", Xiao et al., 2021) gives
-each patch token local, non-linear features such as edges and corners: a linear projection of raw pixels mixes an
-object's colour and outline multiplicatively, which the shared blocks then have to untangle. The norm is LayerNorm
-over channels, so a sample's tokens never depend on the rest of its batch (unlike BatchNorm).
+A stem of 3x3 convolutions (stride 2 while the patch size allows, then 1) before the patch projection ("early
+convolutions", Xiao et al., 2021) gives each patch token local, non-linear features such as edges and corners: a
+linear projection of raw pixels mixes an object's colour and outline multiplicatively, which the shared blocks then
+have to untangle. The norm is LayerNorm over channels, so a sample's tokens never depend on the rest of its batch
+(unlike BatchNorm).
 
 Overlapping patches (``model.patch_overlap``) are the cheaper form of the same idea: the projection's kernel reaches
 past the patch borders, as in PVTv2's and CvT's overlapping patch embeddings.
@@ -12,28 +13,42 @@ past the patch borders, as in PVTv2's and CvT's overlapping patch embeddings.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.layers import ConvNormAct, LayerNorm2d, PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
 
-class ConvStemPatchEmbed(nn.Module):
-    """``n_convs`` stride-2 conv-norm-GELU layers, then a linear patch projection to (B, N, dim)."""
+def stem_strides(patch_size: int, n_convs: int) -> list[int]:
+    """Strides of a stem's convolutions: 2 while the patch size left for the projection is even, then 1 (a 10 px
+    patch and two convolutions: strides 2, 1 and a 5 px projection)."""
+    strides, left = [], patch_size
+    for _ in range(n_convs):
+        strides.append(2 if left % 2 == 0 else 1)
+        left //= strides[-1]
+    return strides
 
-    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, n_convs: int):
+
+class ConvStemPatchEmbed(nn.Module):
+    """``n_convs`` 3x3 conv-norm-GELU layers (strides from :func:`stem_strides`), then a linear patch projection
+    to (B, N, dim)."""
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int, n_convs: int, width: int = 0):
         super().__init__()
-        factor = 2**n_convs
-        if patch_size % factor or image_size % factor:
+        strides = stem_strides(patch_size, n_convs)
+        factor = math.prod(strides)
+        if image_size % factor:
             raise ValueError(
-                f"model.conv_stem={n_convs} downsamples by {factor}, which must divide model.patch_size={patch_size} "
-                f"and model.image_size={image_size}"
+                f"model.conv_stem={n_convs} downsamples by {factor}, which must divide model.image_size={image_size}"
             )
-        chans = [in_chans] + [max(dim >> (n_convs - i), 8) for i in range(n_convs)]  # e.g. 3 -> 32 -> 64 for dim 128
+        width = width or dim // 2  # the last convolution's channels; each one before has half
+        chans = [in_chans] + [max(width >> (n_convs - 1 - i), 8) for i in range(n_convs)]  # e.g. 3 -> 32 -> 64
         self.stem = nn.Sequential(
             *(
-                ConvNormAct(chans[i], chans[i + 1], 3, stride=2, norm_layer=LayerNorm2d, act_layer=nn.GELU)
-                for i in range(n_convs)
+                ConvNormAct(chans[i], chans[i + 1], 3, stride=s, norm_layer=LayerNorm2d, act_layer=nn.GELU)
+                for i, s in enumerate(strides)
             )
         )
         self.proj = PatchEmbed(
@@ -58,14 +73,21 @@ def overlap_patches(embed: PatchEmbed, overlap: int) -> PatchEmbed:
 
 
 def build_patch_embed(
-    image_size: int, patch_size: int, in_chans: int, dim: int, conv_stem: int = 0, overlap: int = 0
+    image_size: int,
+    patch_size: int,
+    in_chans: int,
+    dim: int,
+    conv_stem: int = 0,
+    overlap: int = 0,
+    stem_width: int = 0,
 ) -> nn.Module:
     """timm's ``PatchEmbed`` when conv_stem is 0, else a :class:`ConvStemPatchEmbed` with that many convolutions;
-    ``overlap`` > 0 widens the patch projection (:func:`overlap_patches`)."""
+    ``overlap`` > 0 widens the patch projection (:func:`overlap_patches`, in the stem's pixels); ``stem_width``
+    is the last convolution's channels (0: dim / 2)."""
     if conv_stem == 0:
         embed = PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dim)
         return overlap_patches(embed, overlap)
-    stem = ConvStemPatchEmbed(image_size, patch_size, in_chans, dim, conv_stem)
+    stem = ConvStemPatchEmbed(image_size, patch_size, in_chans, dim, conv_stem, stem_width)
     overlap_patches(stem.proj, overlap)
     return stem
 

@@ -42,7 +42,7 @@ class SharedEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = build_patch_embed(
-            cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.conv_stem, cfg.patch_overlap
+            cfg.image_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.conv_stem, cfg.patch_overlap, cfg.conv_stem_width
         )
         table = image_pos_table(cfg.image_pos_embed, tuple(self.patch_embed.grid_size), cfg.dim)
         if cfg.image_pos_embed == "learned":

@@ -6,7 +6,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
 from mlm.config import ConfigError, load_config
 from mlm.encoders import SharedEncoder
-from mlm.encoders.patches import ConvStemPatchEmbed, build_patch_embed
+from mlm.encoders.patches import ConvStemPatchEmbed, build_patch_embed, stem_strides
 from tests.encoders.test_shared import tiny
 
 
@@ -25,11 +25,26 @@ def test_conv_stem_output_of_a_sample_does_not_depend_on_its_batch():
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_stem_that_does_not_divide_the_patch_is_refused():
-    with pytest.raises(ValueError, match="conv_stem=2 downsamples by 4"):
-        build_patch_embed(60, 10, 3, 32, conv_stem=2)
-    with pytest.raises(ConfigError, match="model.conv_stem=3"):
-        load_config(None, ["model.conv_stem=3", "model.patch_size=4", "model.image_size=16"])
+def test_conv_stem_strides_halve_while_the_patch_allows_then_keep_the_resolution():
+    assert stem_strides(20, 2) == [2, 2] and stem_strides(16, 3) == [2, 2, 2]  # as before: every conv stride 2
+    assert stem_strides(10, 2) == [2, 1] and stem_strides(10, 3) == [2, 1, 1] and stem_strides(5, 1) == [1]
+    stem = build_patch_embed(60, 10, 3, 128, conv_stem=2, stem_width=32)
+    convs = [m for m in stem.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1)] and [c.out_channels for c in convs] == [16, 32]
+    assert stem.proj.proj.kernel_size == (5, 5) and tuple(stem.grid_size) == (6, 6)
+    assert stem(torch.randn(2, 3, 60, 60)).shape == (2, 36, 128)
+    default = build_patch_embed(60, 10, 3, 128, conv_stem=2)  # width 0: the last conv has dim / 2 channels
+    assert [m.out_channels for m in default.stem.modules() if isinstance(m, torch.nn.Conv2d)] == [32, 64]
+
+
+def test_conv_stem_config_is_checked_and_builds_the_encoder():
+    cfg = load_config(None, ["model.conv_stem=2", "model.conv_stem_width=16", "model.patch_size=10",
+                             "model.image_size=60"]).model  # fmt: skip
+    assert tuple(SharedEncoder(cfg).patch_embed.grid_size) == (6, 6)
+    with pytest.raises(ConfigError, match="model.conv_stem_width=-1"):
+        load_config(None, ["model.conv_stem_width=-1"])
+    with pytest.raises(ValueError, match="conv_stem=1 downsamples by 2, which must divide model.image_size=25"):
+        build_patch_embed(25, 10, 3, 32, conv_stem=1)
 
 
 def test_overlapping_patches_keep_the_grid_and_equal_plain_patches_when_the_border_weights_are_zero():
@@ -86,3 +101,28 @@ def test_tokens_of_a_uniform_image_know_where_they_are_only_with_a_position_tabl
 def test_unknown_position_kind_is_refused():
     with pytest.raises(ConfigError, match="model.image_pos_embed='rope'"):
         load_config(None, ["model.image_pos_embed=rope"])
+
+
+STEM = ["model.conv_stem=2", "model.conv_stem_width=16", "model.patch_overlap=1"]
+
+
+def test_a_conv_stem_model_saves_quantizes_and_exports_its_image_graph(tmp_path):
+    from mlm.compress import int8
+    from mlm.model import MLMModel
+    from mlm.runtime.graphs import ImageGraph, exportable
+    from tests.test_model import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(*STEM)  # 16 px images, 4 px patches: strides 2, 2 and a 1 px projection
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        reference = model.image_features(images).embeds
+        torch.testing.assert_close(ImageGraph(exportable(model))(images)[0], reference)
+        model.save_pretrained(tmp_path / "float")
+        torch.testing.assert_close(MLMModel.from_pretrained(str(tmp_path / "float")).image_features(images).embeds,
+                                   reference, rtol=0, atol=0)  # fmt: skip
+        int8.quantize_int8(model, engine="fbgemm")
+        model.save_pretrained(tmp_path / "int8")
+        quantized = MLMModel.from_pretrained(str(tmp_path / "int8")).image_features(images).embeds
+        torch.testing.assert_close(quantized, model.image_features(images).embeds, rtol=0, atol=0)
+    assert torch.nn.functional.cosine_similarity(quantized, reference, dim=-1).min() > 0.98
