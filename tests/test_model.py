@@ -114,6 +114,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_an_image_in_two_rows_is_encoded_once_with_the_same_outputs_and_gradients(overrides, monkeypatch):
     import mlm.model
 
+    torch.manual_seed(0)  # its own inputs, whatever ran before
     model = tiny_model(*overrides).train()
     images, ids, mask = batch(4)
     images[2] = images[0]  # a caption row and a VQA row about one image
@@ -136,8 +137,9 @@ def test_an_image_in_two_rows_is_encoded_once_with_the_same_outputs_and_gradient
         if getattr(every, name) is not None:
             torch.testing.assert_close(getattr(once, name), getattr(every, name), msg=name)
     assert grads.keys() == every_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, every_grads[name], msg=name)
+    for name, grad in grads.items():  # sums over every token (modality_embed: ~1e2) differ in their last bits only
+        scale = max(every_grads[name].abs().max().item(), 1.0)
+        torch.testing.assert_close(grad, every_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_unique_images_finds_repeated_rows_only():
