@@ -146,19 +146,29 @@ def _band(n: int, window: int, causal: bool, device: str) -> tuple[Tensor, int, 
     return allowed.to(device), c, left
 
 
-def _local_1d_parts(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, causal: bool = False, part=None):
-    """Blocked sliding-window attention: the output (B, H, T, Dv) and each query's log-sum-exp (B, H, T, 1)."""
+def _band_blocks(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Query blocks (B, H, nb, c, Dk) and the key (B, H, nb, L, Dk) and value (B, H, nb, L, Dv) band each one meets."""
     b, h, t, _ = q.shape
     allowed, c, left = _band(t, window, causal, str(q.device))
     nb, span = allowed.shape[0], allowed.shape[-1]
     right = nb * c - t + (span - c - left)  # keys past the end so that every block's band exists
     qb = F.pad(q, (0, 0, 0, nb * c - t)).view(b, h, nb, c, q.shape[-1])
-    kb = F.pad(k, (0, 0, left, right)).unfold(2, span, c)  # (B, H, nb, Dk, L): a view
-    vb = F.pad(v, (0, 0, left, right)).unfold(2, span, c).transpose(-1, -2)  # (B, H, nb, L, Dv)
-    if part is None:  # alone: one softmax, which keeps the least for backward
-        return _softmax_part((qb * scale) @ kb, allowed, vb).reshape(b, h, nb * c, -1)[:, :, :t], None
-    out, lse = part((qb @ kb) * scale, allowed, vb)  # (B, H, nb, c, Dv)
-    return out.reshape(b, h, nb * c, -1)[:, :, :t], lse.reshape(b, h, nb * c, 1)[:, :, :t]
+    kb = F.pad(k, (0, 0, left, right)).unfold(2, span, c).transpose(-1, -2)  # views of the padded keys
+    vb = F.pad(v, (0, 0, left, right)).unfold(2, span, c).transpose(-1, -2)
+    return qb, kb, vb
+
+
+def _local_1d_parts(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, causal: bool = False, part=None):
+    """Blocked sliding-window attention: the output (B, H, T, Dv) and each query's log-sum-exp (B, H, T, 1)."""
+    b, h, t, _ = q.shape
+    allowed = _band(t, window, causal, str(q.device))[0]
+    blocks = functools.partial(_band_blocks, window=window, causal=causal)
+    if part is None:  # alone: the scores are recomputed in the backward pass, not kept
+        out = blocked_attention(blocks, allowed, scale, q, k, v)
+        return out.reshape(b, h, -1, out.shape[-1])[:, :, :t], None
+    qb, kb, vb = blocks(q, k, v)
+    out, lse = part((qb @ kb.transpose(-1, -2)) * scale, allowed, vb)  # (B, H, nb, c, Dv)
+    return out.reshape(b, h, -1, out.shape[-1])[:, :, :t], lse.reshape(b, h, -1, 1)[:, :, :t]
 
 
 def local_1d(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool, scale: float) -> Tensor:
@@ -192,9 +202,9 @@ def _tiles(grid: tuple[int, int], radius: int, device: str) -> tuple[Tensor, int
     return ((near <= radius) & on_grid | padded_query).to(device), b, (nbh, nbw)
 
 
-def _local_2d_parts(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int, scale: float, part=None):
-    """Neighbourhood attention in query tiles: the output (B, H, N, Dv) and each query's log-sum-exp (B, H, N, 1)."""
-    allowed, b, (nbh, nbw) = _tiles(tuple(grid), radius, str(q.device))
+def _tile_blocks(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Query tiles (B, H, tiles, b², Dk) and the key (B, H, tiles, span², Dk) and value tiles around each one."""
+    _, b, (nbh, nbw) = _tiles(tuple(grid), radius, str(q.device))
     gh, gw = grid
     bs, h = q.shape[:2]
     span = b + 2 * radius
@@ -207,16 +217,25 @@ def _local_2d_parts(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radi
         tiles = padded.unfold(2, span, b).unfold(3, span, b)  # (B, H, nbh, nbw, D, span, span)
         return tiles.permute(0, 1, 2, 3, 5, 6, 4).reshape(bs, h, nbh * nbw, span * span, x.shape[-1])
 
+    qt = plane(q, 0, nbh * b - gh, nbw * b - gw).view(bs, h, nbh, b, nbw, b, q.shape[-1])
+    return qt.transpose(3, 4).reshape(bs, h, nbh * nbw, b * b, q.shape[-1]), key_tiles(k), key_tiles(v)
+
+
+def _local_2d_parts(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], radius: int, scale: float, part=None):
+    """Neighbourhood attention in query tiles: the output (B, H, N, Dv) and each query's log-sum-exp (B, H, N, 1)."""
+    allowed, b, (nbh, nbw) = _tiles(tuple(grid), radius, str(q.device))
+    gh, gw = grid
+    bs, h = q.shape[:2]
+
     def back(x: Tensor) -> Tensor:  # (B, H, tiles, b², D) -> (B, H, N, D)
         x = x.view(bs, h, nbh, nbw, b, b, x.shape[-1]).transpose(3, 4).reshape(bs, h, nbh * b, nbw * b, -1)
         return x[:, :, :gh, :gw].reshape(bs, h, gh * gw, -1)
 
-    qt = plane(q, 0, nbh * b - gh, nbw * b - gw).view(bs, h, nbh, b, nbw, b, q.shape[-1])
-    qt = qt.transpose(3, 4).reshape(bs, h, nbh * nbw, b * b, q.shape[-1])
-    if part is None:  # alone: one softmax, which keeps the least for backward
-        return back(_softmax_part((qt * scale) @ key_tiles(k).transpose(-1, -2), allowed, key_tiles(v))), None
-    out, lse = part((qt @ key_tiles(k).transpose(-1, -2)) * scale, allowed, key_tiles(v))
-
+    blocks = functools.partial(_tile_blocks, grid=tuple(grid), radius=radius)
+    if part is None:  # alone: the scores are recomputed in the backward pass, not kept
+        return back(blocked_attention(blocks, allowed, scale, q, k, v)), None
+    qt, kt, vt = blocks(q, k, v)
+    out, lse = part((qt @ kt.transpose(-1, -2)) * scale, allowed, vt)
     return back(out), back(lse)
 
 
@@ -364,9 +383,50 @@ def routed_attend(q: Tensor, k: Tensor, v: Tensor, pattern: RoutedPattern, scale
     return _merge(out_local, lse_local, out_routed, lse_routed)
 
 
-def _softmax_part(scores: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
-    """Softmax-weighted values over the allowed keys (every row has one)."""
-    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ values
+def _block_scores(qb: Tensor, kb: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    return ((qb @ kb.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+
+
+class _RecomputedBlocks(torch.autograd.Function):
+    """Blocked attention that keeps q, k, v, the output and the log-sum-exps for backward and rebuilds each block's
+    scores there (FlashAttention's recomputation): the n·L probabilities are never stored. The blocks are cut from
+    q, k, v again under autograd, so their backward (pad, unfold: overlapping bands summed) stays torch's."""
+
+    @staticmethod
+    def forward(ctx, blocks, allowed: Tensor, scale: float, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        qb, kb, vb = blocks(q, k, v)
+        s = _block_scores(qb, kb, allowed, scale)
+        lse = s.logsumexp(dim=-1, keepdim=True)  # every row allows a key (padded rows allow all)
+        out = (s - lse).exp() @ vb
+        ctx.blocks, ctx.allowed, ctx.scale = blocks, allowed, scale
+        kind = q.device.type  # the recomputation runs under the forward's autocast, so dtypes match
+        ctx.amp = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            qb, kb, vb = ctx.blocks(*leaves)
+        kind, dtype, amp = ctx.amp
+        with torch.no_grad(), torch.autocast(kind, dtype=dtype, enabled=amp):
+            p = (_block_scores(qb, kb, ctx.allowed, ctx.scale) - lse).exp()
+            grad_vb = p.transpose(-1, -2) @ grad_out
+            grad_s = p * (grad_out @ vb.transpose(-1, -2) - (grad_out * out).sum(dim=-1, keepdim=True)) * ctx.scale
+            grads = (grad_s @ kb, grad_s.transpose(-1, -2) @ qb, grad_vb)
+            grads = [g.to(x.dtype) for g, x in zip(grads, (qb, kb, vb), strict=True)]
+        return None, None, None, *torch.autograd.grad((qb, kb, vb), leaves, grads)
+
+
+def blocked_attention(blocks, allowed: Tensor, scale: float, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention of each query block over its key block under ``allowed``; ``blocks(q, k, v)`` cuts the
+    blocks. Training keeps only the inputs, output and log-sum-exps (:class:`_RecomputedBlocks`)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _RecomputedBlocks.apply(blocks, allowed, scale, q, k, v)
+    qb, kb, vb = blocks(q, k, v)
+    return _block_scores(qb, kb, allowed, scale).softmax(dim=-1) @ vb
 
 
 def _safe_part(scores: Tensor, allowed: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

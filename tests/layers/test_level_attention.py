@@ -101,6 +101,40 @@ def test_routed_keys_outside_the_window_change_the_output():
     torch.testing.assert_close(routed[:, :, 62], plain[:, :, 62])  # token 63 is in query 62's window already
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while fn runs (each storage once)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("grid", [None, (16, 16)])
+def test_local_fast_path_keeps_no_scores_for_backward(grid):
+    n = 256
+    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3))
+    pattern = LevelPattern("local", n, False, grid, window=16, window_2d=5, region=4, region_2d=2, impl="sparse")
+    inputs = 4 * q.numel() * q.element_size()  # q, k, v, the output; log-sum-exps and padding on top
+    assert _saved_bytes(lambda: pattern_attend(q, k, v, pattern, 0.3)) < 1.5 * inputs
+    # the (n, 3·window) probabilities alone would be 1.5x the inputs
+
+
+def test_local_fast_path_under_bf16_autocast_trains():
+    q, k, v = (torch.randn(1, 2, 300, 8, requires_grad=True) for _ in range(3))
+    pattern = LevelPattern("local", 300, True, None, window=16, window_2d=3, region=4, region_2d=2, impl="sparse")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pattern_attend(q, k, v, pattern, 0.3)
+    out.float().sum().backward()
+    reference = pattern_attend(*(x.detach().requires_grad_() for x in (q, k, v)), pattern, 0.3)
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in (q, k, v))
+
+
 def test_length_adaptive_schedule():
     assert keep_fraction(100) == pytest.approx(0.8) and keep_fraction(4096) == pytest.approx(0.2)
     assert 0.2 < keep_fraction(512) < 0.8
