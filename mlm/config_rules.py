@@ -98,6 +98,9 @@ def check_model(m) -> None:
             raise ConfigError(f"model.levels[{i}]={level!r} is not allowed; choose one of {', '.join(levels)}")
     if len(m.levels) != m.n_layers:
         raise ConfigError(f"model.levels has {len(m.levels)} entries but model.n_layers={m.n_layers}")
+    if m.cross_level and m.cross_level not in m.levels:
+        raise ConfigError(f"model.cross_level={m.cross_level!r} is not in model.levels ({', '.join(m.levels)}); "
+                          "'' reads the final states")  # fmt: skip
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:

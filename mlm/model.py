@@ -105,7 +105,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         self.exit_threshold = threshold
 
     def image_features(self, images: Tensor) -> Features:
-        """Encode images (B, 3, H, W) into embeddings, final patch states and pooling weights."""
+        """Encode images (B, 3, H, W) into embeddings, the patch states the decoder reads and pooling weights."""
         exits = None
         if self.early_exit is not None and self.training:  # every exit, for the exit objectives
             out, *exits = self.early_exit.training_pass(self.encoder, self.pooler, images)
@@ -114,7 +114,9 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         else:
             out = self.encoder.encode_image(images)
         pooled = self.pooler(out.levels)
-        return Features(pooled.embeds, out.tokens, pooled.weights, pooled.projected, exits=exits)
+        # model.cross_level: the decoder reads an earlier level, whose states the global mixing has not yet blurred
+        tokens = out.levels[self.config.cross_level] if self.config.cross_level else out.tokens
+        return Features(pooled.embeds, tokens, pooled.weights, pooled.projected, exits=exits)
 
     def text_features(self, text_ids: Tensor, text_mask: Tensor | None = None) -> Features:
         """Encode right-padded token ids (B, T) into embeddings, causal token states and pooling weights."""

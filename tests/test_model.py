@@ -340,3 +340,22 @@ def test_the_null_token_and_position_values_are_what_the_decoder_reads_and_learn
     summed_losses(model(images, ids, mask), ids, mask).backward()
     assert model.decoder.null_token.grad.abs().sum() > 0
     assert model.decoder.pos_values.weight.grad.abs().sum() > 0  # zero at the start, and it learns
+
+
+def test_cross_level_feeds_the_decoder_an_earlier_levels_states_and_cached_decoding_matches():
+    model = tiny_model("model.cross_level=regional", "model.cross_pos_keys=true")
+    images, ids, mask = batch()
+    out = model.encoder.encode_image(images)
+    tokens = model.image_features(images).tokens
+    torch.testing.assert_close(tokens, out.levels["regional"], rtol=0, atol=0)
+    assert not torch.allclose(tokens, out.tokens)  # the global block still runs, for pooling only
+    torch.testing.assert_close(model(images, ids, mask).image_tokens, tokens, rtol=0, atol=0)
+    full = model.text_logits(tokens, ids)
+    cache = model.start_decoding(tokens, ids.shape[1])
+    steps = torch.cat([model.decode_step(ids[:, i : i + 1], cache) for i in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_level_must_name_one_of_the_models_levels():
+    with pytest.raises(Exception, match=r"model.cross_level='routed' is not in model.levels \(local, regional, glo"):
+        tiny_model("model.cross_level=routed")
