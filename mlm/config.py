@@ -80,8 +80,7 @@ class ModelConfig:
     word_head_patches: bool = False  # the word head scores every patch; a word's logit is its best patch's (MIL)
     cross_pos_values: bool = False  # the image tokens the decoder reads get a learned projection of their position
     cross_null: bool = False  # the decoder's cross-attention can attend to a learned "nothing here" token
-    # the level whose last block's patch states the decoder (and the per-patch word head) reads; "" = the final states
-    cross_level: str = ""
+    cross_level: str = ""  # the level whose patch states the decoder and the word head read; "" = the final ones
     early_exit: bool = False  # halting gates after each image block: easy images stop early (--exit-threshold)
     exit_lens: bool = False  # each exit maps its states to an estimate of the final ones (a tuned lens; early_exit)
     match_head: bool = False  # a match / no-match head on the decoder (image-text matching, train.match_weight)

@@ -114,8 +114,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         else:
             out = self.encoder.encode_image(images)
         pooled = self.pooler(out.levels)
-        # model.cross_level: the decoder reads an earlier level, whose states the global mixing has not yet blurred
-        tokens = out.levels[self.config.cross_level] if self.config.cross_level else out.tokens
+        tokens = out.levels[self.config.cross_level] if self.config.cross_level else out.tokens  # model.cross_level
         return Features(pooled.embeds, tokens, pooled.weights, pooled.projected, exits=exits)
 
     def text_features(self, text_ids: Tensor, text_mask: Tensor | None = None) -> Features:
