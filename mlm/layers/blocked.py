@@ -17,6 +17,13 @@ def _block_scores(qb: Tensor, kb: Tensor, allowed: Tensor, scale: float) -> Tens
     return ((qb @ kb.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
 
 
+def _attend(qb: Tensor, kb: Tensor, vb: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The output (..., c, Dv) and each query's log-sum-exp (..., c, 1); every row allows a key (padded rows all)."""
+    s = _block_scores(qb, kb, allowed, scale)
+    lse = s.logsumexp(dim=-1, keepdim=True)
+    return (s - lse).exp() @ vb, lse
+
+
 class _RecomputedBlocks(torch.autograd.Function):
     """Blocked attention that keeps q, k, v, the output and the log-sum-exps for backward and rebuilds each block's
     scores there (FlashAttention's recomputation): the n·L probabilities are never stored. The blocks are cut from
@@ -24,10 +31,7 @@ class _RecomputedBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, blocks, allowed: Tensor, scale: float, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        qb, kb, vb = blocks(q, k, v)
-        s = _block_scores(qb, kb, allowed, scale)
-        lse = s.logsumexp(dim=-1, keepdim=True)  # every row allows a key (padded rows allow all)
-        out = (s - lse).exp() @ vb
+        out, lse = _attend(*blocks(q, k, v), allowed, scale)
         ctx.blocks, ctx.allowed, ctx.scale = blocks, allowed, scale
         kind = q.device.type  # the recomputation runs under the forward's autocast, so dtypes match
         ctx.amp = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
@@ -55,5 +59,4 @@ def blocked_attention(blocks, allowed: Tensor, scale: float, q: Tensor, k: Tenso
     blocks. Training keeps only the inputs, output and log-sum-exps (:class:`_RecomputedBlocks`)."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _RecomputedBlocks.apply(blocks, allowed, scale, q, k, v)
-    qb, kb, vb = blocks(q, k, v)
-    return _block_scores(qb, kb, allowed, scale).softmax(dim=-1) @ vb
+    return _attend(*blocks(q, k, v), allowed, scale)[0]
