@@ -60,6 +60,7 @@ class ModelConfig:
     sharing: str = "full"  # full | norms (per-modality norms) | ffn (per-modality FFN experts) | none (two towers)
     pooling: str = "hierarchical"  # hierarchical (per-level attention pooling) | mean (mean of the last block)
     level_weight_init: str = "ramp"  # ramp (0.1 lowest level -> 1.0 highest) | uniform (all 1.0)
+    init_std: float = 0.0  # Linear weights ~ truncated normal(0, init_std), biases 0 (timm / HF); 0 = torch's own
     mlp_ratio: float = 4.0
     ffn_hidden_dim: int = 0  # SwiGLU width; 0 = from mlp_ratio (a pruned model states its own: mlm compress)
     image_size: int = 64

@@ -35,6 +35,7 @@ from mlm.fusion.decoder import MultimodalDecoder
 from mlm.fusion.length_groups import length_groups, merge_rows
 from mlm.fusion.matching import MatchHead, match_logits
 from mlm.generation import DecodingCache, DecodingConfig, cache_bytes, generate_from_prompts
+from mlm.layers.init import init_linears
 from mlm.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_state_dict, has_lora, load_adapter, save_adapter
 from mlm.model_files import config_json, model_config, read_config, read_decoding, resolve_file
 from mlm.model_outputs import Features, MLMOutput, check_text_mask, unique_images
@@ -73,6 +74,8 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         # one-element vectors, not scalars: FSDP2 cannot shard a 0-d parameter; forward returns them as scalars
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
+        if m.init_std:
+            init_linears(self, m.init_std)
         self._register_load_state_dict_pre_hook(model_files.scalar_logits_as_vectors)
         self.tokenizer = None
         if tokenizer is not None:
