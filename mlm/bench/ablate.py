@@ -63,6 +63,7 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
         "the decoder tells matching from hard-negative image-text pairs (ITM)",
     ),
+    "init-std": (["model.init_std=0.02"], "linear weights ~ truncated normal, std 0.02 (timm / HF) instead of torch's"),
 }
 QUICK = [  # a model and schedule small enough for the test suite
     "model.dim=32", "model.n_layers=2", "model.levels=[local, global]", "model.image_size=32", "model.patch_size=8",
