@@ -80,6 +80,7 @@ class ModelConfig:
     word_head: bool = False  # a linear head on the pooled image embedding over the vocabulary (train.word_weight)
     word_head_patches: bool = False  # the word head scores every patch; a word's logit is its best patch's (MIL)
     cross_pos_values: bool = False  # the image tokens the decoder reads get a learned projection of their position
+    cross_query_gain: float = 0.0  # > 0: each cross-attention head's queries get a learned gain starting here
     cross_null: bool = False  # the decoder's cross-attention can attend to a learned "nothing here" token
     cross_level: str = ""  # the level whose patch states the decoder and the word head read; "" = the final ones
     early_exit: bool = False  # halting gates after each image block: easy images stop early (--exit-threshold)

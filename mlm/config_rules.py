@@ -40,6 +40,7 @@ _RANGES = [
     ("model.image_size", 1, 8192),
     ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.patch_overlap", 0, 1024),
     ("model.conv_stem_width", 0, 4096), ("model.init_std", 0.0, 1.0),
+    ("model.cross_query_gain", 0.0, 100.0),
     ("model.in_chans", 1, 64),
     ("model.vocab_size", 1, 1 << 21), ("model.max_text_len", 4, 1 << 16), ("model.embed_dim", 1, 16384),
     ("model.pool_hidden_dim", 1, 16384), ("model.decoder_layers", 0, 256), ("model.dropout", 0.0, 1.0),

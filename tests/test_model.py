@@ -191,6 +191,8 @@ def test_loading_a_folder_without_weights_names_the_missing_file(tmp_path):
         ["model.attention=gqa", "model.top_k=3"],
         ["model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true", "model.top_k=3"],
         ["model.top_k=-1", "model.sparsity_schedule=[2,0.9,8,0.3]"],  # length-adaptive: each row its own k
+        ["model.cross_query_gain=2.0", "model.cross_pos_keys=true"],
+        ["model.attention=gqa", "model.cross_query_gain=0.5"],
     ],
 )
 def test_cached_step_by_step_decoding_equals_one_full_forward(overrides):

@@ -20,11 +20,18 @@ HEADS = (8, 4, 8)  # nope, rope, v
 
 
 def _attention(kind: str, cross: bool):
+    gain = 1.5 if cross else 0.0  # cross-attention: per-head query gains, which pruning must keep per head
     if kind == "mla":
-        return MultiHeadLatentAttention(32, 4, 16, *HEADS, q_lora_rank=12 if cross else 0, cross=cross, pos_keys=cross)
-    if kind == "gqa":
-        return GroupedQueryAttention(32, 4, 2, *HEADS, cross=cross, pos_keys=cross)
-    return MultiHeadAttention(32, 4, *HEADS, cross=cross, pos_keys=cross)
+        module = MultiHeadLatentAttention(
+            32, 4, 16, *HEADS, q_lora_rank=12 if cross else 0, cross=cross, pos_keys=cross, gain=gain
+        )
+    elif kind == "gqa":
+        module = GroupedQueryAttention(32, 4, 2, *HEADS, cross=cross, pos_keys=cross, gain=gain)
+    else:
+        module = MultiHeadAttention(32, 4, *HEADS, cross=cross, pos_keys=cross, gain=gain)
+    if module.query_log_gain is not None:
+        module.query_log_gain.data = torch.linspace(-0.5, 0.5, 4)  # a different gain per head
+    return module
 
 
 def _run(module, x, absorbed=False):

@@ -13,6 +13,7 @@ from tests.test_model import tiny_model
 VARIANTS = [
     [],
     ["model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true"],
+    ["model.cross_query_gain=2.0"],
     ["model.levels=[local,regional,global]", "model.top_k=3"],
     ["model.attention=mha"],
     ["model.attention=gqa", "model.mla.n_kv_heads=1"],

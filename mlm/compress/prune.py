@@ -110,6 +110,11 @@ def _keep_columns(linear: nn.Linear, columns: Tensor) -> None:
     linear.in_features = len(columns)
 
 
+def _keep_gains(module: nn.Module, heads: Tensor) -> None:
+    if module.query_log_gain is not None:
+        module.query_log_gain = nn.Parameter(module.query_log_gain.detach()[heads].clone())
+
+
 def prune_module(module: nn.Module, keep: Tensor) -> None:
     """Keep only the units ``keep`` (sorted indices) of an attention module or feed-forward, in place."""
     keep = keep.cpu()
@@ -123,6 +128,7 @@ def prune_module(module: nn.Module, keep: Tensor) -> None:
         _keep_rows(q, _spans(keep, module.qk_head_dim))
         _keep_rows(module.kv_b_proj, _spans(keep, module.qk_nope_head_dim + module.v_head_dim))
         _keep_columns(module.o_proj, _spans(keep, module.v_head_dim))
+        _keep_gains(module, keep)
         module.n_heads = len(keep)
         return
     groups = module.n_heads // module.n_kv_heads  # query heads per key/value head
@@ -133,6 +139,7 @@ def prune_module(module: nn.Module, keep: Tensor) -> None:
     _keep_columns(module.o_proj, _spans(heads, module.v_head_dim))
     if module.pos_key is not None:
         _keep_rows(module.pos_key, _spans(keep, module.qk_rope_head_dim))
+    _keep_gains(module, heads)
     module.n_heads, module.n_kv_heads = len(heads), len(keep)
 
 

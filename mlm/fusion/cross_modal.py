@@ -27,8 +27,9 @@ class CrossModalBlock(nn.Module):
         self.self_attn = build_attention(cfg.dim, cfg.mla, cfg.attention, norm_eps=cfg.norm_eps)
         self.cross_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.cross_attn = build_attention(
-            cfg.dim, cfg.mla, cfg.attention, cross=True, norm_eps=cfg.norm_eps, pos_keys=cfg.cross_pos_keys
-        )
+            cfg.dim, cfg.mla, cfg.attention, cross=True, norm_eps=cfg.norm_eps, pos_keys=cfg.cross_pos_keys,
+            gain=cfg.cross_query_gain,
+        )  # fmt: skip
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, ffn_hidden_dim(cfg), cfg.dropout)
 

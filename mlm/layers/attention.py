@@ -9,6 +9,8 @@ on the last ``qk_rope_head_dim`` dims, and their value head dim is ``v_head_dim`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -55,6 +57,18 @@ def check_pos_keys(pos_keys: bool, cross: bool) -> None:
     """Raise ValueError when positional keys are asked of a self-attention module."""
     if pos_keys and not cross:
         raise ValueError("pos_keys=True is for cross-attention (keys from a context with positions); set cross=True")
+
+
+def query_gain(n_heads: int, init: float, cross: bool) -> nn.Parameter | None:
+    """The log of a learned per-head gain on the queries, starting at ``init`` (0: none); cross-attention only."""
+    if init < 0 or (init > 0 and not cross):
+        raise ValueError(f"query_gain={init}: a gain > 0 on the queries of a cross-attention module (0: none)")
+    return nn.Parameter(torch.full((n_heads,), math.log(init))) if init > 0 else None
+
+
+def scale_queries(q: Tensor, log_gain: Tensor | None) -> Tensor:
+    """Queries (B, H, T, D) times their head's gain (unchanged without one): a head's search sharpens or softens."""
+    return q if log_gain is None else q * log_gain.exp().to(q.dtype)[:, None, None]
 
 
 def check_positions(positions: Tensor | None, context: Tensor) -> Tensor:
@@ -143,6 +157,7 @@ class GroupedQueryAttention(nn.Module):
         v_head_dim: int,
         cross: bool = False,
         pos_keys: bool = False,
+        gain: float = 0.0,
     ) -> None:
         super().__init__()
         check_pos_keys(pos_keys, cross)
@@ -158,6 +173,7 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=False)
         # positional keys (cross-attention): a projection of each key's position is added to its RoPE dims
         self.pos_key = nn.Linear(dim, n_kv_heads * qk_rope_head_dim, bias=False) if pos_keys else None
+        self.query_log_gain = query_gain(n_heads, gain, cross)
 
     def new_cache(self) -> KVCache:
         """Return an empty cache for step-by-step decoding."""
@@ -204,6 +220,7 @@ class GroupedQueryAttention(nn.Module):
         check_sources(self, rope, cache, context)
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
+        q = scale_queries(q, self.query_log_gain)
         if self.cross:
             cached = context if isinstance(context, KVCache) else self.encode_context(context, context_pos)
             k, v = cached.k, cached.v
@@ -230,7 +247,9 @@ class MultiHeadAttention(GroupedQueryAttention):
         v_head_dim: int,
         cross: bool = False,
         pos_keys: bool = False,
+        gain: float = 0.0,
     ) -> None:
         super().__init__(
-            dim, n_heads, n_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, cross=cross, pos_keys=pos_keys
-        )
+            dim, n_heads, n_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, cross=cross, pos_keys=pos_keys,
+            gain=gain,
+        )  # fmt: skip

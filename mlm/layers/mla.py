@@ -30,7 +30,9 @@ from mlm.layers.attention import (
     check_positions,
     check_sources,
     dense_mask,
+    query_gain,
     rope_for_heads,
+    scale_queries,
 )
 from mlm.layers.kv_cache import KVCache, LatentKVCache
 from mlm.layers.level_attention import decode_keys, sdpa
@@ -74,6 +76,7 @@ class MultiHeadLatentAttention(nn.Module):
         cross: bool = False,
         norm_eps: float = 1e-6,
         pos_keys: bool = False,
+        gain: float = 0.0,
     ) -> None:
         super().__init__()
         check_pos_keys(pos_keys, cross)
@@ -94,6 +97,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * v_head_dim, dim, bias=False)
         # cross-attention with positional keys: the shared decoupled key also gets a projection of the key's position
         self.pos_key = nn.Linear(dim, qk_rope_head_dim, bias=False) if pos_keys else None
+        self.query_log_gain = query_gain(n_heads, gain, cross)  # cross-attention: a learned sharpness per head
 
     def new_cache(self) -> LatentKVCache:
         """Return an empty latent cache for step-by-step decoding."""
@@ -116,6 +120,7 @@ class MultiHeadLatentAttention(nn.Module):
         b, t, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
         q = q.view(b, t, self.n_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, Dk)
+        q = scale_queries(q, self.query_log_gain)
         return q.split((self.qk_nope_head_dim, self.qk_rope_head_dim), dim=-1)
 
     def _latent(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,12 +259,19 @@ ATTENTION = {"mla": MultiHeadLatentAttention, "mha": MultiHeadAttention, "gqa": 
 
 
 def build_attention(
-    dim: int, cfg: MLAConfig, kind: str, cross: bool = False, norm_eps: float = 1e-6, pos_keys: bool = False
+    dim: int,
+    cfg: MLAConfig,
+    kind: str,
+    cross: bool = False,
+    norm_eps: float = 1e-6,
+    pos_keys: bool = False,
+    gain: float = 0.0,
 ) -> nn.Module:
     """Build the attention module named by kind (mla | mha | gqa) from the attention settings cfg.
 
     ``pos_keys`` (cross-attention only): keys get a learned projection of the context's position features in their
     RoPE dims, so a query can select keys by where they are apart from what they hold (as Conditional DETR).
+    ``gain`` (cross-attention only, > 0): each head's queries are multiplied by a learned gain starting there.
     """
     if kind not in ATTENTION:
         raise ValueError(f"attention kind {kind!r} is not one of {', '.join(ATTENTION)}")
@@ -267,8 +279,10 @@ def build_attention(
     if kind == "mla":
         return MultiHeadLatentAttention(
             dim, cfg.n_heads, cfg.kv_lora_rank, *heads, q_lora_rank=cfg.q_lora_rank, cross=cross, norm_eps=norm_eps,
-            pos_keys=pos_keys,
+            pos_keys=pos_keys, gain=gain,
         )  # fmt: skip
     if kind == "gqa":
-        return GroupedQueryAttention(dim, cfg.n_heads, cfg.n_kv_heads, *heads, cross=cross, pos_keys=pos_keys)
-    return MultiHeadAttention(dim, cfg.n_heads, *heads, cross=cross, pos_keys=pos_keys)
+        return GroupedQueryAttention(
+            dim, cfg.n_heads, cfg.n_kv_heads, *heads, cross=cross, pos_keys=pos_keys, gain=gain
+        )
+    return MultiHeadAttention(dim, cfg.n_heads, *heads, cross=cross, pos_keys=pos_keys, gain=gain)
