@@ -63,6 +63,8 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
         "the decoder tells matching from hard-negative image-text pairs (ITM)",
     ),
+    # the shipped tiny config starts each cross-attention head's queries at a gain of 2, so the row switches it off
+    "no-query-gain": (["model.cross_query_gain=0"], "cross-attention queries without their learned per-head gain"),
     "init-std": (["model.init_std=0.02"], "linear weights ~ truncated normal, std 0.02 (timm / HF) instead of torch's"),
 }
 QUICK = [  # a model and schedule small enough for the test suite
