@@ -9,7 +9,8 @@ before the image's: a place for a query's attention to go when the image holds n
 sink, as ViT registers, Darcet et al., 2024, give a transformer's attention), so "is there a red star?" can read
 "nothing matched" instead of an average of whatever is there. With ``model.cross_pos_values`` the image tokens the
 decoder reads also carry a learned projection of their patch position, so what a query reads from an object says
-where it is (positional keys only say where to look).
+where it is (positional keys only say where to look). With ``model.cross_query_gain`` each cross-attention head's
+queries carry a learned gain that starts at that value: a per-head temperature on the search.
 """
 
 from __future__ import annotations
