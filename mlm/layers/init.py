@@ -3,7 +3,7 @@
 With ``init_std`` > 0 every ``nn.Linear`` weight is drawn from a normal truncated at two standard deviations and
 every bias is zero, as timm's ViT and HF transformers' ``initializer_range`` (0.02) do; torch's own default is
 Kaiming-uniform, std 1/sqrt(3 * fan_in) (0.051 at width 128). Layers that start at zero on purpose (position
-values, exit gates) keep their zeros.
+values, exit lenses) keep their zeros.
 """
 
 from __future__ import annotations
