@@ -7,6 +7,8 @@ import torch
 
 from mlm.config import ConfigError, MLAConfig, load_config
 from mlm.layers.mla import build_attention
+from mlm.model import MLMModel
+from tests.test_model import tiny_model
 
 DIM = 32
 CFG = MLAConfig(n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_kv_heads=2)
@@ -57,9 +59,6 @@ def test_bad_gains_are_refused():
 
 
 def test_learned_gains_survive_save_and_load(tmp_path):
-    from mlm.model import MLMModel
-    from tests.test_model import tiny_model
-
     model = tiny_model("model.cross_query_gain=2.0")
     with torch.no_grad():
         model.decoder.layers[0].cross_attn.query_log_gain.add_(torch.arange(4.0)[: model.config.mla.n_heads])
