@@ -9,6 +9,7 @@ or under ``accelerate launch`` (DDP; FSDP and DeepSpeed through accelerate's con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -142,8 +143,12 @@ class Trainer:
         self.comm_hook = comm.register(self.model, c.train, accel)  # DDP gradients compressed, when asked
         self._relayout = False
         captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
+        losses = c.train
+        if c.train.word_weight and not captions:  # questions only (a VQA source): no caption words to predict
+            logger.warning("train.word_weight=%g: data.train has no captions; the word loss is off", losses.word_weight)
+            losses = dataclasses.replace(c.train, word_weight=0.0)
         idf = word_idf(self.tokenizer, captions) if captions else None
-        self.loss_fn = ImageTextLoss.from_config(c.train, accel.process_index, accel.num_processes, idf)
+        self.loss_fn = ImageTextLoss.from_config(losses, accel.process_index, accel.num_processes, idf)
         self.teacher, self.distill_loss = distill.build(c, accel.device)  # (None, ...) without train.distill.teacher
 
     def _restore_comm_hook(self) -> None:

@@ -210,6 +210,17 @@ def test_the_word_objective_trains_its_head_and_lowers_its_loss(synth_dir, tmp_p
     assert not torch.equal(head, trainer.unwrapped.word_head.weight)
 
 
+def test_a_questions_only_source_trains_with_the_word_objective_off_and_says_so(synth_dir, tmp_path, caplog):
+    questions = synth_dir / "vqa_questions_train.json"
+    config = tiny_config(synth_dir, tmp_path, f"data.train={questions}", "train.max_steps=3",
+                         "model.word_head=true", "train.word_weight=1.0")  # fmt: skip
+    with caplog.at_level("WARNING", logger="mlm.train.loop"):
+        _trainer(config).fit()
+    assert "train.word_weight=1: data.train has no captions; the word loss is off" in caplog.text
+    metrics = read_metrics(tmp_path / "metrics.csv")
+    assert all(v == 0 for _, v in metrics["loss/words"]) and all(v > 0 for _, v in metrics["loss/vqa"])
+
+
 def test_fit_steps_to_time_ends_the_schedule_within_the_budget_and_resume_keeps_it(synth_dir, tmp_path, monkeypatch):
     """With a clock at one second a step, a 32 s budget fits 31 steps (25 timed, then (32 * 0.97 - 25) more); the
     cosine reaches zero there, and resuming the finished run trains nothing more."""
