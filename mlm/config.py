@@ -198,6 +198,7 @@ class EvalConfig:
     top_p: float = 0.0  # > 0 switches decoding to nucleus sampling
     vqa_mode: str = "generative"  # generative | rank | embedding (no fusion: pooled image vs "question answer" text)
     max_samples: int = 0  # 0 = all
+    vqa_shuffled: bool = False  # answer every question again about another image: what the image adds per type
 
     @classmethod
     def from_decoding(cls, decoding) -> EvalConfig:

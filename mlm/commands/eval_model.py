@@ -32,6 +32,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", dest="eval_out", metavar="DIR", help="report folder (default: runs/eval/<name>)")
     group.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
     group.add_argument("--vqa-mode", choices=("generative", "rank"), help="default: eval.vqa_mode of the config")
+    group.add_argument("--shuffled-images", action="store_true",
+                       help="vqa: answer every question again about another image; the drop per type is what the "
+                       "image explains (eval.vqa_shuffled)")  # fmt: skip
     group.add_argument("--candidates", metavar="FILE", help="rank mode: answers, one per line (default: the data's)")
     group.add_argument("--caption-tokenizer", choices=("auto", "ptb", "simple"), default="auto")
     group.add_argument("--caption-metrics", default="BLEU,METEOR,ROUGE-L,CIDEr", help="subset, comma-separated")
@@ -119,6 +122,8 @@ def run_model(args: argparse.Namespace) -> int:
     cfg = eval_config(model, args.eval_overrides)
     if args.vqa_mode:
         cfg.eval.vqa_mode = args.vqa_mode
+    if args.shuffled_images:
+        cfg.eval.vqa_shuffled = True
     data = args.data or _run_test_data(args.checkpoint)
     if not data:
         raise ValueError(f"give --data SOURCE: {args.checkpoint} has no run config naming data.test")

@@ -88,6 +88,12 @@ def summary_table(results: dict[str, dict]) -> str:
         v = results["vqa"]
         rows.append(f"| VQA, {v['mode']} ({v['num_questions']} questions) | accuracy | {_fmt(v['overall'])} |")
         rows += [f"| | {name} | {_fmt(value)} |" for name, value in v["per_answer_type"].items()]
+        if "shuffled_images" in v:  # each question about another image: what the image explains
+            s = v["shuffled_images"]
+            values = _fmt(s["overall"], s["image_gain"])
+            rows.append(f"| VQA, shuffled images | accuracy (own image's gain) | {values} |")
+            rows += [f"| | {name} | {_fmt(value, s['image_gain_per_answer_type'][name])} |"
+                     for name, value in s["per_answer_type"].items()]  # fmt: skip
     if "caption" in results:
         c = results["caption"]
         names = [n for n in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if n in c]

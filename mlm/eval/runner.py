@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from mlm import inference as infer
 from mlm.config import Config, DataConfig, EvalConfig
 from mlm.data.records import Record
+from mlm.data.turns import image_key
 from mlm.eval.captioning import METRICS
+from mlm.eval.image_reliance import reliance, shuffled_partners
 from mlm.eval.vqa import normalize_answer, rank_answers, vqa_accuracy
 from mlm.model import MLMModel
 
@@ -212,6 +214,27 @@ def _embedding_batch(
     return [candidates[int(i)] for i in scores.argmax(dim=-1)]
 
 
+def _answer_all(model: MLMModel, questions: list[Record], images: list, ev: EvalConfig, candidates, what="vqa"):
+    """(predictions by question key, official annotations, decoding errors) of each question about ``images``."""
+    errors: dict[int, str] = {}
+    batches = infer.image_batches(images, infer.image_transform(model), ev.batch_size, errors=errors)
+    predictions: dict[Any, str] = {}
+    annotations: list[dict] = []
+    for index, pixels in _progress(batches, _n_batches(len(questions), ev), what):
+        texts = [questions[i].question for i in index]
+        if ev.vqa_mode == "rank":
+            answers = _rank_batch(model, pixels, texts, candidates)
+        elif ev.vqa_mode == "embedding":
+            answers = _embedding_batch(model, pixels, texts, candidates)
+        else:
+            answers = model.answer(pixels, texts, **_decoding(model, ev))
+        for i, answer in zip(index, answers, strict=True):
+            key = questions[i].question_id if questions[i].question_id is not None else i
+            predictions[key] = answer
+            annotations.append(_vqa_annotation(questions[i], key))
+    return predictions, annotations, errors
+
+
 def evaluate_vqa(
     model: MLMModel,
     records: Sequence[Record],
@@ -227,30 +250,21 @@ def evaluate_vqa(
     if ev.vqa_mode in ("rank", "embedding"):
         candidates = list(candidates) if candidates else candidate_list(questions)
         logger.info("%s mode: %d candidate answers", ev.vqa_mode, len(candidates))
-    errors: dict[int, str] = {}
-    batches = infer.image_batches(
-        [r.image for r in questions], infer.image_transform(model), ev.batch_size, errors=errors
-    )
-    predictions: dict[Any, str] = {}
-    annotations: list[dict] = []
-    for index, pixels in _progress(batches, _n_batches(len(questions), ev), "vqa"):
-        texts = [questions[i].question for i in index]
-        if ev.vqa_mode == "rank":
-            answers = _rank_batch(model, pixels, texts, candidates)
-        elif ev.vqa_mode == "embedding":
-            answers = _embedding_batch(model, pixels, texts, candidates)
-        else:
-            answers = model.answer(pixels, texts, **_decoding(model, ev))
-        for i, answer in zip(index, answers, strict=True):
-            key = questions[i].question_id if questions[i].question_id is not None else i
-            predictions[key] = answer
-            annotations.append(_vqa_annotation(questions[i], key))
+    predictions, annotations, errors = _answer_all(model, questions, [r.image for r in questions], ev, candidates)
     if not annotations:
         raise ValueError(f"no image could be decoded, e.g. {next(iter(errors.values()), '')}")
     metrics = vqa_accuracy(predictions, annotations)
     metrics.update(mode=ev.vqa_mode, num_skipped=len(errors))
     if ev.vqa_mode != "generative":
         metrics["num_candidates"] = len(candidates)
+    if ev.vqa_shuffled:  # the same questions about other images: what the image adds per type
+        partners = shuffled_partners([image_key(r) or i for i, r in enumerate(questions)])
+        images = [questions[p].image for p in partners]
+        shuffled, _, _ = _answer_all(model, questions, images, ev, candidates, "vqa, shuffled images")
+        both = [ann for ann in annotations if ann["question_id"] in shuffled]  # both images decoded
+        keys = [ann["question_id"] for ann in both]
+        own, other = ({k: answers[k] for k in keys} for answers in (predictions, shuffled))
+        metrics["shuffled_images"] = reliance(vqa_accuracy(own, both), vqa_accuracy(other, both))
     if out_dir is not None:
         from mlm.eval.plots import plot_vqa_types
 
