@@ -173,6 +173,7 @@ class TrainConfig:
     hard_negative_sampler: bool = False
     swap_negatives: int = 0  # captions per caption row with one word swapped (data.swap_groups), as extra negatives
     vqa_turns: int = 1  # questions about the same image packed into one VQA row, as conversation turns
+    vqa_contrastive: bool = False  # VQA rows join the contrastive loss, their question-answer text as the caption
     vqa_fraction: float = 0.5  # share of VQA records in every batch when the data has both kinds; -1 = as they come
     vqa_same_images: bool = False  # VQA rows ask about the caption rows' images (each encoded once)
     local_loss: bool = False

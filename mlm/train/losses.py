@@ -270,6 +270,7 @@ class ImageTextLoss(nn.Module):
                         "words": word_weight if words is not None else 0.0, "match": match_weight,
                         "exits": exit_weight, "gates": 1.0, "lens": 1.0}  # fmt: skip
         self.match = MatchLoss(rank, world_size)
+        self.vqa_contrastive = False  # set by from_config (train.vqa_contrastive)
 
     @classmethod
     def from_config(
@@ -293,8 +294,10 @@ class ImageTextLoss(nn.Module):
         if train.word_weight and idf is None:
             raise ValueError("train.word_weight needs the token IDF of the training captions (see word_idf)")
         words = WordLoss(idf, rank, world_size) if train.word_weight else None
-        return cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size,
+        loss = cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size,
                    words, train.word_weight, train.match_weight, train.exit_weight)  # fmt: skip
+        loss.vqa_contrastive = train.vqa_contrastive
+        return loss
 
     def _exits(self, output, caption_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean contrastive loss of the early exits' image embeddings, BCE of the halting gates to each exit's
@@ -311,14 +314,16 @@ class ImageTextLoss(nn.Module):
         ``exits``, ``gates``) for an MLMOutput."""
         is_vqa = batch["is_vqa"].to(output.logits.device)
         caption_rows = ~is_vqa
+        # train.vqa_contrastive: a VQA row's question-answer text stands for its image too
+        paired = torch.ones_like(is_vqa) if self.vqa_contrastive else caption_rows
         if isinstance(self.contrastive, SigLipLoss):
             contrastive = self.contrastive(
-                output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias, caption_rows
+                output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias, paired
             )
         else:
             owners = batch.get("negative_owner")
             contrastive = self.contrastive(
-                output.image_embeds, output.text_embeds, output.logit_scale, caption_rows,
+                output.image_embeds, output.text_embeds, output.logit_scale, paired,
                 getattr(output, "negative_embeds", None),
                 None if owners is None else owners.to(output.logits.device),
             )  # fmt: skip

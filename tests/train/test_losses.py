@@ -154,6 +154,21 @@ def test_mlm_loss_routes_rows_and_weights_parts():
     torch.testing.assert_close(total, contrastive + 2.0 * caption + 0.5 * vqa)
 
 
+def test_vqa_contrastive_pairs_every_row_s_text_with_its_image():
+    out = _output()
+    is_vqa = torch.tensor([False, True, False, False, True, True])
+    batch = {"is_vqa": is_vqa, "labels": torch.randint(0, 11, (6, 5))}
+    _, parts = ImageTextLoss.from_config(TrainConfig(vqa_contrastive=True))(out, batch)
+    torch.testing.assert_close(parts["contrastive"], ClipLoss()(out.image_embeds, out.text_embeds, out.logit_scale))
+    questions_only = {"is_vqa": torch.ones(6, dtype=torch.bool), "labels": batch["labels"]}
+    _, parts = ImageTextLoss.from_config(TrainConfig())(out, questions_only)
+    assert parts["contrastive"] == 0  # off: no caption row, no contrastive loss
+    _, parts = ImageTextLoss.from_config(TrainConfig(vqa_contrastive=True, contrastive_loss="siglip"))(out, batch)
+    torch.testing.assert_close(
+        parts["contrastive"], OpenClipSigLipLoss()(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+    )
+
+
 def test_siglip_with_hard_negative_strength_is_a_config_error():
     with pytest.raises(ConfigError, match="hard_negative_strength"):
         ImageTextLoss.from_config(TrainConfig(contrastive_loss="siglip", hard_negative_strength=0.5))
