@@ -247,7 +247,8 @@ class MatchLoss(_GlobalBatch):
 
 
 class ImageTextLoss(nn.Module):
-    """CoCa-style total: weighted contrastive (caption rows) + caption CE (caption rows) + VQA CE (VQA rows)."""
+    """CoCa-style total: weighted contrastive (caption rows; every row with ``vqa_contrastive``) + caption CE
+    (caption rows) + VQA CE (VQA rows)."""
 
     def __init__(
         self,
@@ -261,16 +262,17 @@ class ImageTextLoss(nn.Module):
         word_weight: float = 0.0,
         match_weight: float = 0.0,
         exit_weight: float = 0.0,
+        vqa_contrastive: bool = False,
     ):
         super().__init__()
         self.contrastive = contrastive
+        self.vqa_contrastive = vqa_contrastive  # VQA rows' question-answer text joins the contrastive loss
         self.token_ce = TokenCrossEntropy(rank, world_size)
         self.words = words
         self.weights = {"contrastive": contrastive_weight, "caption": caption_weight, "vqa": vqa_weight,
                         "words": word_weight if words is not None else 0.0, "match": match_weight,
                         "exits": exit_weight, "gates": 1.0, "lens": 1.0}  # fmt: skip
         self.match = MatchLoss(rank, world_size)
-        self.vqa_contrastive = False  # set by from_config (train.vqa_contrastive)
 
     @classmethod
     def from_config(
@@ -294,10 +296,8 @@ class ImageTextLoss(nn.Module):
         if train.word_weight and idf is None:
             raise ValueError("train.word_weight needs the token IDF of the training captions (see word_idf)")
         words = WordLoss(idf, rank, world_size) if train.word_weight else None
-        loss = cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size,
-                   words, train.word_weight, train.match_weight, train.exit_weight)  # fmt: skip
-        loss.vqa_contrastive = train.vqa_contrastive
-        return loss
+        return cls(contrastive, train.contrastive_weight, train.caption_weight, train.vqa_weight, rank, world_size,
+                   words, train.word_weight, train.match_weight, train.exit_weight, train.vqa_contrastive)  # fmt: skip
 
     def _exits(self, output, caption_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean contrastive loss of the early exits' image embeddings, BCE of the halting gates to each exit's
