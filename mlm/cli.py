@@ -42,7 +42,12 @@ EXIT_CODES = """exit codes:
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 # Messages of other libraries that say nothing a user can act on.
-_NOISE = ("Removed shared tensor",)  # accelerate, for the LM head tied to the token embedding
+_NOISE = (
+    "Removed shared tensor",  # accelerate, for the LM head tied to the token embedding
+    "is an Enum subclass",  # torch, about enums torchao registers when peft/transformers import it
+)
+# Loggers that print through handlers of their own (torch's), so only a filter on the logger itself drops their noise.
+_OWN_HANDLERS = ("torch.utils._pytree",)
 
 
 class _DropNoise(logging.Filter):
@@ -52,6 +57,9 @@ class _DropNoise(logging.Filter):
         """False for the records to drop."""
         message = record.getMessage()
         return not any(noise in message for noise in _NOISE)
+
+
+_DROP_NOISE = _DropNoise()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -75,7 +83,11 @@ def setup_logging(verbose: bool) -> None:
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
     if not verbose:
-        handler.addFilter(_DropNoise())
+        handler.addFilter(_DROP_NOISE)
+    for name in _OWN_HANDLERS:
+        logging.getLogger(name).removeFilter(_DROP_NOISE)
+        if not verbose:
+            logging.getLogger(name).addFilter(_DROP_NOISE)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("mlm").setLevel(logging.DEBUG if verbose else logging.INFO)

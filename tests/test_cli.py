@@ -28,3 +28,22 @@ def test_console_script_help_lists_commands():
     ).stdout
     for command in ("config", "data", "bench"):
         assert command in out
+
+
+def test_quiet_logging_drops_torchs_enum_notice_and_verbose_keeps_it():
+    import logging
+
+    from mlm.cli import _DROP_NOISE, setup_logging
+
+    notice = "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile"
+    pytree = logging.getLogger("torch.utils._pytree")
+    record = pytree.makeRecord(pytree.name, logging.WARNING, __file__, 1, notice, None, None)
+    other = pytree.makeRecord(pytree.name, logging.WARNING, __file__, 1, "something else", None, None)
+    try:
+        setup_logging(False)
+        setup_logging(False)  # a second main() in one process adds no second filter
+        assert not pytree.filter(record) and pytree.filter(other) and pytree.filters.count(_DROP_NOISE) == 1
+        setup_logging(True)
+        assert pytree.filter(record)
+    finally:
+        setup_logging(False)
