@@ -1,8 +1,10 @@
-"""``mlm compress CHECKPOINT OUT [--int8] [--prune-heads R] [--prune-ffn R] [--calib DATA]``: a smaller model folder.
+"""``mlm compress CHECKPOINT OUT [--int8] [--prune-heads R] [--prune-ffn R] [--prune-dim R] [--calib DATA]``: a
+smaller model folder.
 
 ``--prune-heads`` / ``--prune-ffn`` remove that share of every attention module's heads and every feed-forward's
-channels, the least important on calibration data (:mod:`mlm.compress.prune`); the result is a float model of a
-smaller config, ready to fine-tune or distill (``mlm distill``). ``--int8`` is post-training dynamic INT8 of the
+channels, ``--prune-dim`` that share of the residual stream's channels (the model's width, :mod:`mlm.compress.width`),
+the least important on calibration data (:mod:`mlm.compress.prune`); the result is a float model of a smaller
+config, ready to fine-tune or distill (``mlm distill``). ``--int8`` is post-training dynamic INT8 of the
 Linear layers (:mod:`mlm.compress.int8`; ``--engine torchao`` or ``fbgemm``), after pruning when both are asked.
 The folder is written beside OUT under a temporary name and renamed when it is complete, so a failure leaves nothing
 half-written. It loads with the normal loader (``MLMModel.from_pretrained`` and every ``mlm`` command),
@@ -32,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--prune-heads", type=float, default=0.0, metavar="R", help="share of heads to remove")
     parser.add_argument("--prune-ffn", type=float, default=0.0, metavar="R", help="share of FFN channels to remove")
     parser.add_argument(
+        "--prune-dim", type=float, default=0.0, metavar="R", help="share of the width (model.dim) to remove"
+    )
+    parser.add_argument(
         "--calib", metavar="DATA", help="calibration source for pruning (default: the run's data.train)"
     )
     parser.add_argument("--calib-split", default="train", help="split of a synth folder or Karpathy file (train)")
@@ -44,9 +49,10 @@ def _size(folder: Path) -> int:
     return (folder / "model.safetensors").stat().st_size
 
 
-def _prune(model, folder: Path, args: argparse.Namespace) -> None:
-    """Rank heads and channels on the calibration data and remove the asked shares; print what changed."""
-    from mlm.compress import prune
+def _prune(model, folder: Path, args: argparse.Namespace):
+    """Rank heads and channels on the calibration data and remove the asked shares; print what changed and return
+    the pruned model (a new one when the width changes)."""
+    from mlm.compress import prune, width
     from mlm.train import calibration
 
     config = calibration.run_settings(model, folder)
@@ -56,12 +62,27 @@ def _prune(model, folder: Path, args: argparse.Namespace) -> None:
     batches = calibration.calibration_batches(
         model, config, spec, args.calib_split, args.calib_batches, args.calib_batch_size
     )
-    scores = prune.importance(model, batches, calibration.calibration_loss(config))
-    report = prune.prune(model.eval(), scores, args.prune_heads, args.prune_ffn)
+    loss_fn = calibration.calibration_loss(config)
+    lines = []
+    if args.prune_heads or args.prune_ffn:
+        scores = prune.importance(model, batches, loss_fn)
+        lines.append(prune.prune(model.eval(), scores, args.prune_heads, args.prune_ffn).line())
+    if args.prune_dim:
+        narrow = width.narrower_config(model, args.prune_dim)
+        axes = width.residual_axes(model, type(model)(narrow))
+        before = sum(p.numel() for p in model.parameters())
+        model = width.prune_width(model, width.channel_importance(model, axes, batches, loss_fn), args.prune_dim)
+        after = sum(p.numel() for p in model.parameters())
+        lines.append(f"width {config.model.dim} -> {model.config.dim}, parameters {before:,} -> {after:,} "
+                     f"({after / before:.3f}x)")  # fmt: skip
     cfg = model.config
-    print(f"pruned on {len(batches)} calibration batches of {spec}: {report.line()}; fine-tune or distill it with "
-          f"--set model.mla.n_heads={cfg.mla.n_heads} --set model.mla.n_kv_heads={cfg.mla.n_kv_heads} "
-          f"--set model.ffn_hidden_dim={cfg.ffn_hidden_dim}")  # fmt: skip
+    settings = {"dim": cfg.dim, "mla.n_heads": cfg.mla.n_heads, "mla.n_kv_heads": cfg.mla.n_kv_heads,
+                "ffn_hidden_dim": cfg.ffn_hidden_dim}  # fmt: skip
+    print(
+        f"pruned on {len(batches)} calibration batches of {spec}: {'; '.join(lines)}; fine-tune or distill it "
+        f"with {' '.join(f'--set model.{k}={v}' for k, v in settings.items())}"
+    )
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,16 +93,17 @@ def run(args: argparse.Namespace) -> int:
     from mlm.model import MLMModel
     from mlm.run_folder import check_new_folder, resolve_checkpoint, run_config, write_folder
 
-    pruning = check_ratio("--prune-heads", args.prune_heads) > 0 or check_ratio("--prune-ffn", args.prune_ffn) > 0
+    ratios = [check_ratio(f"--prune-{what}", getattr(args, f"prune_{what}")) for what in ("heads", "ffn", "dim")]
+    pruning = any(r > 0 for r in ratios)
     if not args.int8 and not pruning:
-        raise ValueError("choose a compression: --int8, --prune-heads R or --prune-ffn R")
+        raise ValueError("choose a compression: --int8, --prune-heads R, --prune-ffn R or --prune-dim R")
     out = check_new_folder(args.out)  # before the model loads: fail fast
     folder = resolve_checkpoint(args.checkpoint)
     if (folder / int8.QUANT_FILE).is_file():
         raise ValueError(f"{folder}: already compressed ({int8.QUANT_FILE}); compress the float model")
     model = MLMModel.from_pretrained(str(folder)).eval()
     if pruning:
-        _prune(model, folder, args)
+        model = _prune(model, folder, args)
     if not args.int8:
         write_folder(out, model.save_pretrained)
         before, after = _size(folder), _size(out)

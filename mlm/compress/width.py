@@ -1,0 +1,97 @@
+"""Width pruning: the residual stream's channels (``model.dim``), ranked by their importance on calibration data.
+
+Minitron (Muralidharan et al., 2024, "Compact Language Models via Pruning and Knowledge Distillation") prunes a
+trained model's embedding channels and recovers it by distillation, which trains a small model much better than
+starting it from scratch. A channel is one coordinate of the residual stream: a column of the token and modality
+embeddings, a row of the patch projection and of every output projection that writes the stream, a column of every
+projection that reads it, an entry of every RMSNorm. Its importance is the first-order estimate of the loss change
+when it is removed, |Σ W ∂L/∂W| over all those entries (the same estimate :mod:`mlm.compress.prune` uses for heads
+and feed-forward channels), averaged over calibration batches.
+
+Which axes are the residual stream's is read from the model itself: the pruned config differs from the original in
+``model.dim`` alone (the feed-forward width is written out, so it does not follow ``dim``), and every parameter axis
+of size ``dim`` in the original and of the new width in a model built from that config is one. Every other axis
+keeps its size. The fixed sin-cos position tables follow the new width (they are rebuilt from the config), which the
+fine-tuning or distillation after pruning adapts to.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from mlm.compress.prune import best, check_ratio, kept
+from mlm.layers.mlp import SwiGLU
+
+
+def narrower_config(model: nn.Module, ratio: float):
+    """The model's config with the share ``ratio`` of ``dim`` removed and its feed-forward width written out."""
+    check_ratio("--prune-dim", ratio)
+    cfg = copy.deepcopy(model.config)
+    cfg.ffn_hidden_dim = next(m for m in model.modules() if isinstance(m, SwiGLU)).fc2.in_features
+    cfg.dim = kept(cfg.dim, ratio)
+    return cfg
+
+
+def residual_axes(model: nn.Module, narrow: nn.Module) -> dict[str, list[int]]:
+    """Per parameter name of ``model``, its axes that are the residual stream (size ``dim`` there and the narrower
+    width in ``narrow``); raises ValueError when any other axis differs."""
+    wide_dim, narrow_dim = model.config.dim, narrow.config.dim
+    small = dict(narrow.named_parameters())
+    axes = {}
+    for name, p in model.named_parameters():
+        if name not in small:
+            raise ValueError(f"the narrower model has no parameter {name}")
+        q = small[name]
+        found = [a for a, (n, m) in enumerate(zip(p.shape, q.shape, strict=True)) if n != m]
+        if any(p.shape[a] != wide_dim or q.shape[a] != narrow_dim for a in found):
+            raise ValueError(f"{name}: {tuple(p.shape)} -> {tuple(q.shape)} is not a change of model.dim alone")
+        if found:
+            axes[name] = found
+    return axes
+
+
+def channel_importance(model: nn.Module, axes: dict[str, list[int]], batches, loss_fn) -> Tensor:
+    """Mean over calibration batches of |Σ W ∂L/∂W| per residual channel (dim,), model in eval mode."""
+    params = dict(model.named_parameters())
+    scores = torch.zeros(model.config.dim)
+    model.eval()
+    count = 0
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        out = model(batch["images"], batch["text_ids"], batch["text_mask"])
+        loss_fn(out, batch)[0].backward()
+        total = torch.zeros(model.config.dim)
+        for name, dims in axes.items():
+            p = params[name]
+            if p.grad is None:
+                continue
+            taylor = (p.detach().float() * p.grad.float()).cpu()
+            for axis in dims:
+                total += taylor.movedim(axis, 0).reshape(p.shape[axis], -1).sum(dim=1)
+        scores += total.abs()
+        count += 1
+    model.zero_grad(set_to_none=True)
+    if count == 0:
+        raise ValueError("the calibration data gave no batch")
+    return scores / count
+
+
+def prune_width(model: nn.Module, scores: Tensor, ratio: float) -> nn.Module:
+    """A new model of the narrower config holding ``model``'s weights at its ``ratio`` least important residual
+    channels removed (by ``scores``, :func:`channel_importance`); the tokenizer comes along."""
+    narrow = type(model)(narrower_config(model, ratio), model.tokenizer, model.generation_config)
+    axes = residual_axes(model, narrow)
+    keep = best(scores, narrow.config.dim)
+    state = {}
+    for name, p in model.named_parameters():
+        value = p.detach()
+        for axis in axes.get(name, []):
+            value = value.index_select(axis, keep.to(value.device))
+        state[name] = value.clone()
+    missing, unexpected = narrow.load_state_dict(state, strict=False)
+    if unexpected or any(name in dict(narrow.named_parameters()) for name in missing):
+        raise ValueError(f"width pruning left weights unset: {missing or unexpected}")
+    return narrow.eval()

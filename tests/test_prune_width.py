@@ -1,0 +1,107 @@
+"""Width pruning (``mlm compress --prune-dim``): which axes are the residual stream, the importance is the gradient of
+a gate on each channel, the kept weights are the original's, and the narrower model saves, loads and runs."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from mlm.cli import main
+from mlm.compress import width
+from mlm.config import TrainConfig
+from mlm.data.collate import IGNORE_INDEX
+from mlm.inference import load_model
+from mlm.train.losses import ImageTextLoss
+
+
+def _batch(model, rows=4, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size, vocab = model.config.image_size, model.config.vocab_size
+    ids = torch.randint(4, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    return {"images": torch.randn(rows, 3, size, size, generator=g), "text_ids": ids,
+            "text_mask": torch.ones_like(ids, dtype=torch.bool), "labels": labels,
+            "is_vqa": torch.tensor([False, True] * (rows // 2))}  # fmt: skip
+
+
+def test_the_residual_axes_are_the_stream_s_and_nothing_else(tiny_model):
+    narrow = type(tiny_model)(width.narrower_config(tiny_model, 0.5))
+    axes = width.residual_axes(tiny_model, narrow)
+    assert (
+        narrow.config.dim == 16
+        and narrow.config.ffn_hidden_dim == tiny_model.encoder.blocks[0].ffn.shared.fc2.in_features
+    )
+    assert axes["encoder.token_embed.weight"] == [1]  # (V, C); the tied LM head is the same tensor
+    assert axes["encoder.patch_embed.proj.weight"] == [0]  # writes the stream
+    assert axes["encoder.blocks.0.attn.q_proj.weight"] == [1]  # reads it
+    assert axes["encoder.blocks.0.attn.o_proj.weight"] == [0]  # writes it
+    assert axes["encoder.blocks.0.attn_norm.shared.weight"] == [0]
+    assert axes["pooler.proj.weight"] == [1]  # the shared space keeps its size
+    # per-head and latent sizes do not follow the width, even where they equal it (2 heads x (8 + 8) = 32)
+    assert "encoder.blocks.0.attn.kv_b_proj.weight" not in axes
+    assert "encoder.blocks.0.attn.kv_a_layernorm.weight" not in axes
+
+
+def test_channel_importance_is_the_gradient_of_a_gate_on_each_channel(tiny_model):
+    batch = _batch(tiny_model)
+    narrow = type(tiny_model)(width.narrower_config(tiny_model, 0.5))
+    axes = width.residual_axes(tiny_model, narrow)
+    loss_fn = ImageTextLoss.from_config(TrainConfig())
+    scores = width.channel_importance(tiny_model, axes, [batch], loss_fn)
+    gate = torch.ones(tiny_model.config.dim, requires_grad=True)
+    params = {}
+    for name, p in tiny_model.named_parameters():
+        value = p.detach()
+        for axis in axes.get(name, []):  # every entry of channel c scaled by gate[c]
+            shape = [1] * value.dim()
+            shape[axis] = -1
+            value = value * gate.view(shape)
+        params[name] = value
+    params["decoder.lm_head.weight"] = params["encoder.token_embed.weight"]  # tied
+    out = functional_call(tiny_model, params, (batch["images"], batch["text_ids"], batch["text_mask"]))
+    loss_fn(out, batch)[0].backward()
+    torch.testing.assert_close(scores, gate.grad.abs(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_narrow_model_keeps_the_original_weights_at_the_kept_channels(tiny_model):
+    scores = torch.arange(tiny_model.config.dim, dtype=torch.float).flip(0)  # the first half is the most important
+    narrow = width.prune_width(tiny_model, scores, 0.5)
+    keep = torch.arange(16)
+    wide = dict(tiny_model.named_parameters())
+    small = dict(narrow.named_parameters())
+    torch.testing.assert_close(small["encoder.token_embed.weight"], wide["encoder.token_embed.weight"][:, keep])
+    torch.testing.assert_close(small["decoder.layers.0.ffn.fc2.weight"], wide["decoder.layers.0.ffn.fc2.weight"][keep])
+    torch.testing.assert_close(small["encoder.blocks.1.attn.kv_b_proj.weight"],
+                               wide["encoder.blocks.1.attn.kv_b_proj.weight"])  # fmt: skip
+    assert narrow.decoder.lm_head.weight is narrow.encoder.token_embed.weight  # still tied
+    assert narrow.tokenizer is tiny_model.tokenizer
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(4, 60, (2, 9))
+    with torch.no_grad():
+        assert torch.isfinite(narrow(images, ids).logits).all()
+
+
+def test_mlm_compress_prune_dim_writes_a_narrower_model_the_commands_run(tiny_run, tmp_path, capsys):
+    run, synth = tiny_run
+    out = tmp_path / "narrow"
+    common = ["--calib", str(synth), "--calib-batches", "2", "--calib-batch-size", "8"]
+    assert main(["compress", str(run), str(out), "--prune-dim", "0.5", "--prune-heads", "0.5", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "width 32 -> 16" in printed and "heads 2 -> 1" in printed and "--set model.dim=16" in printed
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["dim"] == 16 and saved["mla"]["n_heads"] == 1
+    images = sorted(str(p) for p in (synth / "images").glob("*.png"))[:2]
+    assert main(["caption", *images, "--checkpoint", str(out), "--json"]) == 0
+    assert load_model(out, "cpu").config.dim == 16
+    again = tmp_path / "again"
+    assert main(["compress", str(run), str(again), "--prune-dim", "0.5", "--prune-heads", "0.5", *common]) == 0
+    a, b = (load_file(folder / "model.safetensors") for folder in (out, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # deterministic
+
+
+def test_a_bad_width_ratio_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    assert main(["compress", str(run), str(tmp_path / "a"), "--prune-dim", "1.0"]) == 2
+    assert "--prune-dim 1.0: a pruning ratio is the share removed, in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
