@@ -3,6 +3,7 @@ a gate on each channel, the kept weights are the original's, and the narrower mo
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.func import functional_call
@@ -105,3 +106,12 @@ def test_a_bad_width_ratio_is_one_line_and_writes_nothing(tiny_run, tmp_path, ca
     assert main(["compress", str(run), str(tmp_path / "a"), "--prune-dim", "1.0"]) == 2
     assert "--prune-dim 1.0: a pruning ratio is the share removed, in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_model_with_lora_adapters_is_merged_first(tiny_model):
+    from mlm.lora import apply_lora, peft_config
+
+    apply_lora(tiny_model, peft_config(2, 4.0, 0.0, ["q_proj"]))
+    narrow = type(tiny_model)(width.narrower_config(tiny_model, 0.5))
+    with pytest.raises(ValueError, match="merge them first"):
+        width.residual_axes(tiny_model, narrow)

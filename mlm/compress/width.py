@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from mlm.compress.prune import best, check_ratio, kept
+from mlm.compress.prune import best, check_ratio, kept, targets
 from mlm.layers.mlp import SwiGLU
 
 
@@ -38,6 +38,7 @@ def narrower_config(model: nn.Module, ratio: float):
 def residual_axes(model: nn.Module, narrow: nn.Module) -> dict[str, list[int]]:
     """Per parameter name of ``model``, its axes that are the residual stream (size ``dim`` there and the narrower
     width in ``narrow``); raises ValueError when any other axis differs."""
+    targets(model)  # a model with LoRA adapters: merge them first (one clear line)
     wide_dim, narrow_dim = model.config.dim, narrow.config.dim
     small = dict(narrow.named_parameters())
     axes = {}
