@@ -28,7 +28,7 @@ def _batch(model, rows=4, length=9, seed=0):
 
 
 def test_the_residual_axes_are_the_stream_s_and_nothing_else(tiny_model):
-    narrow = type(tiny_model)(width.narrower_config(tiny_model, 0.5))
+    narrow = width.narrower_model(tiny_model, 0.5)
     axes = width.residual_axes(tiny_model, narrow)
     assert (
         narrow.config.dim == 16
@@ -47,7 +47,7 @@ def test_the_residual_axes_are_the_stream_s_and_nothing_else(tiny_model):
 
 def test_channel_importance_is_the_gradient_of_a_gate_on_each_channel(tiny_model):
     batch = _batch(tiny_model)
-    narrow = type(tiny_model)(width.narrower_config(tiny_model, 0.5))
+    narrow = width.narrower_model(tiny_model, 0.5)
     axes = width.residual_axes(tiny_model, narrow)
     loss_fn = ImageTextLoss.from_config(TrainConfig())
     scores = width.channel_importance(tiny_model, axes, [batch], loss_fn)
@@ -68,7 +68,8 @@ def test_channel_importance_is_the_gradient_of_a_gate_on_each_channel(tiny_model
 
 def test_the_narrow_model_keeps_the_original_weights_at_the_kept_channels(tiny_model):
     scores = torch.arange(tiny_model.config.dim, dtype=torch.float).flip(0)  # the first half is the most important
-    narrow = width.prune_width(tiny_model, scores, 0.5)
+    empty = width.narrower_model(tiny_model, 0.5)
+    narrow = width.prune_width(tiny_model, empty, width.residual_axes(tiny_model, empty), scores)
     keep = torch.arange(16)
     wide = dict(tiny_model.named_parameters())
     small = dict(narrow.named_parameters())
@@ -112,6 +113,6 @@ def test_a_model_with_lora_adapters_is_merged_first(tiny_model):
     from mlm.lora import apply_lora, peft_config
 
     apply_lora(tiny_model, peft_config(2, 4.0, 0.0, ["q_proj"]))
-    narrow = type(tiny_model)(width.narrower_config(tiny_model, 0.5))
+    narrow = width.narrower_model(tiny_model, 0.5)
     with pytest.raises(ValueError, match="merge them first"):
         width.residual_axes(tiny_model, narrow)

@@ -68,10 +68,10 @@ def _prune(model, folder: Path, args: argparse.Namespace):
         scores = prune.importance(model, batches, loss_fn)
         lines.append(prune.prune(model.eval(), scores, args.prune_heads, args.prune_ffn).line())
     if args.prune_dim:
-        narrow = width.narrower_config(model, args.prune_dim)
-        axes = width.residual_axes(model, type(model)(narrow))
+        narrow = width.narrower_model(model, args.prune_dim)
+        axes = width.residual_axes(model, narrow)
         before = sum(p.numel() for p in model.parameters())
-        model = width.prune_width(model, width.channel_importance(model, axes, batches, loss_fn), args.prune_dim)
+        model = width.prune_width(model, narrow, axes, width.channel_importance(model, axes, batches, loss_fn))
         after = sum(p.numel() for p in model.parameters())
         lines.append(f"width {config.model.dim} -> {model.config.dim}, parameters {before:,} -> {after:,} "
                      f"({after / before:.3f}x)")  # fmt: skip

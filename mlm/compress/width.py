@@ -80,11 +80,14 @@ def channel_importance(model: nn.Module, axes: dict[str, list[int]], batches, lo
     return scores / count
 
 
-def prune_width(model: nn.Module, scores: Tensor, ratio: float) -> nn.Module:
-    """A new model of the narrower config holding ``model``'s weights at its ``ratio`` least important residual
-    channels removed (by ``scores``, :func:`channel_importance`); the tokenizer comes along."""
-    narrow = type(model)(narrower_config(model, ratio), model.tokenizer, model.generation_config)
-    axes = residual_axes(model, narrow)
+def narrower_model(model: nn.Module, ratio: float) -> nn.Module:
+    """A fresh model of :func:`narrower_config` with ``model``'s tokenizer and generation settings."""
+    return type(model)(narrower_config(model, ratio), model.tokenizer, model.generation_config)
+
+
+def prune_width(model: nn.Module, narrow: nn.Module, axes: dict[str, list[int]], scores: Tensor) -> nn.Module:
+    """Fill ``narrow`` (:func:`narrower_model`) with ``model``'s weights at its most important residual channels by
+    ``scores`` (:func:`channel_importance`) along ``axes`` (:func:`residual_axes`); return it in eval mode."""
     keep = best(scores, narrow.config.dim)
     state = {}
     for name, p in model.named_parameters():
