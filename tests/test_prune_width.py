@@ -91,6 +91,7 @@ def test_mlm_compress_prune_dim_writes_a_narrower_model_the_commands_run(tiny_ru
     assert main(["compress", str(run), str(out), "--prune-dim", "0.5", "--prune-heads", "0.5", *common]) == 0
     printed = capsys.readouterr().out
     assert "width 32 -> 16" in printed and "heads 2 -> 1" in printed and "--set model.dim=16" in printed
+    assert "n_kv_heads" not in printed  # an MLA model has no key/value head setting to pass on
     saved = json.loads((out / "config.json").read_text())
     assert saved["dim"] == 16 and saved["mla"]["n_heads"] == 1
     images = sorted(str(p) for p in (synth / "images").glob("*.png"))[:2]

@@ -76,8 +76,9 @@ def _prune(model, folder: Path, args: argparse.Namespace):
         lines.append(f"width {config.model.dim} -> {model.config.dim}, parameters {before:,} -> {after:,} "
                      f"({after / before:.3f}x)")  # fmt: skip
     cfg = model.config
-    settings = {"dim": cfg.dim, "mla.n_heads": cfg.mla.n_heads, "mla.n_kv_heads": cfg.mla.n_kv_heads,
-                "ffn_hidden_dim": cfg.ffn_hidden_dim}  # fmt: skip
+    settings = {"dim": cfg.dim, "mla.n_heads": cfg.mla.n_heads, "ffn_hidden_dim": cfg.ffn_hidden_dim}
+    if cfg.attention == "gqa":  # key/value heads are a GQA setting only
+        settings["mla.n_kv_heads"] = cfg.mla.n_kv_heads
     print(
         f"pruned on {len(batches)} calibration batches of {spec}: {'; '.join(lines)}; fine-tune or distill it "
         f"with {' '.join(f'--set model.{k}={v}' for k, v in settings.items())}"
