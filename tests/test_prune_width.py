@@ -107,6 +107,9 @@ def test_a_bad_width_ratio_is_one_line_and_writes_nothing(tiny_run, tmp_path, ca
     run, _ = tiny_run
     assert main(["compress", str(run), str(tmp_path / "a"), "--prune-dim", "1.0"]) == 2
     assert "--prune-dim 1.0: a pruning ratio is the share removed, in [0, 1)" in capsys.readouterr().err
+    assert main(["compress", str(run), str(tmp_path / "a"), "--prune-dim", "0.3"]) == 2  # width 22: not a multiple of 4
+    err = capsys.readouterr().err
+    assert "--prune-dim 0.3 leaves model.dim=22, which the model cannot have" in err and "Traceback" not in err
     assert not (tmp_path / "a").exists()
 
 

@@ -81,8 +81,15 @@ def channel_importance(model: nn.Module, axes: dict[str, list[int]], batches, lo
 
 
 def narrower_model(model: nn.Module, ratio: float) -> nn.Module:
-    """A fresh model of :func:`narrower_config` with ``model``'s tokenizer and generation settings."""
-    return type(model)(narrower_config(model, ratio), model.tokenizer, model.generation_config)
+    """A fresh model of :func:`narrower_config` with ``model``'s tokenizer and generation settings; ValueError
+    naming ``--prune-dim`` when no model of that width can be built."""
+    cfg = narrower_config(model, ratio)
+    try:
+        return type(model)(cfg, model.tokenizer, model.generation_config)
+    except (AssertionError, ValueError) as err:  # e.g. timm's sin-cos table wants a width divisible by 4
+        raise ValueError(
+            f"--prune-dim {ratio} leaves model.dim={cfg.dim}, which the model cannot have: {err}"
+        ) from None
 
 
 def prune_width(model: nn.Module, narrow: nn.Module, axes: dict[str, list[int]], scores: Tensor) -> nn.Module:
