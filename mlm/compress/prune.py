@@ -67,23 +67,31 @@ def gate_gradient(module: nn.Module) -> Tensor:
     return (w.detach().float() * g.float()).view(w.shape[0], units(module), -1).sum(dim=(0, 2))
 
 
-def importance(model: nn.Module, batches, loss_fn) -> dict[str, Tensor]:
-    """Mean |∂L/∂ξ| per unit of every prunable module over the calibration batches (model in eval mode)."""
-    modules = targets(model)
-    scores = {name: torch.zeros(units(m)) for name, m in modules.items()}
+def backward_passes(model: nn.Module, batches, loss_fn):
+    """Run the objective forward and backward on each calibration batch (model in eval mode), yielding after each
+    with the gradients in place; clears them at the end and raises ValueError when there was no batch."""
     model.eval()
     count = 0
     for batch in batches:
         model.zero_grad(set_to_none=True)
         out = model(batch["images"], batch["text_ids"], batch["text_mask"])
-        loss, _ = loss_fn(out, batch)
-        loss.backward()
-        for name, m in modules.items():
-            scores[name] += gate_gradient(m).abs().cpu()
+        loss_fn(out, batch)[0].backward()
         count += 1
+        yield
     model.zero_grad(set_to_none=True)
     if count == 0:
         raise ValueError("the calibration data gave no batch")
+
+
+def importance(model: nn.Module, batches, loss_fn) -> dict[str, Tensor]:
+    """Mean |∂L/∂ξ| per unit of every prunable module over the calibration batches (model in eval mode)."""
+    modules = targets(model)
+    scores = {name: torch.zeros(units(m)) for name, m in modules.items()}
+    count = 0
+    for _ in backward_passes(model, batches, loss_fn):
+        for name, m in modules.items():
+            scores[name] += gate_gradient(m).abs().cpu()
+        count += 1
     return {name: s / count for name, s in scores.items()}
 
 

@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from mlm.compress.prune import best, check_ratio, kept, targets
+from mlm.compress.prune import backward_passes, best, check_ratio, kept, targets
 from mlm.layers.mlp import SwiGLU
 
 
@@ -58,12 +58,8 @@ def channel_importance(model: nn.Module, axes: dict[str, list[int]], batches, lo
     """Mean over calibration batches of |Σ W ∂L/∂W| per residual channel (dim,), model in eval mode."""
     params = dict(model.named_parameters())
     scores = torch.zeros(model.config.dim)
-    model.eval()
     count = 0
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        out = model(batch["images"], batch["text_ids"], batch["text_mask"])
-        loss_fn(out, batch)[0].backward()
+    for _ in backward_passes(model, batches, loss_fn):
         total = torch.zeros(model.config.dim)
         for name, dims in axes.items():
             p = params[name]
@@ -74,9 +70,6 @@ def channel_importance(model: nn.Module, axes: dict[str, list[int]], batches, lo
                 total += taylor.movedim(axis, 0).reshape(p.shape[axis], -1).sum(dim=1)
         scores += total.abs()
         count += 1
-    model.zero_grad(set_to_none=True)
-    if count == 0:
-        raise ValueError("the calibration data gave no batch")
     return scores / count
 
 
@@ -103,6 +96,7 @@ def prune_width(model: nn.Module, narrow: nn.Module, axes: dict[str, list[int]],
             value = value.index_select(axis, keep.to(value.device))
         state[name] = value.clone()
     missing, unexpected = narrow.load_state_dict(state, strict=False)
-    if unexpected or any(name in dict(narrow.named_parameters()) for name in missing):
+    own = dict(narrow.named_parameters())  # missing names outside it are tied aliases and rebuilt buffers
+    if unexpected or any(name in own for name in missing):
         raise ValueError(f"width pruning left weights unset: {missing or unexpected}")
     return narrow.eval()
