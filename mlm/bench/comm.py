@@ -2,7 +2,8 @@
 
 Every row trains the same config from the same seed for ``--steps`` steps with one ``train.grad_compression`` mode
 (``int4-no-ef`` is int4 with ``train.grad_compression_error_feedback=false``; ``powersgd-warm`` starts PowerSGD
-after the learning-rate warmup, ``train.grad_compression_start`` = ``train.warmup_steps``) and reports the payload
+after the learning-rate warmup, ``train.grad_compression_start`` = ``train.warmup_steps``; ``powersgd-r8`` and
+``powersgd-r16`` are PowerSGD at rank 8 and 16 instead of ``train.grad_compression_rank``) and reports the payload
 bytes one process sent per step, against the fp32 gradient (4 bytes a parameter: what uncompressed DDP all-reduces), the
 step time, the training loss after the last steps (the mean of the last logging interval) and the held-out
 loss of the final model (the same objective on fixed batches of the data's val split, ``--heldout-batches`` of the
@@ -31,6 +32,8 @@ MODES = {
     "int4-no-ef": ["train.grad_compression=int4", "train.grad_compression_error_feedback=false"],
     "powersgd": ["train.grad_compression=powersgd"],
     "powersgd-warm": ["train.grad_compression=powersgd", "train.grad_compression_start={warmup}"],
+    "powersgd-r8": ["train.grad_compression=powersgd", "train.grad_compression_rank=8"],
+    "powersgd-r16": ["train.grad_compression=powersgd", "train.grad_compression_rank=16"],
 }
 
 
