@@ -7,8 +7,9 @@ after the learning-rate warmup, ``train.grad_compression_start`` = ``train.warmu
 bytes one process sent per step, against the fp32 gradient (4 bytes a parameter: what uncompressed DDP all-reduces), the
 step time, the training loss after the last steps (the mean of the last logging interval) and the held-out
 loss of the final model (the same objective on fixed batches of the data's val split, ``--heldout-batches`` of the
-global batch size), each with its gap to ``none``. The held-out loss is the one to compare: the last training
-batches differ from run to run.
+global batch size), each with its gap to ``none``, and the drift at the end (how far the sum of what one process sent
+is from the sum of its true gradients, in units of its last gradient: bounded with error feedback, growing without;
+``mlm.train.comm``). The held-out loss is the one to compare: the last training batches differ from run to run.
 """
 
 from __future__ import annotations
@@ -73,10 +74,15 @@ def _launch(args, config_file: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
+def _logged(metrics: Path, name: str) -> list[float]:
+    """Every logged value of one metric, in step order."""
+    with metrics.open() as f:
+        return [float(row["value"]) for row in csv.DictReader(f) if row["name"] == name]
+
+
 def _bytes_per_step(metrics: Path) -> float | None:
     """Mean of the logged grad_bytes_per_step values (None when the run had no hook)."""
-    with metrics.open() as f:
-        values = [float(row["value"]) for row in csv.DictReader(f) if row["name"] == "grad_bytes_per_step"]
+    values = _logged(metrics, "grad_bytes_per_step")
     return sum(values) / len(values) if values else None
 
 
@@ -108,6 +114,7 @@ def _row(args, name: str, data: str, root: Path) -> dict:
     heldout = _heldout(args, model, config, data)
     fp32 = 4 * params
     sent = _bytes_per_step(run_dir / "metrics.csv") or fp32  # no hook: DDP all-reduces the fp32 gradient
+    drift = _logged(run_dir / "metrics.csv", "grad_drift")
     return {
         "mode": name,
         "switches": switches,
@@ -120,6 +127,7 @@ def _row(args, name: str, data: str, root: Path) -> dict:
         "samples_per_s": summary["samples_per_s"],
         "loss": summary["final_losses"].get("loss"),
         "heldout_loss": round(heldout, 5),
+        "drift": round(drift[-1], 4) if drift else None,  # error carried at the end, in steps' worth of gradient
     }
 
 
@@ -178,8 +186,9 @@ def _table(report: dict) -> str:
     lines = [
         f"{report['processes']} processes (gloo), {report['steps']} steps, config {report['config']}",
         "",
-        "| mode | bytes/step | vs fp32 | step s | samples/s | loss | gap to none | held-out loss | gap to none |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | bytes/step | vs fp32 | step s | samples/s | loss | gap to none | held-out loss | gap to none "
+        "| drift |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def pct(value) -> str:
@@ -187,8 +196,9 @@ def _table(report: dict) -> str:
 
     for row in report["rows"].values():
         gap = pct(row["loss_gap_pct"])
+        drift = "—" if row["drift"] is None else f"{row['drift']:.2f}"
         loss = "—" if row["loss"] is None else f"{row['loss']:.4f}"
         lines.append(f"| {row['mode']} | {row['bytes_per_step']:,.0f} | {row['bytes_ratio']:.3f} | {row['step_s']:.3f} "
                      f"| {row['samples_per_s']:.1f} | {loss} | {gap} | {row['heldout_loss']:.4f} "
-                     f"| {pct(row['heldout_gap_pct'])} |")  # fmt: skip
+                     f"| {pct(row['heldout_gap_pct'])} | {drift} |")  # fmt: skip
     return "\n".join(lines)

@@ -8,6 +8,10 @@
   packed two per byte; every process all-gathers the codes and fp32 scales and averages the dequantized gradients.
   ``train.grad_compression_full_every: N`` sends every N-th step in full precision (and clears the residuals).
 
+Each compressing hook also reports its *drift* (:meth:`HookState.drift`): how far the sum of what this process sent
+is from the sum of its true gradients, in units of its last gradient's norm. With error feedback that gap is the
+residual, which stays bounded; without it (kept but not sent, for comparison) it grows with every step.
+
 Each hook state counts the payload bytes this process sends and has ``state_dict()`` / ``load_state_dict()``, so a
 checkpoint keeps the residuals (per parameter name, per process) and a resumed run continues exactly. DDP lays its
 buckets out anew after the first step of every process, so a resumed run first takes one uncounted, uncompressed
@@ -71,6 +75,25 @@ class HookState(abc.ABC):
     def __init__(self):
         self.bytes_sent = 0
         self.passthrough = False  # one plain, uncounted all-reduce round (bucket re-layout after a resume)
+        self._norm_sq = 0.0  # squared norm of this step's local gradient, over the buckets so far
+        self.grad_norm = 0.0  # ... of the last completed step
+
+    def count_gradient(self, bucket) -> None:
+        """Add the bucket's local gradient to this step's norm (call before anything is added to it)."""
+        self._norm_sq += float(bucket.buffer().float().square().sum())
+        if bucket.is_last():
+            self.grad_norm, self._norm_sq = self._norm_sq**0.5, 0.0
+
+    def carried(self) -> list[Tensor]:
+        """What the process's sent gradients still lack of its true ones, summed over the steps (none here)."""
+        return []
+
+    def drift(self) -> float | None:
+        """Norm of :meth:`carried` over the last step's gradient norm (None for a hook that carries nothing)."""
+        carried = self.carried()
+        if not carried:
+            return None
+        return sum(float(t.float().square().sum()) for t in carried) ** 0.5 / max(self.grad_norm, 1e-30)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors to checkpoint, per process."""
@@ -129,6 +152,7 @@ class QuantizedAllReduce(HookState):
         world = dist.get_world_size()
         grad = bucket.buffer()
         slices = self._slices(bucket)
+        self.count_gradient(bucket)
         if self._full_round():
             for name, _, _ in slices:
                 self.residuals.pop(name, None)
@@ -137,13 +161,15 @@ class QuantizedAllReduce(HookState):
         else:
             wanted = grad.float().clone()
             for name, offset, numel in slices:
-                if name in self.residuals:
+                if self.error_feedback and name in self.residuals:
                     wanted[offset : offset + numel] += self.residuals[name]
             codes, scales = quantize(wanted, self.bits)
-            if self.error_feedback:
-                dropped = wanted - dequantize(codes, scales, self.bits, grad.numel())
-                for name, offset, numel in slices:
-                    self.residuals[name] = dropped[offset : offset + numel].clone()
+            dropped = wanted - dequantize(codes, scales, self.bits, grad.numel())
+            for name, offset, numel in slices:
+                part = dropped[offset : offset + numel]
+                if not self.error_feedback and name in self.residuals:  # never sent: it adds up
+                    part = part + self.residuals[name]
+                self.residuals[name] = part.clone()
             all_codes = [torch.empty_like(codes) for _ in range(world)]
             all_scales = [torch.empty_like(scales) for _ in range(world)]
             dist.all_gather(all_codes, codes)
@@ -155,6 +181,10 @@ class QuantizedAllReduce(HookState):
         if bucket.is_last():
             self.step += 1
         return future
+
+    def carried(self) -> list[Tensor]:
+        """The residuals: sent next step with error feedback, only summed without it."""
+        return list(self.residuals.values())
 
     def state_dict(self) -> dict[str, Tensor]:
         """Step, bytes and the residual of every parameter."""
@@ -204,6 +234,7 @@ class LowRank(HookState):
         """One PowerSGD round (plain all-reduce for its first steps, as PowerSGD needs)."""
         state = self.state
         before = state.total_numel_after_compression
+        self.count_gradient(bucket)
         if state.iter < state.start_powerSGD_iter:
             self.bytes_sent += bucket.buffer().numel() * bucket.buffer().element_size()
         future = self.hook(state, bucket)
@@ -211,6 +242,10 @@ class LowRank(HookState):
         return future
 
     _DICTS = ("error_dict", "p_memory_dict", "q_memory_dict")
+
+    def carried(self) -> list[Tensor]:
+        """PowerSGD's per-bucket errors (its error feedback)."""
+        return list(self.state.error_dict.values())
 
     def state_dict(self) -> dict[str, Tensor]:
         """Step, bytes, the per-bucket tensors and the numpy generator's state."""

@@ -304,6 +304,8 @@ class Trainer:
         values["skipped_steps"] = self.guard.skipped
         if self.comm_hook is not None:  # payload this process sent per step (compressed gradients)
             values["grad_bytes_per_step"] = (self.comm_hook.bytes_sent - self._bytes_before) / max(self._steps, 1)
+            if (drift := self.comm_hook.drift()) is not None:  # error carried, in steps' worth of gradient
+                values["grad_drift"] = drift
         self.accelerator.log(values, step=self.state.step)
         loss = f"{values['loss']:.3f}" if "loss" in values else "skipped"
         lr, sps = values["lr"], values["samples_per_s"]

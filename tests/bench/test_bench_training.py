@@ -106,8 +106,10 @@ def test_bench_comm_quick_runs_two_processes_per_mode(tmp_path):
             "loss_gap_pct",
             "heldout_loss",
             "heldout_gap_pct",
+            "drift",
         }
         assert row["processes"] == 2 and row["steps"] == 4
+    assert rows["none"]["drift"] is None and rows["int4"]["drift"] < rows["int4-no-ef"]["drift"]
     assert rows["none"]["bytes_ratio"] == 1.0 and rows["none"]["loss_gap_pct"] == 0.0
     assert rows["none"]["heldout_gap_pct"] == 0.0 and rows["int4"]["heldout_loss"] != rows["none"]["heldout_loss"]
     assert rows["int4"]["bytes_ratio"] < 1 / 7 and rows["int4"]["loss"] != rows["none"]["loss"]
