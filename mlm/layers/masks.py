@@ -25,13 +25,26 @@ def _positions(n_tokens: int, grid: tuple[int, int] | None) -> tuple[Tensor, Ten
     return idx // grid[1], idx % grid[1]
 
 
+def text_pairs(kind: str, queries: Tensor, keys: Tensor, size: int, causal: bool) -> Tensor:
+    """The (Q, K) mask of a 1-D ``local``/``regional``/``global`` level between query and key positions (tensors, so
+    an exported graph computes it instead of storing a table); the rows and columns of :func:`level_mask`'s mask."""
+    q, k = queries[:, None], keys[None, :]
+    if kind == "local":
+        mask = (q - k).abs() <= size
+    elif kind == "regional":
+        mask = (q // size == k // size) | (k % size == 0)
+    else:
+        mask = (q - k) == (q - k)  # all True, (Q, K)
+    return mask & (k <= q) if causal else mask
+
+
 def _local(n_tokens: int, grid: tuple[int, int] | None, window: int, window_2d: int) -> Tensor:
     """Allow keys within the 1-D window, or within Chebyshev distance window_2d // 2 on the grid."""
     if grid is None:
         if window < 0:
             raise ValueError(f"local window={window} must be >= 0")
         idx = _positions(n_tokens, None)
-        return (idx[:, None] - idx[None, :]).abs() <= window
+        return text_pairs("local", idx, idx, window, False)
     if window_2d < 1:
         raise ValueError(f"local window_2d={window_2d} must be >= 1")
     rows, cols = _positions(n_tokens, grid)
@@ -45,14 +58,13 @@ def _regional(n_tokens: int, grid: tuple[int, int] | None, region: int, region_2
         if region < 1:
             raise ValueError(f"region size={region} must be >= 1")
         idx = _positions(n_tokens, None)
-        region_id, is_first = idx // region, idx % region == 0
-    else:
-        if region_2d < 1:
-            raise ValueError(f"region_2d={region_2d} must be >= 1")
-        rows, cols = _positions(n_tokens, grid)
-        n_region_cols = -(-grid[1] // region_2d)
-        region_id = (rows // region_2d) * n_region_cols + cols // region_2d
-        is_first = (rows % region_2d == 0) & (cols % region_2d == 0)  # top-left patch of each block
+        return text_pairs("regional", idx, idx, region, False)
+    if region_2d < 1:
+        raise ValueError(f"region_2d={region_2d} must be >= 1")
+    rows, cols = _positions(n_tokens, grid)
+    n_region_cols = -(-grid[1] // region_2d)
+    region_id = (rows // region_2d) * n_region_cols + cols // region_2d
+    is_first = (rows % region_2d == 0) & (cols % region_2d == 0)  # top-left patch of each block
     return (region_id[:, None] == region_id[None, :]) | is_first[None, :]
 
 

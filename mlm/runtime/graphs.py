@@ -4,8 +4,9 @@
   latent (the cross-attention caches that :meth:`MultimodalDecoder.encode_contexts` builds once per image);
 - :class:`TextGraph`: right-padded ids and their mask (B, T) -> the L2-normalised embedding (B, E);
 - :class:`StepGraph`: one cached decoding step. A graph cannot grow a cache, so every self-attention cache has a
-  fixed length L (``total_len``) and the step writes its token at ``position``; the level masks and RoPE angles are
-  tables over the L positions, and the row of ``position`` is gathered, so keys not yet written are masked out.
+  fixed length L (``total_len``) and the step writes its token at ``position``; the RoPE angles are a table over the
+  L positions whose row of ``position`` is gathered, and the level masks are computed between ``position`` and the
+  L keys (causal, so keys not yet written are masked out).
   The step therefore computes what :meth:`MLMModel.decode_step` computes (tested equal step by step).
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mlm.layers.kv_cache import KVCache, LatentKVCache
+from mlm.layers.masks import mask_level, text_pairs
 
 
 class StaticCache:
@@ -55,18 +57,22 @@ class ImageGraph(nn.Module):
 
 
 class _TextTables(nn.Module):
-    """RoPE angles and level masks over positions 0..L-1 as tables, so a graph gathers or slices rows of them."""
+    """RoPE angles over positions 0..L-1 as tables, so a graph gathers or slices rows of them; the level masks are
+    computed from positions in the graph (dense tables of L x L would be most of a small INT8 model's graph bytes)."""
 
     def __init__(self, model, total_len: int, levels: set[str]):
         super().__init__()
-        encoder, device = model.encoder, model.device
+        encoder, device, cfg = model.encoder, model.device, model.config
         cos, sin = encoder.text_rope(0, total_len, device)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, rope)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # dense tables: the graphs gather rows of them (the fast level paths are for long inputs, not these graphs)
-        self.masks = {
-            level: encoder.text_mask(level, total_len, 0, total_len, device).mask(device) for level in sorted(levels)
+        self.levels = {  # level -> (mask kind, size) of the causal text mask (a routed level's is global)
+            level: mask_level(level, True, cfg.local_window, 0, cfg.region_size, 0)[:2] for level in sorted(levels)
         }
+
+    def masks(self, queries: Tensor, keys: Tensor) -> dict[str, Tensor]:
+        """Each level's causal (Q, K) mask between query and key positions (the dense path's rows and columns)."""
+        return {level: text_pairs(kind, queries, keys, size, True) for level, (kind, size) in self.levels.items()}
 
 
 class TextGraph(_TextTables):
@@ -82,7 +88,8 @@ class TextGraph(_TextTables):
         encoder, t = self.model.encoder, text_ids.shape[1]
         x = encoder.modality_embed(encoder.token_embed(text_ids), "text")  # (B, T, C)
         rope = (self.rope_cos[:t], self.rope_sin[:t])
-        masks = {level: mask.to(x.device)[:t, :t] for level, mask in self.masks.items()}
+        positions = torch.arange(t, device=x.device)
+        masks = self.masks(positions, positions)
         out = encoder.run_blocks(x, "text", rope=rope, masks=masks)
         return self.model.pooler(out.levels, text_mask).embeds
 
@@ -115,7 +122,7 @@ class StepGraph(_TextTables):
         seq_dim = cache_type.seq_dim
         at = position.reshape(1)
         rope = (self.rope_cos.index_select(0, at), self.rope_sin.index_select(0, at))  # (1, rope) each
-        masks = {level: mask.to(ids.device).index_select(0, at) for level, mask in self.masks.items()}  # (1, L)
+        masks = self.masks(at, torch.arange(self.total_len, device=ids.device))  # (1, L)
         enc = [StaticCache(encoder_0[i], encoder_1[i], position, seq_dim) for i in range(encoder_0.shape[0])]
         dec = [StaticCache(decoder_0[i], decoder_1[i], position, seq_dim) for i in range(decoder_0.shape[0])]
         x = model.encoder.modality_embed(model.encoder.token_embed(ids), "text")  # (B, 1, C)

@@ -133,3 +133,16 @@ def test_masks_built_while_exporting_are_not_cached_for_later_eager_calls():
     torch.export.export(Masked(), (torch.ones(7, 7),))  # traced with fake tensors
     mask = level_mask("local", 7, causal=True, grid=None, window=2, window_2d=3, region=2, region_2d=2)
     assert type(mask) is torch.Tensor and int(mask.sum()) == 7 + 6 + 5
+
+
+@pytest.mark.parametrize("level", ["local", "regional", "global"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_text_pairs_are_the_rows_and_columns_of_the_dense_mask(level, causal):
+    from mlm.layers.masks import text_pairs
+
+    dense = level_mask(level, 11, causal=causal, grid=None, **SIZES)
+    size = {"local": SIZES["window"], "regional": SIZES["region"]}.get(level, 0)
+    idx = torch.arange(11)
+    assert torch.equal(text_pairs(level, idx, idx, size, causal), dense)
+    rows, keys = torch.tensor([7]), torch.arange(9)  # one decoding step's row over the first 9 keys
+    assert torch.equal(text_pairs(level, rows, keys, size, causal), dense[7:8, :9])
