@@ -34,7 +34,7 @@ def text_pairs(kind: str, queries: Tensor, keys: Tensor, size: int, causal: bool
     elif kind == "regional":
         mask = (q // size == k // size) | (k % size == 0)
     else:
-        mask = (q - k) == (q - k)  # all True, (Q, K)
+        mask = torch.ones_like(q - k, dtype=torch.bool)  # (Q, K)
     return mask & (k <= q) if causal else mask
 
 
