@@ -70,9 +70,9 @@ def _prune(model, folder: Path, args: argparse.Namespace):
     if args.prune_dim:
         narrow = width.narrower_model(model, args.prune_dim)
         axes = width.residual_axes(model, narrow)
-        before = sum(p.numel() for p in model.parameters())
+        before = prune.parameter_count(model)
         model = width.prune_width(model, narrow, axes, width.channel_importance(model, axes, batches, loss_fn))
-        after = sum(p.numel() for p in model.parameters())
+        after = prune.parameter_count(model)
         lines.append(f"width {config.model.dim} -> {model.config.dim}, parameters {before:,} -> {after:,} "
                      f"({after / before:.3f}x)")  # fmt: skip
     cfg = model.config

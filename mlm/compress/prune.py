@@ -166,7 +166,8 @@ class PruneReport:
                 f" ({self.parameters[1] / self.parameters[0]:.3f}x)")  # fmt: skip
 
 
-def _parameters(model: nn.Module) -> int:
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of the model, a tied weight counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
@@ -179,7 +180,7 @@ def prune(model: nn.Module, scores: dict[str, Tensor], heads: float = 0.0, ffn: 
     cfg = model.config
     attn = [m for m in modules.values() if not isinstance(m, SwiGLU)]
     mlps = [m for m in modules.values() if isinstance(m, SwiGLU)]
-    before = _parameters(model)
+    before = parameter_count(model)
     n_attn, n_ffn = units(attn[0]), units(mlps[0])
     keep_attn, keep_ffn = kept(n_attn, heads), kept(n_ffn, ffn)
     for name, m in modules.items():
@@ -193,4 +194,4 @@ def prune(model: nn.Module, scores: dict[str, Tensor], heads: float = 0.0, ffn: 
         cfg.mla.n_heads = keep_attn
     cfg.ffn_hidden_dim = keep_ffn
     unit = 1 if cfg.attention != "gqa" else cfg.mla.n_heads // cfg.mla.n_kv_heads
-    return PruneReport((n_attn * unit, keep_attn * unit), (n_ffn, keep_ffn), (before, _parameters(model)))
+    return PruneReport((n_attn * unit, keep_attn * unit), (n_ffn, keep_ffn), (before, parameter_count(model)))
