@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mlm.commands import model as model_command
-from mlm.config import load_config
+from mlm.config import ConfigError, load_config
 from mlm.data.tokenizer import MLMTokenizer, vqa_prompt
 from mlm.model import MLMModel
 
@@ -193,12 +193,15 @@ def test_loading_a_folder_without_weights_names_the_missing_file(tmp_path):
         ["model.top_k=-1", "model.sparsity_schedule=[2,0.9,8,0.3]"],  # length-adaptive: each row its own k
         ["model.cross_query_gain=2.0", "model.cross_pos_keys=true"],
         ["model.attention=gqa", "model.cross_query_gain=0.5"],
+        ["model.decoder_short_conv=3", "model.attention=mha"],
     ],
 )
 def test_cached_step_by_step_decoding_equals_one_full_forward(overrides):
     model = tiny_model(*overrides)
     if model.decoder.pos_values is not None:
         torch.nn.init.normal_(model.decoder.pos_values.weight)  # it starts at zero
+    if model.decoder.short_conv is not None:
+        torch.nn.init.normal_(model.decoder.short_conv.conv.weight)  # so does the convolution
     images, ids, _ = batch(2, 9)
     with torch.no_grad():
         image_tokens = model.encoder.encode_image(images).tokens
@@ -250,6 +253,18 @@ def test_beam_search_with_cache_equals_without_and_nucleus_is_seeded():
     assert sample(0.9, 0) == sample(0.9, 0)
     assert sample(1e-6, 0) == model.generate_ids(images, [[1], [1]], max_new_tokens=5, eos_id=EOS)  # top-1 nucleus
     assert sample(1.0, 0) != sample(1.0, 1)
+
+
+def test_beam_search_through_the_short_convolutions_history_equals_recomputing():
+    model = tiny_model("model.decoder_short_conv=3")
+    torch.nn.init.normal_(model.decoder.short_conv.conv.weight)
+    images, prompts = torch.randn(2, 3, 16, 16), [[1, 9], [1, 12]]
+    kwargs = dict(max_new_tokens=5, eos_id=EOS, num_beams=3)
+    assert model.generate_ids(images, prompts, **kwargs) == model.generate_ids(
+        images, prompts, use_cache=False, **kwargs
+    )
+    with pytest.raises(ConfigError, match="model.decoder_short_conv=1 mixes no tokens"):
+        tiny_model("model.decoder_short_conv=1")
 
 
 def test_generate_and_answer_decode_with_the_tokenizer():

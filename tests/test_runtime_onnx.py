@@ -69,6 +69,12 @@ def test_models_that_cannot_be_exported_are_named(tiny_run, tmp_path, capsys):
     assert "usage: mlm export" in capsys.readouterr().err
     assert main(["caption", "x.png", "--runtime", "onnx", "--checkpoint", str(tiny_run[0])]) == 2
     assert "not an ONNX export" in capsys.readouterr().err
+    conv = tiny_model(
+        "model.decoder_short_conv=4", f"model.vocab_size={len(model.tokenizer)}", tokenizer=model.tokenizer
+    )
+    conv.save_pretrained(tmp_path / "conv")
+    assert main(["export", "onnx", str(tmp_path / "conv"), str(tmp_path / "out")]) == 2
+    assert "model.decoder_short_conv" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

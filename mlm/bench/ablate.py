@@ -65,6 +65,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
     ),
     # the shipped tiny config starts each cross-attention head's queries at a gain of 2, so the row switches it off
     "no-query-gain": (["model.cross_query_gain=0"], "cross-attention queries without their learned per-head gain"),
+    "short-conv": (
+        ["model.decoder_short_conv=8"],
+        "a causal depthwise conv over the last 8 text states at the decoder's input",
+    ),
     "init-std": (["model.init_std=0.02"], "linear weights ~ truncated normal, std 0.02 (timm / HF) instead of torch's"),
 }
 QUICK = [  # a model and schedule small enough for the test suite

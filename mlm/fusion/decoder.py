@@ -10,7 +10,8 @@ sink, as ViT registers, Darcet et al., 2024, give a transformer's attention), so
 "nothing matched" instead of an average of whatever is there. With ``model.cross_pos_values`` the image tokens the
 decoder reads also carry a learned projection of their patch position, so what a query reads from an object says
 where it is (positional keys only say where to look). With ``model.cross_query_gain`` each cross-attention head's
-queries carry a learned gain that starts at that value: a per-head temperature on the search.
+queries carry a learned gain that starts at that value: a per-head temperature on the search. With
+``model.decoder_short_conv`` the text states first pass a short causal convolution (:mod:`mlm.fusion.short_conv`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from mlm.config import ModelConfig
 from mlm.encoders.patches import image_pos_table
 from mlm.fusion.cross_modal import CrossModalBlock
+from mlm.fusion.short_conv import ConvHistory, ShortConv
 
 
 class MultimodalDecoder(nn.Module):
@@ -34,6 +36,8 @@ class MultimodalDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = token_embed.weight  # tied: one tensor, (V, C)
         self.grad_checkpointing = False
+        k = cfg.decoder_short_conv
+        self.short_conv = ShortConv(cfg.dim, k) if k > 1 else None
         grid = (cfg.image_size // cfg.patch_size,) * 2
         patches = image_pos_table("sincos", grid, cfg.dim) if cfg.cross_pos_keys or cfg.cross_pos_values else None
         self.pos_values = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.cross_pos_values else None
@@ -47,8 +51,9 @@ class MultimodalDecoder(nn.Module):
         self.register_buffer("context_pos", table, persistent=False)  # rebuilt from the config, not saved
 
     def new_caches(self) -> list:
-        """Return one empty self-attention cache per layer."""
-        return [layer.self_attn.new_cache() for layer in self.layers]
+        """Return one empty self-attention cache per layer (then the short convolution's history, if any)."""
+        caches = [layer.self_attn.new_cache() for layer in self.layers]
+        return caches + [ConvHistory()] if self.short_conv is not None else caches
 
     def image_context(self, image_tokens: Tensor) -> Tensor:
         """Image tokens (B, N, C) as the cross-attention reads them: plus their projected positions with
@@ -85,6 +90,8 @@ class MultimodalDecoder(nn.Module):
         if (context is None) == (contexts is None):
             raise ValueError("give exactly one of context (image tokens) or contexts (encoded per layer)")
         x = text_states
+        if self.short_conv is not None:
+            x = self.short_conv(x, caches[-1] if caches is not None else None)
         context = None if context is None else self.image_context(context)
         for i, layer in enumerate(self.layers):
             ctx = context if contexts is None else contexts[i]

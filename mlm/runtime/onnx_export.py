@@ -32,7 +32,8 @@ CACHE_INPUTS = ("encoder_0", "encoder_1", "decoder_0", "decoder_1")
 
 
 def check_exportable(model) -> None:
-    """Raise ValueError naming why a model cannot be exported (INT8, LoRA adapters, not on the CPU)."""
+    """Raise ValueError naming why a model cannot be exported (INT8, LoRA adapters, a short convolution, not on the
+    CPU)."""
     from mlm.compress.int8 import is_quantized
     from mlm.lora import has_lora
 
@@ -40,6 +41,8 @@ def check_exportable(model) -> None:
         raise ValueError("this is an INT8 model (mlm compress); export the float checkpoint it was made from")
     if has_lora(model):
         raise ValueError("this model has LoRA adapters; merge them first (mlm export CKPT --out DIR --merge-lora)")
+    if model.config.decoder_short_conv:
+        raise ValueError("model.decoder_short_conv: the step graph does not carry the convolution's history yet")
     if model.device.type != "cpu":
         raise ValueError(f"export runs on the CPU; the model is on {model.device}")
 

@@ -90,3 +90,21 @@ def test_positional_keys_decoder_paths_agree_and_see_where_patches_are(attention
         run(encoder, plain, text, image[:, perm], context=image[:, perm]),
         run(encoder, plain, text, image, context=image), atol=1e-5, rtol=1e-4,
     )  # fmt: skip
+
+
+def test_the_short_convolution_is_causal_starts_as_the_identity_and_decodes_with_its_history():
+    from mlm.fusion.short_conv import ConvHistory, ShortConv
+
+    torch.manual_seed(0)
+    conv, x = ShortConv(8, 3), torch.randn(2, 6, 8)
+    torch.testing.assert_close(conv(x), x)  # zero weights: no change
+    torch.nn.init.normal_(conv.conv.weight)
+    full = conv(x)
+    torch.testing.assert_close(conv(x[:, :4]), full[:, :4])  # position t sees nothing after t
+    w = conv.conv.weight[:, 0]  # (C, 3): the last tap is the token itself
+    torch.testing.assert_close(full[:, 3], x[:, 3] + w[:, 0] * x[:, 1] + w[:, 1] * x[:, 2] + w[:, 2] * x[:, 3])
+    history = ConvHistory()
+    steps = [conv(x[:, :2], history)] + [conv(x[:, t : t + 1], history) for t in range(2, 6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full)
+    history.reorder(torch.tensor([1])).expand(2)
+    assert history.tail.shape == (2, 2, 8) and torch.equal(history.tail[0], x[1, 4:])
