@@ -80,7 +80,7 @@ class DecodingCache:
     """Everything incremental decoding keeps between steps for a batch of sequences."""
 
     encoder: list  # one self-attention cache per encoder block
-    decoder: list  # one self-attention cache per decoder layer
+    decoder: list  # one self-attention cache per decoder layer (then the short convolution's history, if any)
     contexts: list  # one cross-attention cache (image latent) per decoder layer
     total_len: int  # the longest sequence this cache will hold (sizes the masks)
     length: int = 0  # tokens cached so far
