@@ -83,6 +83,7 @@ class ModelConfig:
     cross_query_gain: float = 0.0  # > 0: each cross-attention head's queries get a learned gain starting here
     cross_null: bool = False  # the decoder's cross-attention can attend to a learned "nothing here" token
     decoder_short_conv: int = 0  # > 1: a causal depthwise conv over this many text states at the decoder's input
+    decoder_grounding: int = 0  # > 0: heads that read where the per-patch word head sees the recent words
     cross_level: str = ""  # the level whose patch states the decoder and the word head read; "" = the final ones
     early_exit: bool = False  # halting gates after each image block: easy images stop early (--exit-threshold)
     exit_lens: bool = False  # each exit maps its states to an estimate of the final ones (a tuned lens; early_exit)

@@ -41,6 +41,7 @@ _RANGES = [
     ("model.patch_size", 1, 1024), ("model.conv_stem", 0, 8), ("model.patch_overlap", 0, 1024),
     ("model.conv_stem_width", 0, 4096), ("model.init_std", 0.0, 1.0),
     ("model.cross_query_gain", 0.0, 100.0), ("model.decoder_short_conv", 0, 64),
+    ("model.decoder_grounding", 0, 16),
     ("model.in_chans", 1, 64),
     ("model.vocab_size", 1, 1 << 21), ("model.max_text_len", 4, 1 << 16), ("model.embed_dim", 1, 16384),
     ("model.pool_hidden_dim", 1, 16384), ("model.decoder_layers", 0, 256), ("model.dropout", 0.0, 1.0),
@@ -104,6 +105,12 @@ def check_model(m) -> None:
                           "'' reads the final states")  # fmt: skip
     if m.decoder_short_conv == 1:
         raise ConfigError("model.decoder_short_conv=1 mixes no tokens: 0 (off) or a kernel of at least 2")
+    if m.decoder_grounding and not (m.word_head and m.word_head_patches):
+        raise ConfigError(f"model.decoder_grounding={m.decoder_grounding} needs model.word_head and "
+                          "model.word_head_patches: true (the per-patch word maps it reads)")  # fmt: skip
+    if m.decoder_grounding and m.match_head:
+        raise ConfigError(f"model.decoder_grounding={m.decoder_grounding} does not work with model.match_head yet "
+                          "(matching decodes captions without their token ids)")  # fmt: skip
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
     if m.local_window_2d % 2 == 0:

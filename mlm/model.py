@@ -151,10 +151,21 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         mask = self.encoder.text_mask("global", total_len, start, end, text_states.device)
         return self.decoder(text_states, rope=rope, mask=mask, **decoder_kwargs)
 
+    def word_maps(self, image_tokens: Tensor) -> Tensor | None:
+        """log p(word | patch) (B, N, V) of image tokens from the per-patch word head, for the decoder's word
+        grounding (``model.decoder_grounding``; None without it). No gradient: the word objective trains them."""
+        if self.decoder.grounding is None:
+            return None
+        with torch.no_grad():
+            return self.word_head(self.pooler.proj(image_tokens)).float().log_softmax(dim=-1)
+
     def text_logits(self, image_tokens: Tensor, text_ids: Tensor) -> Tensor:
         """Return LM logits (B, T, V) for token ids (B, T) given image tokens (B, N, C); full forward, no cache."""
         states = self.encoder.encode_text(text_ids).tokens  # (B, T, C)
-        return self._decode(states, start=0, total_len=text_ids.shape[1], context=image_tokens)
+        return self._decode(
+            states, start=0, total_len=text_ids.shape[1], context=image_tokens, ids=text_ids,
+            word_logprobs=self.word_maps(image_tokens),
+        )  # fmt: skip
 
     def _text_pass(self, text_ids: Tensor, mask: Tensor, image_tokens: Tensor) -> tuple[EncoderOutput, Tensor, Tensor]:
         """(text encoder output, decoder states (B, T, C), LM logits (B, T, V)) of a batch: one causal pass feeds
@@ -163,14 +174,21 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         losses skip."""
         T = text_ids.shape[1]
         groups = length_groups(mask) if self.training else None  # inference keeps every position's logits
+        maps = self.word_maps(image_tokens)
         if groups is None:
             out = self.encoder.encode_text(text_ids)
-            states = self._decode(out.tokens, start=0, total_len=T, context=image_tokens, hidden=True)
+            states = self._decode(
+                out.tokens, start=0, total_len=T, context=image_tokens, hidden=True, ids=text_ids, word_logprobs=maps
+            )
             return out, states, self.decoder.lm_head(states)
         outs, states, logits = [], [], []
         for rows, length in groups:
-            out = self.encoder.encode_text(text_ids[rows, :length])
-            hidden = self._decode(out.tokens, start=0, total_len=length, context=image_tokens[rows], hidden=True)
+            ids = text_ids[rows, :length]
+            out = self.encoder.encode_text(ids)
+            hidden = self._decode(
+                out.tokens, start=0, total_len=length, context=image_tokens[rows], hidden=True, ids=ids,
+                word_logprobs=None if maps is None else maps[rows],
+            )  # fmt: skip
             outs.append(out)
             states.append(hidden)
             logits.append(self.decoder.lm_head(hidden))
@@ -221,7 +239,7 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
         """Return empty KV caches plus each decoder layer's image latent for up to total_len text tokens."""
         return DecodingCache(
             encoder=self.encoder.new_caches(),
-            decoder=self.decoder.new_caches(),
+            decoder=self.decoder.new_caches(image_tokens, self.word_maps(image_tokens)),
             contexts=self.decoder.encode_contexts(image_tokens),
             total_len=total_len,
         )
@@ -235,8 +253,9 @@ class MLMModel(nn.Module, PyTorchModelHubMixin, library_name="mlm", tags=["visio
             ids, start=start, total_len=cache.total_len, caches=cache.encoder, absorbed=True
         ).tokens  # (B, t, C)
         logits = self._decode(
-            states, start=start, total_len=cache.total_len, contexts=cache.contexts, caches=cache.decoder, absorbed=True
-        )
+            states, start=start, total_len=cache.total_len, contexts=cache.contexts, caches=cache.decoder,
+            absorbed=True, ids=ids,
+        )  # fmt: skip
         cache.length += ids.shape[1]
         return logits
 

@@ -194,6 +194,7 @@ def test_loading_a_folder_without_weights_names_the_missing_file(tmp_path):
         ["model.cross_query_gain=2.0", "model.cross_pos_keys=true"],
         ["model.attention=gqa", "model.cross_query_gain=0.5"],
         ["model.decoder_short_conv=3", "model.attention=mha"],
+        ["model.decoder_grounding=2", "model.word_head=true", "model.word_head_patches=true", "model.top_k=3"],
     ],
 )
 def test_cached_step_by_step_decoding_equals_one_full_forward(overrides):
@@ -202,6 +203,8 @@ def test_cached_step_by_step_decoding_equals_one_full_forward(overrides):
         torch.nn.init.normal_(model.decoder.pos_values.weight)  # it starts at zero
     if model.decoder.short_conv is not None:
         torch.nn.init.normal_(model.decoder.short_conv.conv.weight)  # so does the convolution
+    if model.decoder.grounding is not None:
+        torch.nn.init.normal_(model.decoder.grounding.out.weight)  # and what the word grounding adds
     images, ids, _ = batch(2, 9)
     with torch.no_grad():
         image_tokens = model.encoder.encode_image(images).tokens
@@ -265,6 +268,21 @@ def test_beam_search_through_the_short_convolutions_history_equals_recomputing()
     )
     with pytest.raises(ConfigError, match="model.decoder_short_conv=1 mixes no tokens"):
         tiny_model("model.decoder_short_conv=1")
+
+
+def test_beam_search_through_the_word_groundings_state_equals_recomputing():
+    model = tiny_model("model.decoder_grounding=3", "model.word_head=true", "model.word_head_patches=true")
+    torch.nn.init.normal_(model.decoder.grounding.out.weight)
+    images, prompts = torch.randn(2, 3, 16, 16), [[1, 9], [1, 12]]
+    kwargs = dict(max_new_tokens=5, eos_id=EOS, num_beams=3)
+    assert model.generate_ids(images, prompts, **kwargs) == model.generate_ids(
+        images, prompts, use_cache=False, **kwargs
+    )
+    with pytest.raises(ConfigError, match="model.decoder_grounding=2 needs model.word_head"):
+        tiny_model("model.decoder_grounding=2")
+    with pytest.raises(ConfigError, match="does not work with model.match_head"):
+        tiny_model("model.decoder_grounding=2", "model.word_head=true", "model.word_head_patches=true",
+                    "model.match_head=true")  # fmt: skip
 
 
 def test_generate_and_answer_decode_with_the_tokenizer():

@@ -75,6 +75,13 @@ def test_models_that_cannot_be_exported_are_named(tiny_run, tmp_path, capsys):
     conv.save_pretrained(tmp_path / "conv")
     assert main(["export", "onnx", str(tmp_path / "conv"), str(tmp_path / "out")]) == 2
     assert "model.decoder_short_conv" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    grounded = tiny_model(
+        "model.decoder_grounding=2", "model.word_head=true", "model.word_head_patches=true",
+        f"model.vocab_size={len(model.tokenizer)}", tokenizer=model.tokenizer,
+    )  # fmt: skip
+    grounded.save_pretrained(tmp_path / "grounded")
+    assert main(["export", "onnx", str(tmp_path / "grounded"), str(tmp_path / "out")]) == 2
+    assert "model.decoder_grounding" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.decoder_short_conv=8"],
         "a causal depthwise conv over the last 8 text states at the decoder's input",
     ),
+    "grounding": (
+        ["model.decoder_grounding=4"],
+        "each text position reads where the per-patch word head sees its recent words (4 heads)",
+    ),
     "init-std": (["model.init_std=0.02"], "linear weights ~ truncated normal, std 0.02 (timm / HF) instead of torch's"),
 }
 QUICK = [  # a model and schedule small enough for the test suite

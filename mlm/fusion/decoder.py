@@ -11,7 +11,9 @@ sink, as ViT registers, Darcet et al., 2024, give a transformer's attention), so
 decoder reads also carry a learned projection of their patch position, so what a query reads from an object says
 where it is (positional keys only say where to look). With ``model.cross_query_gain`` each cross-attention head's
 queries carry a learned gain that starts at that value: a per-head temperature on the search. With
-``model.decoder_short_conv`` the text states first pass a short causal convolution (:mod:`mlm.fusion.short_conv`).
+``model.decoder_short_conv`` the text states first pass a short causal convolution (:mod:`mlm.fusion.short_conv`);
+with ``model.decoder_grounding`` each position then reads where the word head sees its recent words
+(:mod:`mlm.fusion.grounding`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from mlm.config import ModelConfig
 from mlm.encoders.patches import image_pos_table
 from mlm.fusion.cross_modal import CrossModalBlock
+from mlm.fusion.grounding import GroundingState, WordGrounding
 from mlm.fusion.short_conv import ConvHistory, ShortConv
 
 
@@ -40,6 +43,9 @@ class MultimodalDecoder(nn.Module):
         self.short_conv = ShortConv(cfg.dim, k) if k > 1 else None
         grid = (cfg.image_size // cfg.patch_size,) * 2
         patches = image_pos_table("sincos", grid, cfg.dim) if cfg.cross_pos_keys or cfg.cross_pos_values else None
+        heads = cfg.decoder_grounding
+        table = image_pos_table("sincos", grid, cfg.dim) if heads else None
+        self.grounding = WordGrounding(cfg.dim, cfg.vocab_size, heads, table) if heads else None
         self.pos_values = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.cross_pos_values else None
         if self.pos_values is not None:
             nn.init.zeros_(self.pos_values.weight)  # starts as the plain image tokens
@@ -50,10 +56,22 @@ class MultimodalDecoder(nn.Module):
             table = torch.cat([table.new_zeros(1, 1, cfg.dim), table], dim=1)  # the null token has no place
         self.register_buffer("context_pos", table, persistent=False)  # rebuilt from the config, not saved
 
-    def new_caches(self) -> list:
-        """Return one empty self-attention cache per layer (then the short convolution's history, if any)."""
+    def new_caches(self, image_tokens: Tensor | None = None, word_logprobs: Tensor | None = None) -> list:
+        """Return one empty self-attention cache per layer, then the short convolution's history and the word
+        grounding's state (which needs the image tokens (B, N, C) and their word log-probs (B, N, V)), if any."""
         caches = [layer.self_attn.new_cache() for layer in self.layers]
-        return caches + [ConvHistory()] if self.short_conv is not None else caches
+        if self.short_conv is not None:
+            caches.append(ConvHistory())
+        if self.grounding is not None:
+            if image_tokens is None or word_logprobs is None:
+                raise ValueError("model.decoder_grounding: decoding caches need the image tokens and word log-probs")
+            caches.append(self.grounding.start(image_tokens, word_logprobs))
+        return caches
+
+    def _extra(self, caches: list | None, kind: type):
+        """The cache of ``kind`` after the per-layer caches, or None."""
+        extra = [] if caches is None else caches[len(self.layers) :]
+        return next((c for c in extra if isinstance(c, kind)), None)
 
     def image_context(self, image_tokens: Tensor) -> Tensor:
         """Image tokens (B, N, C) as the cross-attention reads them: plus their projected positions with
@@ -81,17 +99,28 @@ class MultimodalDecoder(nn.Module):
         caches: list | None = None,
         absorbed: bool = False,
         hidden: bool = False,
+        ids: Tensor | None = None,
+        word_logprobs: Tensor | None = None,
     ) -> Tensor:
         """Return LM logits (B, T, V) for text states (B, T, C), or with ``hidden`` the normed states (B, T, C).
 
         Give either ``context`` (image tokens (B, N, C), training) or ``contexts`` (per-layer caches from
-        :meth:`encode_contexts`, decoding); ``caches`` are the per-layer self-attention caches.
+        :meth:`encode_contexts`, decoding); ``caches`` are the per-layer self-attention caches. With
+        ``model.decoder_grounding``, ``ids`` (B, T) are the tokens of the text states and, without caches,
+        ``word_logprobs`` (B, N, V) the image patches' word log-probs.
         """
         if (context is None) == (contexts is None):
             raise ValueError("give exactly one of context (image tokens) or contexts (encoded per layer)")
         x = text_states
         if self.short_conv is not None:
-            x = self.short_conv(x, caches[-1] if caches is not None else None)
+            x = self.short_conv(x, self._extra(caches, ConvHistory))
+        if self.grounding is not None:
+            if ids is None or (caches is None and (word_logprobs is None or context is None)):
+                raise ValueError("model.decoder_grounding: the decoder needs the token ids and the image's word maps")
+            state = self._extra(caches, GroundingState)
+            if state is None:
+                state = self.grounding.start(context, word_logprobs)
+            x = self.grounding(x, ids, state, cached=caches is not None)
         context = None if context is None else self.image_context(context)
         for i, layer in enumerate(self.layers):
             ctx = context if contexts is None else contexts[i]

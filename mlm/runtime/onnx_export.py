@@ -43,6 +43,8 @@ def check_exportable(model) -> None:
         raise ValueError("this model has LoRA adapters; merge them first (mlm export CKPT --out DIR --merge-lora)")
     if model.config.decoder_short_conv:
         raise ValueError("model.decoder_short_conv: the step graph does not carry the convolution's history yet")
+    if model.config.decoder_grounding:
+        raise ValueError("model.decoder_grounding: the step graph does not carry the word grounding's state yet")
     if model.device.type != "cpu":
         raise ValueError(f"export runs on the CPU; the model is on {model.device}")
 
