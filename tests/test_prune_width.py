@@ -120,3 +120,45 @@ def test_a_model_with_lora_adapters_is_merged_first(tiny_model):
     narrow = width.narrower_model(tiny_model, 0.5)
     with pytest.raises(ValueError, match="merge them first"):
         width.residual_axes(tiny_model, narrow)
+
+
+def test_an_axis_of_several_copies_of_the_stream_is_pruned_in_every_copy():
+    from mlm.config import load_config
+    from mlm.model import MLMModel
+
+    sets = ["model.dim=32", "model.n_layers=2", "model.levels=[local, global]", "model.image_size=16",
+            "model.patch_size=4", "model.vocab_size=48", "model.embed_dim=16", "model.pool_hidden_dim=16",
+            "model.decoder_layers=1", "model.mla.n_heads=2", "model.mla.kv_lora_rank=16",
+            "model.mla.qk_nope_head_dim=8", "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=8",
+            "model.word_head=true", "model.word_head_patches=true", "model.decoder_grounding=3"]  # fmt: skip
+    model = MLMModel(load_config(None, sets).model).eval()
+    torch.nn.init.normal_(model.decoder.grounding.out.weight)  # it starts at zero
+    narrow = width.narrower_model(model, 0.5)
+    axes = width.residual_axes(model, narrow)
+    assert axes["decoder.grounding.out.weight"] == [0, (1, 3)]  # (C, 3 heads x C + 3 scores)
+    assert axes["decoder.grounding.value.weight"] == [0, 1]
+    scores = torch.arange(32, dtype=torch.float)  # the last half is the most important
+    small = dict(width.prune_width(model, narrow, axes, scores).named_parameters())
+    keep = torch.arange(16, 32)
+    cols = torch.cat([keep, keep + 32, keep + 64, torch.tensor([96, 97, 98])])
+    wide = model.decoder.grounding.out.weight
+    torch.testing.assert_close(small["decoder.grounding.out.weight"], wide[keep][:, cols])
+    assert width.stream_index(torch.tensor([1]), 2, 5, 2).tolist() == [1, 3, 4]
+    batch = _batch(model)  # the importance of a channel counts it in every copy
+    loss_fn = ImageTextLoss.from_config(TrainConfig())
+    gate = torch.ones(32, requires_grad=True)
+    params = {}
+    for name, p in model.named_parameters():
+        value = p.detach()
+        for entry in axes.get(name, []):
+            axis, copies = entry if isinstance(entry, tuple) else (entry, 1)
+            full = torch.cat([gate.repeat(copies), torch.ones(value.shape[axis] - 32 * copies)])
+            shape = [1] * value.dim()
+            shape[axis] = -1
+            value = value * full.view(shape)
+        params[name] = value
+    params["decoder.lm_head.weight"] = params["encoder.token_embed.weight"]  # tied
+    out = functional_call(model, params, (batch["images"], batch["text_ids"], batch["text_mask"]))
+    loss_fn(out, batch)[0].backward()
+    importance = width.channel_importance(model, axes, [batch], loss_fn)
+    torch.testing.assert_close(importance, gate.grad.abs(), rtol=1e-4, atol=1e-6)

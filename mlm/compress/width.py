@@ -10,8 +10,9 @@ and feed-forward channels), averaged over calibration batches.
 
 Which axes are the residual stream's is read from the model itself: the pruned config differs from the original in
 ``model.dim`` alone (the feed-forward width is written out, so it does not follow ``dim``), and every parameter axis
-of size ``dim`` in the original and of the new width in a model built from that config is one. Every other axis
-keeps its size. The fixed sin-cos position tables follow the new width (they are rebuilt from the config), which the
+of size ``dim`` in the original and of the new width in a model built from that config is one; an axis that shrinks
+by a multiple g of the width change holds g copies of the stream and then entries of its own (the word grounding's
+projection of its heads' reads and scores). Every other axis keeps its size. The fixed sin-cos position tables follow the new width (they are rebuilt from the config), which the
 fine-tuning or distillation after pruning adapts to.
 """
 
@@ -35,9 +36,11 @@ def narrower_config(model: nn.Module, ratio: float):
     return cfg
 
 
-def residual_axes(model: nn.Module, narrow: nn.Module) -> dict[str, list[int]]:
+def residual_axes(model: nn.Module, narrow: nn.Module) -> dict[str, list]:
     """Per parameter name of ``model``, its axes that are the residual stream (size ``dim`` there and the narrower
-    width in ``narrow``); raises ValueError when any other axis differs."""
+    width in ``narrow``): an int, or (axis, g) for an axis that holds g consecutive copies of the stream and then
+    entries of their own (the heads' reads a word-grounding projection takes); raises ValueError when any other axis
+    differs."""
     targets(model)  # a model with LoRA adapters: merge them first (one clear line)
     wide_dim, narrow_dim = model.config.dim, narrow.config.dim
     small = dict(narrow.named_parameters())
@@ -46,12 +49,32 @@ def residual_axes(model: nn.Module, narrow: nn.Module) -> dict[str, list[int]]:
         if name not in small:
             raise ValueError(f"the narrower model has no parameter {name}")
         q = small[name]
-        found = [a for a, (n, m) in enumerate(zip(p.shape, q.shape, strict=True)) if n != m]
-        if any(p.shape[a] != wide_dim or q.shape[a] != narrow_dim for a in found):
-            raise ValueError(f"{name}: {tuple(p.shape)} -> {tuple(q.shape)} is not a change of model.dim alone")
+        found = []
+        for a, (n, m) in enumerate(zip(p.shape, q.shape, strict=True)):
+            if n == m:
+                continue
+            copies = (n - m) // (wide_dim - narrow_dim)
+            if (n, m) == (wide_dim, narrow_dim):
+                found.append(a)
+            elif (n - m) % (wide_dim - narrow_dim) == 0 and n - copies * wide_dim >= 0:
+                found.append((a, copies))
+            else:
+                raise ValueError(f"{name}: {tuple(p.shape)} -> {tuple(q.shape)} is not a change of model.dim alone")
         if found:
             axes[name] = found
     return axes
+
+
+def _axis(entry) -> tuple[int, int]:
+    """(axis, copies of the stream on it) of a :func:`residual_axes` entry."""
+    return entry if isinstance(entry, tuple) else (entry, 1)
+
+
+def stream_index(keep: Tensor, dim: int, size: int, copies: int) -> Tensor:
+    """Indices along an axis of ``size`` holding ``copies`` of the stream (width ``dim``) and then other entries:
+    channels ``keep`` of every copy, and every other entry."""
+    kept = [keep + c * dim for c in range(copies)]
+    return torch.cat([*kept, torch.arange(copies * dim, size, device=keep.device)])
 
 
 def channel_importance(model: nn.Module, axes: dict[str, list[int]], batches, loss_fn) -> Tensor:
@@ -66,8 +89,10 @@ def channel_importance(model: nn.Module, axes: dict[str, list[int]], batches, lo
             if p.grad is None:
                 continue
             taylor = (p.detach().float() * p.grad.float()).cpu()
-            for axis in dims:
-                total += taylor.movedim(axis, 0).reshape(p.shape[axis], -1).sum(dim=1)
+            for entry in dims:
+                axis, copies = _axis(entry)
+                rows = taylor.movedim(axis, 0)[: copies * model.config.dim]
+                total += rows.reshape(copies, model.config.dim, -1).sum(dim=(0, 2))
         scores += total.abs()
         count += 1
     return scores / count
@@ -92,8 +117,10 @@ def prune_width(model: nn.Module, narrow: nn.Module, axes: dict[str, list[int]],
     state = {}
     for name, p in model.named_parameters():
         value = p.detach()
-        for axis in axes.get(name, []):
-            value = value.index_select(axis, keep.to(value.device))
+        for entry in axes.get(name, []):
+            axis, copies = _axis(entry)
+            index = stream_index(keep.to(value.device), model.config.dim, value.shape[axis], copies)
+            value = value.index_select(axis, index)
         state[name] = value.clone()
     missing, unexpected = narrow.load_state_dict(state, strict=False)
     own = dict(narrow.named_parameters())  # missing names outside it are tied aliases and rebuilt buffers
