@@ -12,8 +12,9 @@ Which axes are the residual stream's is read from the model itself: the pruned c
 ``model.dim`` alone (the feed-forward width is written out, so it does not follow ``dim``), and every parameter axis
 of size ``dim`` in the original and of the new width in a model built from that config is one; an axis that shrinks
 by a multiple g of the width change holds g copies of the stream and then entries of its own (the word grounding's
-projection of its heads' reads and scores). Every other axis keeps its size. The fixed sin-cos position tables follow the new width (they are rebuilt from the config), which the
-fine-tuning or distillation after pruning adapts to.
+projection of its heads' reads and scores). Every other axis keeps its size. The fixed sin-cos position tables
+follow the new width (they are rebuilt from the config), which the fine-tuning or distillation after pruning adapts
+to.
 """
 
 from __future__ import annotations
