@@ -29,10 +29,11 @@ ROWS: dict[str, tuple[list[str], str]] = {
     ),  # fmt: skip
     "top-k": (["model.top_k=8"], "global blocks keep the 8 best keys per query"),
     "no-fusion": (["eval.vqa_mode=embedding"], "VQA answered from pooled embeddings, not the cross-modal decoder"),
-    # the stem measured in the README (two 3x3 convs at 30x30, 16 and 32 channels, then 7x7 projections at stride 5)
-    "conv-stem": (
-        ["model.conv_stem=2", "model.conv_stem_width=32", "model.patch_overlap=1"],
-        "3x3 conv layers before the patch projection (early convolutions) instead of linear overlapping patches",
+    # the shipped tiny config has the two-conv stem (16 and 32 channels, then 7x7 projections at stride 5), so the
+    # row puts back the linear patch projection it had before (20 px kernels at stride 10)
+    "linear-patches": (
+        ["model.conv_stem=0", "model.conv_stem_width=0", "model.patch_overlap=5"],
+        "linear overlapping patch projections instead of the 3x3 conv stem (early convolutions)",
     ),
     "swap-negatives": (["train.swap_negatives=4"], "4 captions with one word swapped (data.swap_groups) as negatives"),
     # the shipped tiny config has positional keys on, so the row switches them off
@@ -43,10 +44,14 @@ ROWS: dict[str, tuple[list[str], str]] = {
     # the shipped tiny config packs 5 questions per VQA row, has the per-patch word objective and position values
     # on, so these rows switch one of them off (or the word head to the pooled image); it has no null token
     "one-turn": (["train.vqa_turns=1", "model.max_text_len=40"], "one question per VQA row instead of 5"),
-    "words-pooled": (["model.word_head_patches=false"], "caption words predicted from the pooled image, not per patch"),
+    # word grounding reads the per-patch word head, so these two rows switch it off as well
+    "words-pooled": (
+        ["model.word_head_patches=false", "model.decoder_grounding=0"],
+        "caption words predicted from the pooled image, not per patch (no word grounding)",
+    ),
     "no-words": (
-        ["model.word_head=false", "model.word_head_patches=false", "train.word_weight=0"],
-        "no word objective",
+        ["model.word_head=false", "model.word_head_patches=false", "train.word_weight=0", "model.decoder_grounding=0"],
+        "no word objective (no word grounding)",
     ),
     "null": (["model.cross_null=true"], "a learned null token in the decoder's cross-attention"),
     "no-pos-values": (["model.cross_pos_values=false"], "image tokens the decoder reads without their positions"),
@@ -59,9 +64,9 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.vqa_prompt={question} [SEP]"],
         "VQA prompts as the question and one [SEP] token instead of question: ... answer:",
     ),
-    "match": (
-        ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1"],
-        "the decoder tells matching from hard-negative image-text pairs (ITM)",
+    "match": (  # matching decodes captions without their token ids, which word grounding needs
+        ["model.match_head=true", "train.match_weight=1.0", "train.swap_negatives=1", "model.decoder_grounding=0"],
+        "the decoder tells matching from hard-negative image-text pairs (ITM; no word grounding)",
     ),
     # the shipped tiny config starts each cross-attention head's queries at a gain of 2, so the row switches it off
     "no-query-gain": (["model.cross_query_gain=0"], "cross-attention queries without their learned per-head gain"),
@@ -69,9 +74,10 @@ ROWS: dict[str, tuple[list[str], str]] = {
         ["model.decoder_short_conv=8"],
         "a causal depthwise conv over the last 8 text states at the decoder's input",
     ),
-    "grounding": (
-        ["model.decoder_grounding=4"],
-        "each text position reads where the per-patch word head sees its recent words (4 heads)",
+    # the shipped tiny config has 4 word-grounding heads, so the row switches them off
+    "no-grounding": (
+        ["model.decoder_grounding=0"],
+        "the decoder without the heads that read where the per-patch word head sees the recent words",
     ),
     "init-std": (["model.init_std=0.02"], "linear weights ~ truncated normal, std 0.02 (timm / HF) instead of torch's"),
 }

@@ -40,7 +40,7 @@ def test_bench_train_compares_ours_with_open_clip_coca(tmp_path, capsys):
 def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     out = tmp_path / "ablate.json"
     names = ["baseline", "mean-pool", "no-fusion", "no-pos-keys", "one-turn", "words-pooled", "no-words", "null",
-             "no-pos-values", "no-overlap", "compact-prompt"]  # fmt: skip
+             "no-pos-values", "no-overlap", "compact-prompt", "no-grounding", "linear-patches"]  # fmt: skip
     argv = ["bench", "ablate", "--quick", "--budget-s", "1", "--rows", ",".join(names), "--row", "mine=train.lr=1e-3",
             "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
@@ -52,12 +52,14 @@ def test_bench_ablate_quick_rows_and_deltas(tmp_path):
     assert rows["mean-pool"]["params"] < rows["baseline"]["params"]  # no per-level scorers
     # one position projection per decoder layer: dim (32) x qk_rope_head_dim (4) in the quick model's 1 layer
     assert rows["baseline"]["params"] - rows["no-pos-keys"]["params"] == 32 * 4
-    assert rows["words-pooled"]["params"] == rows["baseline"]["params"]  # the same head, on the pooled image
+    assert rows["words-pooled"]["params"] == rows["no-grounding"]["params"]  # the same head, on the pooled image
+    assert rows["no-grounding"]["params"] < rows["baseline"]["params"]
     assert rows["no-words"]["params"] < rows["baseline"]["params"]  # no word head
     assert rows["null"]["params"] - rows["baseline"]["params"] == 32  # one null token of width 32
     assert rows["baseline"]["params"] - rows["no-pos-values"]["params"] == 32 * 32  # the position projection
-    # the shipped 5-pixel overlap widens the quick model's 8 px patch kernel to 18 px: 3 channels in, 32 out
-    assert rows["baseline"]["params"] - rows["no-overlap"]["params"] == (18 * 18 - 8 * 8) * 3 * 32
+    # the shipped stem takes the quick model's 8 px patch down to a 2 px projection, which the 1-pixel overlap
+    # widens to 4 px: the stem's 32 channels in, 32 out
+    assert rows["baseline"]["params"] - rows["no-overlap"]["params"] == (4 * 4 - 2 * 2) * 32 * 32
     assert rows["compact-prompt"]["params"] == rows["baseline"]["params"]  # a data format, no weights
     assert main(["bench", "ablate", "--quick", "--rows", "nonsense"]) == 2
 
