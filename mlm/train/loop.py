@@ -134,6 +134,10 @@ class Trainer:
             prepare_qat(model)  # same parameter names: checkpoints and --resume are unchanged
         if c.train.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
+        if c.train.word_weight and not captions and model.decoder.grounding is not None:
+            model.decoder.grounding.requires_grad_(False)  # a fresh one stays a no-op (its projection starts at 0)
+            logger.warning("model.decoder_grounding: frozen; its word maps have no captions to learn from")
         model.to(accel.device)
         optimizer = build_optimizer(model, c.train)
         scheduler = build_scheduler(optimizer, c.train)
@@ -142,7 +146,6 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = accel.prepare(model, optimizer, scheduler)
         self.comm_hook = comm.register(self.model, c.train, accel)  # DDP gradients compressed, when asked
         self._relayout = False
-        captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
         losses = c.train
         if c.train.word_weight and not captions:  # questions only (a VQA source): no caption words to predict
             logger.warning("train.word_weight=%g: data.train has no captions; the word loss is off", losses.word_weight)

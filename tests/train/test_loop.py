@@ -212,13 +212,17 @@ def test_the_word_objective_trains_its_head_and_lowers_its_loss(synth_dir, tmp_p
 
 def test_a_questions_only_source_trains_with_the_word_objective_off_and_says_so(synth_dir, tmp_path, caplog):
     questions = synth_dir / "vqa_questions_train.json"
-    config = tiny_config(synth_dir, tmp_path, f"data.train={questions}", "train.max_steps=3",
-                         "model.word_head=true", "train.word_weight=1.0")  # fmt: skip
+    config = tiny_config(synth_dir, tmp_path, f"data.train={questions}", "train.max_steps=3", "model.word_head=true",
+                         "train.word_weight=1.0", "model.word_head_patches=true", "model.decoder_grounding=2")  # fmt: skip
     with caplog.at_level("WARNING", logger="mlm.train.loop"):
-        _trainer(config).fit()
+        trainer = _trainer(config)
+        trainer.fit()
     assert "train.word_weight=1: data.train has no captions; the word loss is off" in caplog.text
     metrics = read_metrics(tmp_path / "metrics.csv")
     assert all(v == 0 for _, v in metrics["loss/words"]) and all(v > 0 for _, v in metrics["loss/vqa"])
+    # word grounding would read an untrained word head: it stays at its start, a no-op
+    assert "model.decoder_grounding: frozen; its word maps have no captions to learn from" in caplog.text
+    assert not trainer.unwrapped.decoder.grounding.out.weight.any()
 
 
 def test_fit_steps_to_time_ends_the_schedule_within_the_budget_and_resume_keeps_it(synth_dir, tmp_path, monkeypatch):
