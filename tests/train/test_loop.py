@@ -213,7 +213,8 @@ def test_the_word_objective_trains_its_head_and_lowers_its_loss(synth_dir, tmp_p
 def test_a_questions_only_source_trains_with_the_word_objective_off_and_says_so(synth_dir, tmp_path, caplog):
     questions = synth_dir / "vqa_questions_train.json"
     config = tiny_config(synth_dir, tmp_path, f"data.train={questions}", "train.max_steps=3", "model.word_head=true",
-                         "train.word_weight=1.0", "model.word_head_patches=true", "model.decoder_grounding=2")  # fmt: skip
+                         "train.word_weight=1.0", "model.word_head_patches=true",
+                         "model.decoder_grounding=2")  # fmt: skip
     with caplog.at_level("WARNING", logger="mlm.train.loop"):
         trainer = _trainer(config)
         trainer.fit()
