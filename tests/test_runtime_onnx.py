@@ -150,6 +150,17 @@ def test_bench_compress_has_an_onnx_row_with_the_float_quality(tiny_run, tmp_pat
     # the weights once (graph structure is a large share of so small a model), then as int8
     assert rows[1]["size_ratio"] < 2.0 and rows[2]["size_bytes"] < 0.6 * rows[1]["size_bytes"]
     assert main([*argv[:-2], "--variants", "fp8"]) == 2
+    model = inference.load_model(tiny_run[0], "cpu")
+    grounded = tiny_model(
+        "model.decoder_grounding=2", "model.word_head=true", "model.word_head_patches=true",
+        f"model.vocab_size={len(model.tokenizer)}", tokenizer=model.tokenizer,
+    )  # fmt: skip
+    grounded.save_pretrained(tmp_path / "grounded")
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "grounded")
+    assert main(argv) == 0  # a model the exporter refuses: its ONNX rows are skipped, with the reason
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["rows"]] == ["float"]
+    assert "model.decoder_grounding" in report["skipped"]["onnx"]
 
 
 def _graph(weight, table, name: str):

@@ -16,11 +16,13 @@ Runtime's intra-op threads) and ``onnx-int8`` (the same with INT8 weights, ``mlm
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 VARIANTS = ("float", "int8-torchao", "int8-fbgemm", "onnx", "onnx-int8")  # float always runs: the ratios' baseline
 
 
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from mlm.eval.runner import open_eval_source
     from mlm.inference import image_batches, image_transform, load_model
     from mlm.run_folder import resolve_checkpoint
-    from mlm.runtime.onnx_export import export_onnx
+    from mlm.runtime.onnx_export import check_exportable, export_onnx
     from mlm.runtime.onnx_int8 import folder_bytes
     from mlm.runtime.onnx_model import load_onnx_model
 
@@ -170,7 +172,14 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             exited = model.exit_threshold is not None
             row["blocks"] = model.early_exit.mean_blocks() if exited else float(model.config.n_layers)
             rows.append(row)
+        skipped = {}
         for name in (v for v in ("onnx", "onnx-int8") if v in chosen):
+            try:
+                check_exportable(float_model)
+            except ValueError as err:  # e.g. word grounding: the other rows still run
+                skipped[name] = str(err)
+                logger.warning("bench compress: row %s skipped: %s", name, err)
+                continue
             graphs = Path(tmp) / name
             export_onnx(float_model, graphs, int8=name == "onnx-int8")
             row = {"variant": name, "size_bytes": folder_bytes(graphs), "params": rows[0]["params"]}
@@ -188,7 +197,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         for key in ("t2i_R@1", "vqa", "CIDEr"):
             row[f"{key}_delta"] = row[key] - base[key]
     report = {"checkpoint": str(folder), "data": str(data), "split": args.split, "batch_size": len(texts),
-              "threads": threads, "torch_version": torch.__version__, "rows": rows}  # fmt: skip
+              "threads": threads, "torch_version": torch.__version__, "rows": rows, "skipped": skipped}  # fmt: skip
     return report, _table(report)
 
 
