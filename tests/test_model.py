@@ -258,26 +258,26 @@ def test_beam_search_with_cache_equals_without_and_nucleus_is_seeded():
     assert sample(1.0, 0) != sample(1.0, 1)
 
 
-def test_beam_search_through_the_short_convolutions_history_equals_recomputing():
-    model = tiny_model("model.decoder_short_conv=3")
-    torch.nn.init.normal_(model.decoder.short_conv.conv.weight)
+GROUNDED = ["model.decoder_grounding=3", "model.word_head=true", "model.word_head_patches=true"]
+
+
+@pytest.mark.parametrize(
+    "overrides, weight",
+    [(["model.decoder_short_conv=3"], "short_conv.conv.weight"), (GROUNDED, "grounding.out.weight")],
+)
+def test_beam_search_through_the_decoders_input_state_equals_recomputing(overrides, weight):
+    model = tiny_model(*overrides)
+    torch.nn.init.normal_(model.decoder.get_parameter(weight))  # it starts at zero
     images, prompts = torch.randn(2, 3, 16, 16), [[1, 9], [1, 12]]
     kwargs = dict(max_new_tokens=5, eos_id=EOS, num_beams=3)
     assert model.generate_ids(images, prompts, **kwargs) == model.generate_ids(
         images, prompts, use_cache=False, **kwargs
     )
+
+
+def test_settings_of_the_decoders_input_that_cannot_work_are_named():
     with pytest.raises(ConfigError, match="model.decoder_short_conv=1 mixes no tokens"):
         tiny_model("model.decoder_short_conv=1")
-
-
-def test_beam_search_through_the_word_groundings_state_equals_recomputing():
-    model = tiny_model("model.decoder_grounding=3", "model.word_head=true", "model.word_head_patches=true")
-    torch.nn.init.normal_(model.decoder.grounding.out.weight)
-    images, prompts = torch.randn(2, 3, 16, 16), [[1, 9], [1, 12]]
-    kwargs = dict(max_new_tokens=5, eos_id=EOS, num_beams=3)
-    assert model.generate_ids(images, prompts, **kwargs) == model.generate_ids(
-        images, prompts, use_cache=False, **kwargs
-    )
     with pytest.raises(ConfigError, match="model.decoder_grounding=2 needs model.word_head"):
         tiny_model("model.decoder_grounding=2")
     with pytest.raises(ConfigError, match="does not work with model.match_head"):

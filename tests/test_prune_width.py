@@ -27,6 +27,27 @@ def _batch(model, rows=4, length=9, seed=0):
             "is_vqa": torch.tensor([False, True] * (rows // 2))}  # fmt: skip
 
 
+def _gate_gradient(model, axes, batch, loss_fn) -> torch.Tensor:
+    """|dL/dgate| for a gate of ones on each residual channel, scaling every entry of channel c (in every copy of
+    the stream an axis holds) by gate[c]."""
+    dim = model.config.dim
+    gate = torch.ones(dim, requires_grad=True)
+    params = {}
+    for name, p in model.named_parameters():
+        value = p.detach()
+        for entry in axes.get(name, []):
+            axis, copies = entry if isinstance(entry, tuple) else (entry, 1)
+            full = torch.cat([gate.repeat(copies), torch.ones(value.shape[axis] - dim * copies)])
+            shape = [1] * value.dim()
+            shape[axis] = -1
+            value = value * full.view(shape)
+        params[name] = value
+    params["decoder.lm_head.weight"] = params["encoder.token_embed.weight"]  # tied
+    out = functional_call(model, params, (batch["images"], batch["text_ids"], batch["text_mask"]))
+    loss_fn(out, batch)[0].backward()
+    return gate.grad.abs()
+
+
 def test_the_residual_axes_are_the_stream_s_and_nothing_else(tiny_model):
     narrow = width.narrower_model(tiny_model, 0.5)
     axes = width.residual_axes(tiny_model, narrow)
@@ -51,19 +72,7 @@ def test_channel_importance_is_the_gradient_of_a_gate_on_each_channel(tiny_model
     axes = width.residual_axes(tiny_model, narrow)
     loss_fn = ImageTextLoss.from_config(TrainConfig())
     scores = width.channel_importance(tiny_model, axes, [batch], loss_fn)
-    gate = torch.ones(tiny_model.config.dim, requires_grad=True)
-    params = {}
-    for name, p in tiny_model.named_parameters():
-        value = p.detach()
-        for axis in axes.get(name, []):  # every entry of channel c scaled by gate[c]
-            shape = [1] * value.dim()
-            shape[axis] = -1
-            value = value * gate.view(shape)
-        params[name] = value
-    params["decoder.lm_head.weight"] = params["encoder.token_embed.weight"]  # tied
-    out = functional_call(tiny_model, params, (batch["images"], batch["text_ids"], batch["text_mask"]))
-    loss_fn(out, batch)[0].backward()
-    torch.testing.assert_close(scores, gate.grad.abs(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores, _gate_gradient(tiny_model, axes, batch, loss_fn), rtol=1e-4, atol=1e-6)
 
 
 def test_the_narrow_model_keeps_the_original_weights_at_the_kept_channels(tiny_model):
@@ -146,19 +155,5 @@ def test_an_axis_of_several_copies_of_the_stream_is_pruned_in_every_copy():
     assert width.stream_index(torch.tensor([1]), 2, 5, 2).tolist() == [1, 3, 4]
     batch = _batch(model)  # the importance of a channel counts it in every copy
     loss_fn = ImageTextLoss.from_config(TrainConfig())
-    gate = torch.ones(32, requires_grad=True)
-    params = {}
-    for name, p in model.named_parameters():
-        value = p.detach()
-        for entry in axes.get(name, []):
-            axis, copies = entry if isinstance(entry, tuple) else (entry, 1)
-            full = torch.cat([gate.repeat(copies), torch.ones(value.shape[axis] - 32 * copies)])
-            shape = [1] * value.dim()
-            shape[axis] = -1
-            value = value * full.view(shape)
-        params[name] = value
-    params["decoder.lm_head.weight"] = params["encoder.token_embed.weight"]  # tied
-    out = functional_call(model, params, (batch["images"], batch["text_ids"], batch["text_mask"]))
-    loss_fn(out, batch)[0].backward()
     importance = width.channel_importance(model, axes, [batch], loss_fn)
-    torch.testing.assert_close(importance, gate.grad.abs(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(importance, _gate_gradient(model, axes, batch, loss_fn), rtol=1e-4, atol=1e-6)
