@@ -42,10 +42,10 @@ class MultimodalDecoder(nn.Module):
         k = cfg.decoder_short_conv
         self.short_conv = ShortConv(cfg.dim, k) if k > 1 else None
         grid = (cfg.image_size // cfg.patch_size,) * 2
-        patches = image_pos_table("sincos", grid, cfg.dim) if cfg.cross_pos_keys or cfg.cross_pos_values else None
         heads = cfg.decoder_grounding
-        table = image_pos_table("sincos", grid, cfg.dim) if heads else None
-        self.grounding = WordGrounding(cfg.dim, cfg.vocab_size, heads, table) if heads else None
+        needs_pos = cfg.cross_pos_keys or cfg.cross_pos_values or heads
+        patches = image_pos_table("sincos", grid, cfg.dim) if needs_pos else None
+        self.grounding = WordGrounding(cfg.dim, cfg.vocab_size, heads, patches) if heads else None
         self.pos_values = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.cross_pos_values else None
         if self.pos_values is not None:
             nn.init.zeros_(self.pos_values.weight)  # starts as the plain image tokens
