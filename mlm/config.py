@@ -168,7 +168,9 @@ class TrainConfig:
     caption_weight: float = 2.0
     vqa_weight: float = 1.0
     word_weight: float = 0.0  # predict the caption's words from the pooled image (SuperClass); needs model.word_head
-    word_targets: str = "caption"  # caption: the row's caption | image: all its image's captions, VQA rows too
+    # caption: the row's caption | image: all its image's captions, VQA rows too | answers: image's, plus the answers
+    # of its questions that name a thing (not yes/no, not counts): questions alone then teach the word head
+    word_targets: str = "caption"
     exit_weight: float = 0.0  # model.early_exit: contrastive loss of every exit's embedding (its gates always train)
     match_weight: float = 0.0  # image-text matching through the decoder with hard negatives; needs model.match_head
     hard_negative_strength: float = 0.0

@@ -14,7 +14,7 @@ VQA_MODES = ("generative", "rank", "embedding")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
 GRAD_COMPRESSION = ("none", "fp16", "bf16", "int8", "int4", "powersgd")
-WORD_TARGETS = ("caption", "image")
+WORD_TARGETS = ("caption", "image", "answers")
 LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "k_proj", "v_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MAX_LIST = 1000  # config lists are short (levels, betas, trackers); longer ones are refused, never walked
 

@@ -56,14 +56,15 @@ def train_flops(step_fn) -> int:
 
 def _ours(config, tokenizer, source):
     """Our model, optimizer and loss; returns (model, step function on a batch, forward+backward function)."""
+    from mlm.data.word_targets import word_documents
     from mlm.model import MLMModel
     from mlm.train.losses import ImageTextLoss, word_idf
     from mlm.train.schedule import build_optimizer
 
     model = MLMModel(config.model, tokenizer=tokenizer).train()
     optimizer = build_optimizer(model, config.train)
-    captions = [text for r in source for text in r.captions] if config.train.word_weight else []
-    loss_fn = ImageTextLoss.from_config(config.train, idf=word_idf(tokenizer, captions) if captions else None)
+    words = word_documents(source, config.train.word_targets) if config.train.word_weight else []
+    loss_fn = ImageTextLoss.from_config(config.train, idf=word_idf(tokenizer, words) if words else None)
 
     def forward_backward(batch):
         out = model(batch["images"], batch["text_ids"], batch["text_mask"])

@@ -4,8 +4,9 @@
 (caption rows: one caption, a random one in training; VQA rows: ``question: q answer: a``, several questions about
 the same image packed together with ``train.vqa_turns`` > 1, see :mod:`mlm.data.turns`; with
 ``train.swap_negatives`` also swapped-word negative captions, see :mod:`mlm.data.negatives`; with
-``train.word_targets: image`` also ``word_ids``, the tokens of every caption of the row's image, which the word
-objective learns from, for VQA rows too). ``build_loader`` batches them with :class:`mlm.data.collate.Collate`.
+``train.word_targets: image`` or ``answers`` also ``word_ids``, the tokens the word objective learns for the row's
+image, for VQA rows too, see :mod:`mlm.data.word_targets`). ``build_loader`` batches them with
+:class:`mlm.data.collate.Collate`.
 
 A record whose image turns out bad when loaded (truncated, corrupt, too large...) is counted in ``dataset.stats``,
 logged, and replaced by the next record, so batches keep their size; with ``strict`` it raises instead.
@@ -28,6 +29,7 @@ from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
 from mlm.data.negatives import check_groups, swap_negatives
 from mlm.data.records import DataError, Record, SkipStats
 from mlm.data.tokenizer import VQA_PROMPT, MLMTokenizer
+from mlm.data.word_targets import image_texts
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class ImageTextDataset(Dataset):
         swap_negatives: int = 0,
         vqa_turns: int = 1,
         vqa_prompt: str = VQA_PROMPT,
-        image_words: bool = False,
+        image_words: str | None = None,
         cache_bytes: int = 0,
     ):
         if len(source) == 0:
@@ -78,7 +80,7 @@ class ImageTextDataset(Dataset):
         self.image_words = (
             {
                 key: sorted({i for c in texts for i in tokenizer.tokenize(c)})
-                for key, texts in image_captions(source).items()
+                for key, texts in image_texts(source, answers=image_words == "answers").items()
             }
             if image_words
             else None
@@ -155,16 +157,6 @@ class PixelCache:
         return pixels
 
 
-def image_captions(records: Sequence[Record]) -> dict:
-    """Every caption of each image (by :func:`mlm.data.turns.image_key`) over the records that have captions."""
-    out: dict = {}
-    for record in records:
-        key = turns.image_key(record) if record.captions else None
-        if key is not None:
-            out.setdefault(key, []).extend(record.captions)
-    return out
-
-
 def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train: bool) -> ImageTextDataset:
     """ImageTextDataset over a source with the transform, text length and image-size guard of a full ``Config``."""
     from mlm.data.transforms import build_transform
@@ -181,7 +173,7 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
         swap_negatives=cfg.train.swap_negatives,
         vqa_turns=cfg.train.vqa_turns,
         vqa_prompt=cfg.model.vqa_prompt,
-        image_words=cfg.train.word_targets == "image",
+        image_words=None if cfg.train.word_targets == "caption" else cfg.train.word_targets,
         cache_bytes=image_cache_bytes(cfg, train),
     )
 

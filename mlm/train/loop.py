@@ -23,6 +23,7 @@ from mlm.compress.qat import prepare_qat
 from mlm.config import Config, ConfigError
 from mlm.data.dataset import build_dataset
 from mlm.data.turns import image_key
+from mlm.data.word_targets import word_documents
 from mlm.fusion.matching import match_inputs
 from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
@@ -134,10 +135,11 @@ class Trainer:
             prepare_qat(model)  # same parameter names: checkpoints and --resume are unchanged
         if c.train.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        captions = [text for r in self.dataset.source for text in r.captions] if c.train.word_weight else []
-        if c.train.word_weight and not captions and model.decoder.grounding is not None:
+        words = word_documents(self.dataset.source, c.train.word_targets) if c.train.word_weight else []
+        if c.train.word_weight and not words and model.decoder.grounding is not None:
             model.decoder.grounding.requires_grad_(False)  # a fresh one stays a no-op (its projection starts at 0)
-            logger.warning("model.decoder_grounding: frozen; its word maps have no captions to learn from")
+            logger.warning("model.decoder_grounding: frozen; its word maps have no words to learn from (no captions; "
+                           "train.word_targets=answers adds the answers that name a thing)")  # fmt: skip
         model.to(accel.device)
         optimizer = build_optimizer(model, c.train)
         scheduler = build_scheduler(optimizer, c.train)
@@ -147,10 +149,14 @@ class Trainer:
         self.comm_hook = comm.register(self.model, c.train, accel)  # DDP gradients compressed, when asked
         self._relayout = False
         losses = c.train
-        if c.train.word_weight and not captions:  # questions only (a VQA source): no caption words to predict
-            logger.warning("train.word_weight=%g: data.train has no captions; the word loss is off", losses.word_weight)
+        if c.train.word_weight and not words:  # questions only (a VQA source): no caption words to predict
+            logger.warning(
+                "train.word_weight=%g: data.train has no words to learn (no captions; train.word_targets="
+                "answers adds the answers that name a thing); the word loss is off",
+                losses.word_weight,
+            )
             losses = dataclasses.replace(c.train, word_weight=0.0)
-        idf = word_idf(self.tokenizer, captions) if captions else None
+        idf = word_idf(self.tokenizer, words) if words else None
         self.loss_fn = ImageTextLoss.from_config(losses, accel.process_index, accel.num_processes, idf)
         self.teacher, self.distill_loss = distill.build(c, accel.device)  # (None, ...) without train.distill.teacher
 

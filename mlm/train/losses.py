@@ -343,7 +343,7 @@ class ImageTextLoss(nn.Module):
             parts["lens"] = output.exit_lens
         if getattr(output, "match_logits", None) is not None:
             parts["match"] = self.match(output.match_logits, output.match_labels)
-        if self.words is not None:  # train.word_targets: image gives every row its image's caption words
+        if self.words is not None:  # train.word_targets image / answers: every row gets its image's words
             image_words = "word_ids" in batch
             words = batch["word_ids"] if image_words else batch["text_ids"]
             rows = torch.ones_like(caption_rows) if image_words else caption_rows

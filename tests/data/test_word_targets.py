@@ -1,14 +1,16 @@
-"""train.word_targets: image — the word objective learns every caption word of a row's image, VQA rows included."""
+"""train.word_targets: image — the word objective learns every caption word of a row's image, VQA rows included;
+answers — also the answers of the image's questions that name a thing."""
 
 import pytest
 import torch
 
 from mlm.config import ConfigError, TrainConfig, load_config
 from mlm.data.collate import Collate
-from mlm.data.dataset import ImageTextDataset, image_captions
+from mlm.data.dataset import ImageTextDataset
 from mlm.data.records import Record
 from mlm.data.transforms import build_transform
 from mlm.data.turns import image_key
+from mlm.data.word_targets import image_texts, names_a_thing, word_documents
 from mlm.train.losses import ImageTextLoss, WordLoss
 
 
@@ -17,20 +19,37 @@ def test_captions_are_grouped_by_image_and_questions_left_out():
         Record(image="a.png", captions=["one", "two"]), Record(image="a.png", question="q", answers=["x"]),
         Record(image="b.png", captions=["three"]), Record(image="a.png", captions=["four"]),
     ]  # fmt: skip
-    assert image_captions(records) == {("path", "a.png"): ["one", "two", "four"], ("path", "b.png"): ["three"]}
+    assert image_texts(records) == {("path", "a.png"): ["one", "two", "four"], ("path", "b.png"): ["three"]}
+
+
+def test_answers_that_name_a_thing_join_their_images_words():
+    records = [
+        Record(image="a.png", captions=["one"]), Record(image="a.png", question="colour?", answers=["Blue"]),
+        Record(image="a.png", question="is it?", answers=["yes"]), Record(image="b.png", question="how many?",
+        answers=["2"]), Record(image="b.png", question="what?", answers=["cat"], answer_type="number"),
+        Record(image="c.png", question="what shape?", answers=["triangle", "triangle", "circle"]),
+    ]  # fmt: skip
+    assert [names_a_thing(r) for r in records] == [False, True, False, False, False, True]
+    assert image_texts(records, answers=True) == {("path", "a.png"): ["one", "Blue"], ("path", "c.png"): ["triangle"]}
+    assert word_documents(records, "image") == ["one"]
+    assert word_documents(records, "answers") == ["one", "Blue", "triangle"]  # each image's answers: one text
 
 
 def test_every_row_gets_its_images_caption_words(synth_source, tok):
-    ds = ImageTextDataset(synth_source, tok, build_transform(32), max_len=64, train=True, image_words=True)
-    captions = image_captions(synth_source)
+    ds = ImageTextDataset(synth_source, tok, build_transform(32), max_len=64, train=True, image_words="image")
+    captions = image_texts(synth_source)
     vqa = next(i for i in range(len(synth_source)) if synth_source[i].is_vqa)
     caption_row = next(i for i in range(len(synth_source)) if not synth_source[i].is_vqa)
     for index in (vqa, caption_row):
         words = {i for c in captions[image_key(synth_source[index])] for i in tok.tokenize(c)}
         assert ds[index]["word_ids"] == sorted(words)  # all five captions, not the one the row trains on
     assert "word_ids" not in ImageTextDataset(synth_source, tok, build_transform(32), max_len=64)[vqa]
+    with_answers = ImageTextDataset(synth_source, tok, build_transform(32), max_len=64, image_words="answers")
+    texts = image_texts(synth_source, answers=True)[image_key(synth_source[vqa])]
+    assert with_answers[vqa]["word_ids"] == sorted({i for t in texts for i in tok.tokenize(t)})
+    assert len(texts) > len(captions[image_key(synth_source[vqa])])  # its answers are among them
     lone = [Record(image=synth_source[vqa].image, question="what?", answers=["x"], image_id=999)]
-    lone_ds = ImageTextDataset(lone, tok, build_transform(32), max_len=64, image_words=True)
+    lone_ds = ImageTextDataset(lone, tok, build_transform(32), max_len=64, image_words="image")
     batch = Collate(tok.pad_id)([ds[vqa], lone_ds[0]])
     assert batch["word_ids"].shape[0] == 2
     assert (batch["word_ids"][1] == tok.pad_id).all()  # an image with no caption: nothing to learn
@@ -58,5 +77,7 @@ def test_the_loss_learns_word_ids_on_every_row():
 
 
 def test_word_targets_choice_is_checked():
-    with pytest.raises(ConfigError, match="train.word_targets='images' is not allowed; choose one of caption, image"):
+    with pytest.raises(
+        ConfigError, match="train.word_targets='images' is not allowed; choose one of caption, image, answers"
+    ):
         load_config(None, ["train.word_targets=images"])

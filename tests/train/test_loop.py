@@ -218,12 +218,25 @@ def test_a_questions_only_source_trains_with_the_word_objective_off_and_says_so(
     with caplog.at_level("WARNING", logger="mlm.train.loop"):
         trainer = _trainer(config)
         trainer.fit()
-    assert "train.word_weight=1: data.train has no captions; the word loss is off" in caplog.text
+    assert "train.word_weight=1: data.train has no words to learn (no captions;" in caplog.text
     metrics = read_metrics(tmp_path / "metrics.csv")
     assert all(v == 0 for _, v in metrics["loss/words"]) and all(v > 0 for _, v in metrics["loss/vqa"])
     # word grounding would read an untrained word head: it stays at its start, a no-op
-    assert "model.decoder_grounding: frozen; its word maps have no captions to learn from" in caplog.text
+    assert "model.decoder_grounding: frozen; its word maps have no words to learn from" in caplog.text
     assert not trainer.unwrapped.decoder.grounding.out.weight.any()
+
+
+def test_questions_alone_teach_the_word_head_from_their_answers(synth_dir, tmp_path, caplog):
+    questions = synth_dir / "vqa_questions_train.json"
+    config = tiny_config(synth_dir, tmp_path, f"data.train={questions}", "train.max_steps=3", "model.word_head=true",
+                         "train.word_weight=1.0", "model.word_head_patches=true", "model.decoder_grounding=2",
+                         "train.word_targets=answers")  # fmt: skip
+    with caplog.at_level("WARNING", logger="mlm.train.loop"):
+        trainer = _trainer(config)
+        trainer.fit()
+    assert "has no words to learn" not in caplog.text
+    assert all(v > 0 for _, v in read_metrics(tmp_path / "metrics.csv")["loss/words"])
+    assert trainer.unwrapped.decoder.grounding.out.weight.any()  # grounding trains on the maps the answers teach
 
 
 def test_fit_steps_to_time_ends_the_schedule_within_the_budget_and_resume_keeps_it(synth_dir, tmp_path, monkeypatch):
