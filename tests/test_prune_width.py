@@ -144,12 +144,12 @@ def test_an_axis_of_several_copies_of_the_stream_is_pruned_in_every_copy():
     torch.nn.init.normal_(model.decoder.grounding.out.weight)  # it starts at zero
     narrow = width.narrower_model(model, 0.5)
     axes = width.residual_axes(model, narrow)
-    assert axes["decoder.grounding.out.weight"] == [0, (1, 3)]  # (C, 3 heads x C + 3 scores)
+    assert axes["decoder.grounding.out.weight"] == [0, (1, 3)]  # (C, 3 heads x C + 3 x 2 scores)
     assert axes["decoder.grounding.value.weight"] == [0, 1]
     scores = torch.arange(32, dtype=torch.float)  # the last half is the most important
     small = dict(width.prune_width(model, narrow, axes, scores).named_parameters())
     keep = torch.arange(16, 32)
-    cols = torch.cat([keep, keep + 32, keep + 64, torch.tensor([96, 97, 98])])
+    cols = torch.cat([keep, keep + 32, keep + 64, torch.arange(96, 102)])
     wide = model.decoder.grounding.out.weight
     torch.testing.assert_close(small["decoder.grounding.out.weight"], wide[keep][:, cols])
     assert width.stream_index(torch.tensor([1]), 2, 5, 2).tolist() == [1, 3, 4]

@@ -9,11 +9,15 @@ decoder that search instead of leaving it to be discovered. For the tokens read 
     S_t(n) = sum_{s <= t} gamma^(t - s) * w(x_s) * log p(x_s | patch n)
 
 is a conjunction of the recent words' maps (a sum of log-probabilities); each head reads the image through
-softmax_n(beta * S_t(n)) — values carry each patch's content and place — and gets a presence score
-max_n S_t(n) - sum_s gamma^(t - s) max_n w(x_s) log p(x_s | n): zero when one patch shows all the recent words,
-negative when no patch does (the answer to "is there a red circle?"). A zero-initialised projection adds both to
-the text states, so a new model starts as the plain decoder. The word maps are detached: the word objective alone
-trains them. Cached decoding keeps S and its normaliser per sequence (:class:`GroundingState`).
+softmax_n(beta * S_t(n)) — values carry each patch's content and place — and gets two presence scores: the peak
+max_n S_t(n), high when some patch shows the recent words ("is there a red shape?" with one shape: its own
+evidence for "red"), and that peak less sum_s gamma^(t - s) max_n w(x_s) log p(x_s | n), zero when one patch shows
+all the recent words and negative when no patch does ("is there a red circle?" among several objects). A
+zero-initialised projection adds the reads and scores to the text states, so a new model starts as the plain
+decoder. The word maps are detached: the word objective alone trains them. A word the objective never learns has
+a map that means nothing, so training starts w at 1 for the words of the objective's targets and at 0 for the
+rest (:meth:`WordGrounding.start_words`; a word like "is" would otherwise drown the evidence for "red" until w had
+learned to ignore it). Cached decoding keeps S and its normaliser per sequence (:class:`GroundingState`).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class GroundingState:
 
 
 class WordGrounding(nn.Module):
-    """x + out([each head's read of the image through its word map, its presence score]) for text states x."""
+    """x + out([each head's read of the image through its word map, its two presence scores]) for text states x."""
 
     def __init__(self, dim: int, vocab_size: int, heads: int, patch_pos: Tensor):
         super().__init__()
@@ -60,8 +64,17 @@ class WordGrounding(nn.Module):
         self.value = nn.Linear(dim, dim, bias=False)
         self.pos_value = nn.Linear(dim, dim, bias=False)
         self.register_buffer("patch_pos", patch_pos, persistent=False)  # (1, N, C) sin-cos, rebuilt from config
-        self.out = nn.Linear(heads * (dim + 1), dim, bias=False)
+        self.out = nn.Linear(heads * (dim + 2), dim, bias=False)  # per head: its read and two presence scores
         nn.init.zeros_(self.out.weight)  # starts as the plain decoder
+
+    @torch.no_grad()
+    def start_words(self, learned: Tensor) -> None:
+        """Set w to 1 for the words the word objective learns (``learned``, (V,) bool) and 0 for the others."""
+        if learned.shape != self.word_weight.shape:
+            raise ValueError(
+                f"word grounding: {learned.numel()} word flags for a vocabulary of {self.word_weight.numel()}"
+            )
+        self.word_weight.copy_(learned.to(self.word_weight))
 
     def start(self, image_tokens: Tensor, word_logprobs: Tensor) -> GroundingState:
         """Return a decoding state for image tokens (B, N, C) and their patches' word log-probs (B, N, V)."""
@@ -81,7 +94,8 @@ class WordGrounding(nn.Module):
         return weights, carry
 
     def search(self, ids: Tensor, state: GroundingState, cached: bool = False) -> tuple[Tensor, Tensor]:
-        """Each head's weights over the patches (B, H, t, N) and presence score (B, H, t) for tokens ids (B, t).
+        """Each head's weights over the patches (B, H, t, N) and presence scores (B, H, t, 2) for tokens ids (B, t):
+        the peak less the normaliser, and the peak.
 
         ``cached``: the tokens continue the sequences ``state`` has seen (decoding), whose running sums they update.
         """
@@ -97,7 +111,8 @@ class WordGrounding(nn.Module):
             norm = norm + carry[None] * state.norm[:, :, None]
         if cached:
             state.sums, state.norm = sums[:, :, -1], norm[:, :, -1]
-        score = sums.amax(dim=-1) - norm  # 0 when one patch shows every recent word
+        peak = sums.amax(dim=-1)
+        score = torch.stack((peak - norm, peak), dim=-1)  # (0 when one patch shows every recent word, evidence)
         return (sums * self.log_sharpness.exp()[:, None, None]).softmax(dim=-1), score
 
     def forward(self, x: Tensor, ids: Tensor, state: GroundingState, cached: bool = False) -> Tensor:
@@ -106,5 +121,6 @@ class WordGrounding(nn.Module):
         b, t = ids.shape
         attn, score = self.search(ids, state, cached)
         read = attn.to(x.dtype) @ state.values[:, None]  # (B, H, t, C)
-        features = torch.cat((read.permute(0, 2, 1, 3).reshape(b, t, -1), score.transpose(1, 2).to(x.dtype)), dim=-1)
+        scores = score.transpose(1, 2).reshape(b, t, -1).to(x.dtype)  # (B, t, 2H)
+        features = torch.cat((read.permute(0, 2, 1, 3).reshape(b, t, -1), scores), dim=-1)
         return x + self.out(features)

@@ -29,7 +29,7 @@ from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
 from mlm.train import comm, distill, init_from, sampler, setup
 from mlm.train.guards import NonFiniteGuard, NonFiniteLossError, StopSignal, explain_oom
-from mlm.train.losses import ImageTextLoss, word_idf
+from mlm.train.losses import ImageTextLoss, learned_words, word_idf
 from mlm.train.schedule import TimeFit, build_optimizer, build_scheduler
 from mlm.train.tracking import CURVES_PNG, METRICS_CSV, SUMMARY_JSON, peak_memory_mb, plot_curves, write_summary
 from mlm.train.trainer_state import TrainerState
@@ -157,6 +157,8 @@ class Trainer:
             )
             losses = dataclasses.replace(c.train, word_weight=0.0)
         idf = word_idf(self.tokenizer, words) if words else None
+        if words and model.decoder.grounding is not None and self.checkpoint is None and not c.train.init_from:
+            model.decoder.grounding.start_words(learned_words(self.tokenizer, words))
         self.loss_fn = ImageTextLoss.from_config(losses, accel.process_index, accel.num_processes, idf)
         self.teacher, self.distill_loss = distill.build(c, accel.device)  # (None, ...) without train.distill.teacher
 

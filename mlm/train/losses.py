@@ -199,14 +199,28 @@ class TokenCrossEntropy(_GlobalBatch):
         return self.world_size * F.cross_entropy(pred, targets[keep], reduction="sum") / total + anchor
 
 
+def learned_words(tokenizer, texts) -> torch.Tensor:
+    """(V,) bool: the tokens that occur in ``texts`` (the words the word objective learns), special tokens not."""
+    seen = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+    for text in texts:
+        seen[tokenizer.tokenize(text)] = True
+    seen[_special_ids(tokenizer)] = False
+    return seen
+
+
+def _special_ids(tokenizer) -> list[int]:
+    """The tokenizer's special token ids (pad, bos, eos, sep, unk) that it has."""
+    specials = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id, tokenizer.unk_id]
+    return [i for i in specials if i is not None]
+
+
 def word_idf(tokenizer, texts) -> torch.Tensor:
     """(V,) inverse document frequency of each token over ``texts``, ``log((N + 1) / (df + 1))``; special tokens 0."""
     df = torch.zeros(tokenizer.vocab_size)
     for text in texts:
         df[sorted(set(tokenizer.tokenize(text)))] += 1
     idf = torch.log((len(texts) + 1) / (df + 1))
-    specials = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id, tokenizer.unk_id]
-    idf[[i for i in specials if i is not None]] = 0.0
+    idf[_special_ids(tokenizer)] = 0.0
     return idf
 
 

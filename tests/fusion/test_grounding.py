@@ -28,12 +28,30 @@ def test_the_presence_score_and_the_search_match_a_hand_computation():
         g.decay_logit.fill_(0.0)  # gamma = 0.5
     state = g.start(torch.randn(2, 2, 8), two_images())
     attn, score = g.search(torch.tensor([[1, 2], [1, 2]]), state)
-    # image 0: S = (-1.5, -7.5), normaliser 0.5 * -1 + -1 = -1.5 -> score 0
-    # image 1: S = (0.5 * -1 + -5, 0.5 * -5 + -1) = (-5.5, -3.5) -> score -3.5 + 1.5 = -2
-    torch.testing.assert_close(score[:, 0, 1], torch.tensor([0.0, -2.0]))
+    # image 0: S = (-1.5, -7.5), normaliser 0.5 * -1 + -1 = -1.5 -> score 0, peak -1.5
+    # image 1: S = (0.5 * -1 + -5, 0.5 * -5 + -1) = (-5.5, -3.5) -> score -3.5 + 1.5 = -2, peak -3.5
+    torch.testing.assert_close(score[:, 0, 1], torch.tensor([[0.0, -1.5], [-2.0, -3.5]]))
     torch.testing.assert_close(attn[1, 0, 1, 1], torch.tensor(1 / (1 + math.exp(-2.0))))
     torch.testing.assert_close(attn[0, 0, 1, 0], torch.tensor(1 / (1 + math.exp(-6.0))))
-    torch.testing.assert_close(score[:, 0, 0], torch.zeros(2))  # one word is always seen somewhere
+    torch.testing.assert_close(score[:, 0, 0, 0], torch.zeros(2))  # one word is always seen somewhere ...
+    torch.testing.assert_close(score[:, 0, 0, 1], torch.tensor([-1.0, -1.0]))  # ... and the peak says how well
+
+
+def test_the_peak_tells_a_present_word_from_an_absent_one_and_unlearned_words_start_silent():
+    g = grounding()
+    lp = torch.full((2, 2, 5), -6.0)
+    lp[0, 0, 1] = -0.5  # word 1 ("red") shown by image 0 only
+    lp[:, :, 3] = -2.0  # word 3 ("is"): a flat map, the same everywhere
+    state = g.start(torch.randn(2, 2, 8), lp)
+    ids = torch.tensor([[3, 1], [3, 1]])
+    _, score = g.search(ids, state)
+    assert score[0, 0, 1, 1] > score[1, 0, 1, 1] + 5  # the peak: present in image 0, absent in image 1
+    torch.testing.assert_close(score[:, 0, 1, 0], torch.zeros(2))  # the normalised score cannot see it
+    g.start_words(torch.tensor([False, True, False, False, False]))  # the objective learned word 1 alone
+    _, score = g.search(ids, state)
+    torch.testing.assert_close(score[:, 0, 1, 1], torch.tensor([-0.5, -6.0]))  # "is" no longer counts
+    with pytest.raises(ValueError, match="3 word flags for a vocabulary of 5"):
+        g.start_words(torch.ones(3, dtype=torch.bool))
 
 
 def test_it_starts_as_the_identity_is_causal_and_decodes_with_its_state():

@@ -10,10 +10,12 @@ from tiny_run import tiny_config
 
 from mlm.config import ConfigError
 from mlm.data.dataset import build_dataset
+from mlm.data.word_targets import word_documents
 from mlm.model import MLMModel
 from mlm.train import checkpoint as ckpt
 from mlm.train.guards import NonFiniteLossError
 from mlm.train.loop import Trainer
+from mlm.train.losses import learned_words
 from mlm.train.setup import open_split
 from mlm.train.tracking import read_metrics
 
@@ -233,6 +235,11 @@ def test_questions_alone_teach_the_word_head_from_their_answers(synth_dir, tmp_p
                          "train.word_targets=answers")  # fmt: skip
     with caplog.at_level("WARNING", logger="mlm.train.loop"):
         trainer = _trainer(config)
+        # the search starts from the words the objective learns: the answers' ("red", "circle"), not "is" or "?"
+        learned = learned_words(trainer.tokenizer, word_documents(trainer.dataset.source, "answers"))
+        assert 0 < learned.sum() < 30 and learned[trainer.tokenizer.tokenize("circle")].all()
+        assert not learned[trainer.tokenizer.tokenize("is there ?")].any()
+        assert torch.equal(trainer.unwrapped.decoder.grounding.word_weight.detach(), learned.float())
         trainer.fit()
     assert "has no words to learn" not in caplog.text
     assert all(v > 0 for _, v in read_metrics(tmp_path / "metrics.csv")["loss/words"])
