@@ -29,7 +29,7 @@ from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
 from mlm.data.negatives import check_groups, swap_negatives
 from mlm.data.records import DataError, Record, SkipStats
 from mlm.data.tokenizer import VQA_PROMPT, MLMTokenizer
-from mlm.data.word_targets import image_texts
+from mlm.data.word_targets import image_texts, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class ImageTextDataset(Dataset):
         self.pixel_cache = PixelCache(cache_bytes)
         self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
         # token ids of each image's captions, tokenized once here rather than for every sample of every epoch
+        self.word_targets = image_words or "caption"
         self.image_words = (
             {
                 key: sorted({i for c in texts for i in tokenizer.tokenize(c)})
@@ -161,6 +162,12 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
     """ImageTextDataset over a source with the transform, text length and image-size guard of a full ``Config``."""
     from mlm.data.transforms import build_transform
 
+    # a training source with no caption learns the words of its answers (``train.word_targets: caption`` otherwise
+    # has nothing to learn); the dataset's ``word_targets`` says which words it gives
+    targets = cfg.train.word_targets
+    if train and cfg.train.word_weight:
+        targets = resolve_targets(source, targets)
+
     return ImageTextDataset(
         source,
         tokenizer,
@@ -173,7 +180,7 @@ def build_dataset(source: Sequence[Record], tokenizer: MLMTokenizer, cfg, train:
         swap_negatives=cfg.train.swap_negatives,
         vqa_turns=cfg.train.vqa_turns,
         vqa_prompt=cfg.model.vqa_prompt,
-        image_words=None if cfg.train.word_targets == "caption" else cfg.train.word_targets,
+        image_words=None if targets == "caption" else targets,
         cache_bytes=image_cache_bytes(cfg, train),
     )
 

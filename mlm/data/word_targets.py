@@ -5,6 +5,8 @@
 - ``answers``: as ``image``, plus the answers of the image's questions that name something shown ("blue",
   "triangle"; not yes/no and not counts), so data with questions alone still teaches the word head — and the word
   grounding that reads its maps (``model.decoder_grounding``).
+
+``caption`` on data with no captions at all learns as ``answers`` (:func:`resolve_targets`): what else there is.
 """
 
 from __future__ import annotations
@@ -49,3 +51,10 @@ def word_documents(records: Sequence[Record], targets: str) -> list[str]:
                 by_image.setdefault(turns.image_key(record), []).append(record.answer)
         texts += [" ".join(group) for group in by_image.values()]
     return texts
+
+
+def resolve_targets(records: Sequence[Record], targets: str) -> str:
+    """``targets``, or ``answers`` for ``caption`` when no record has a caption and some answer names a thing."""
+    if targets != "caption" or any(record.captions for record in records):
+        return targets
+    return "answers" if any(names_a_thing(record) for record in records) else targets

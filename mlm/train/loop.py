@@ -93,6 +93,11 @@ class Trainer:
             self.tokenizer = train_dataset.tokenizer
         c.model.vocab_size = self.tokenizer.vocab_size
         self.dataset = train_dataset
+        # build_dataset's fallback for data without captions; saved with the run's config
+        if (c.train.word_targets, train_dataset.word_targets) == ("caption", "answers"):
+            note = "data.train has no captions; the word objective learns the answers that name a thing"
+            logger.warning("train.word_targets=%s: %s (%s)", c.train.word_targets, note, train_dataset.word_targets)
+            c.train.word_targets = train_dataset.word_targets
         self.collate = Collate(self.tokenizer.pad_id)
         records = train_dataset.source
         self.sampler = sampler.GlobalBatchSampler(

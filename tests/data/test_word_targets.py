@@ -10,7 +10,7 @@ from mlm.data.dataset import ImageTextDataset
 from mlm.data.records import Record
 from mlm.data.transforms import build_transform
 from mlm.data.turns import image_key
-from mlm.data.word_targets import image_texts, names_a_thing, word_documents
+from mlm.data.word_targets import image_texts, names_a_thing, resolve_targets, word_documents
 from mlm.train.losses import ImageTextLoss, WordLoss
 
 
@@ -33,6 +33,10 @@ def test_answers_that_name_a_thing_join_their_images_words():
     assert image_texts(records, answers=True) == {("path", "a.png"): ["one", "Blue"], ("path", "c.png"): ["triangle"]}
     assert word_documents(records, "image") == ["one"]
     assert word_documents(records, "answers") == ["one", "Blue", "triangle"]  # each image's answers: one text
+    assert resolve_targets(records, "caption") == "caption"  # it has a caption
+    assert resolve_targets(records[1:], "caption") == "answers"  # questions alone: their answers
+    assert resolve_targets(records[1:], "image") == "image"  # asked for explicitly
+    assert resolve_targets(records[2:4], "caption") == "caption"  # nothing to learn either way
 
 
 def test_every_row_gets_its_images_caption_words(synth_source, tok):

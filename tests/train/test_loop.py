@@ -215,8 +215,8 @@ def test_the_word_objective_trains_its_head_and_lowers_its_loss(synth_dir, tmp_p
 def test_a_questions_only_source_trains_with_the_word_objective_off_and_says_so(synth_dir, tmp_path, caplog):
     questions = synth_dir / "vqa_questions_train.json"
     config = tiny_config(synth_dir, tmp_path, f"data.train={questions}", "train.max_steps=3", "model.word_head=true",
-                         "train.word_weight=1.0", "model.word_head_patches=true",
-                         "model.decoder_grounding=2")  # fmt: skip
+                         "train.word_weight=1.0", "model.word_head_patches=true", "model.decoder_grounding=2",
+                         "train.word_targets=image")  # fmt: skip
     with caplog.at_level("WARNING", logger="mlm.train.loop"):
         trainer = _trainer(config)
         trainer.fit()
@@ -231,10 +231,13 @@ def test_a_questions_only_source_trains_with_the_word_objective_off_and_says_so(
 def test_questions_alone_teach_the_word_head_from_their_answers(synth_dir, tmp_path, caplog):
     questions = synth_dir / "vqa_questions_train.json"
     config = tiny_config(synth_dir, tmp_path, f"data.train={questions}", "train.max_steps=3", "model.word_head=true",
-                         "train.word_weight=1.0", "model.word_head_patches=true", "model.decoder_grounding=2",
-                         "train.word_targets=answers")  # fmt: skip
+                         "train.word_weight=1.0", "model.word_head_patches=true",
+                         "model.decoder_grounding=2")  # fmt: skip
     with caplog.at_level("WARNING", logger="mlm.train.loop"):
         trainer = _trainer(config)
+        # train.word_targets=caption with no caption to learn: the answers that name a thing instead, and the run
+        # says so and saves that setting
+        assert "the word objective learns the answers that name a thing (answers)" in caplog.text
         # the search starts from the words the objective learns: the answers' ("red", "circle"), not "is" or "?"
         learned = learned_words(trainer.tokenizer, word_documents(trainer.dataset.source, "answers"))
         assert 0 < learned.sum() < 30 and learned[trainer.tokenizer.tokenize("circle")].all()
@@ -243,6 +246,7 @@ def test_questions_alone_teach_the_word_head_from_their_answers(synth_dir, tmp_p
         trainer.fit()
     assert "has no words to learn" not in caplog.text
     assert all(v > 0 for _, v in read_metrics(tmp_path / "metrics.csv")["loss/words"])
+    assert "word_targets: answers" in (tmp_path / "config.yaml").read_text()
     assert trainer.unwrapped.decoder.grounding.out.weight.any()  # grounding trains on the maps the answers teach
 
 
