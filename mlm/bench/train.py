@@ -10,6 +10,7 @@ large matmul timed in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -56,15 +57,20 @@ def train_flops(step_fn) -> int:
 
 def _ours(config, tokenizer, source):
     """Our model, optimizer and loss; returns (model, step function on a batch, forward+backward function)."""
-    from mlm.data.word_targets import word_documents
+    from mlm.data.word_targets import resolve_targets, word_documents
     from mlm.model import MLMModel
-    from mlm.train.losses import ImageTextLoss, word_idf
+    from mlm.train.losses import ImageTextLoss, learned_words, word_idf
     from mlm.train.schedule import build_optimizer
 
     model = MLMModel(config.model, tokenizer=tokenizer).train()
     optimizer = build_optimizer(model, config.train)
-    words = word_documents(source, config.train.word_targets) if config.train.word_weight else []
-    loss_fn = ImageTextLoss.from_config(config.train, idf=word_idf(tokenizer, words) if words else None)
+    # the words the trainer's objective would learn (build_dataset falls back to answers as the trainer does)
+    targets = resolve_targets(source, config.train.word_targets)
+    words = word_documents(source, targets) if config.train.word_weight else []
+    if words and model.decoder.grounding is not None:
+        model.decoder.grounding.start_words(learned_words(tokenizer, words))
+    train = config.train if words else dataclasses.replace(config.train, word_weight=0.0)
+    loss_fn = ImageTextLoss.from_config(train, idf=word_idf(tokenizer, words) if words else None)
 
     def forward_backward(batch):
         out = model(batch["images"], batch["text_ids"], batch["text_mask"])

@@ -29,7 +29,7 @@ from mlm.data.images import DEFAULT_MAX_PIXELS, decode_image
 from mlm.data.negatives import check_groups, swap_negatives
 from mlm.data.records import DataError, Record, SkipStats
 from mlm.data.tokenizer import VQA_PROMPT, MLMTokenizer
-from mlm.data.word_targets import image_texts, resolve_targets
+from mlm.data.word_targets import image_texts, record_texts, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class ImageTextDataset(Dataset):
         self.pixel_cache = PixelCache(cache_bytes)
         self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
         # token ids of each image's captions, tokenized once here rather than for every sample of every epoch
+        if image_words not in (None, "image", "answers"):
+            raise ValueError(f"image_words={image_words!r}: expected None, 'image' or 'answers'")
         self.word_targets = image_words or "caption"
         self.image_words = (
             {
@@ -118,7 +120,12 @@ class ImageTextDataset(Dataset):
         if targets is not None:
             sample["targets"] = targets
         if self.image_words is not None:
-            sample["word_ids"] = self.image_words.get(turns.image_key(record), [])
+            key = turns.image_key(record)
+            if key is None:  # an image nothing else names: its own record's words
+                texts = record_texts(record, answers=self.word_targets == "answers")
+                sample["word_ids"] = sorted({i for t in texts for i in self.tokenizer.tokenize(t)})
+            else:
+                sample["word_ids"] = self.image_words.get(key, [])
         if self.swap_negatives:
             texts = [] if record.is_vqa else swap_negatives(caption, self.swap_index, self.swap_negatives, random)
             sample["negatives"] = [self.tokenizer.frame(self.tokenizer.tokenize(t), self.max_len) for t in texts]

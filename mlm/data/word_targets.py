@@ -27,16 +27,20 @@ def names_a_thing(record: Record) -> bool:
     return answer not in ("yes", "no") and not answer.replace(".", "", 1).isdigit()
 
 
+def record_texts(record: Record, answers: bool = False) -> list[str]:
+    """The record's captions and, with ``answers``, its answer when it names a thing."""
+    return list(record.captions) + ([record.answer] if answers and names_a_thing(record) else [])
+
+
 def image_texts(records: Sequence[Record], answers: bool = False) -> dict:
     """Every caption of each image (by :func:`mlm.data.turns.image_key`) and, with ``answers``, the answers of its
-    questions that name a thing (:func:`names_a_thing`)."""
+    questions that name a thing (:func:`names_a_thing`). Records with no image key are left out: nothing says
+    which other records show their image (:func:`record_texts` gives their own)."""
     out: dict = {}
     for record in records:
-        texts = list(record.captions)
-        if answers and names_a_thing(record):
-            texts.append(record.answer)
-        if texts:
-            out.setdefault(turns.image_key(record), []).extend(texts)
+        key, texts = turns.image_key(record), record_texts(record, answers)
+        if texts and key is not None:
+            out.setdefault(key, []).extend(texts)
     return out
 
 
@@ -46,9 +50,10 @@ def word_documents(records: Sequence[Record], targets: str) -> list[str]:
     texts = [text for record in records for text in record.captions]
     if targets == "answers":
         by_image: dict = {}
-        for record in records:
-            if names_a_thing(record):
-                by_image.setdefault(turns.image_key(record), []).append(record.answer)
+        for index, record in enumerate(records):
+            if names_a_thing(record):  # a record with no image key is an image of its own
+                key = turns.image_key(record)
+                by_image.setdefault(("record", index) if key is None else key, []).append(record.answer)
         texts += [" ".join(group) for group in by_image.values()]
     return texts
 

@@ -11,11 +11,11 @@ decoder that search instead of leaving it to be discovered. For the tokens read 
 is a conjunction of the recent words' maps (a sum of log-probabilities); each head reads the image through
 softmax_n(beta * S_t(n)) — values carry each patch's content and place — and gets two presence scores: the peak
 max_n S_t(n), high when some patch shows the recent words ("is there a red shape?" with one shape: its own
-evidence for "red"), and that peak less sum_s gamma^(t - s) max_n w(x_s) log p(x_s | n), zero when one patch shows
-all the recent words and negative when no patch does ("is there a red circle?" among several objects). A
-zero-initialised projection adds the reads and scores to the text states, so a new model starts as the plain
+evidence for "red"), and the match: that peak less sum_s gamma^(t - s) max_n w(x_s) log p(x_s | n), zero when one
+patch shows all the recent words and negative when no patch does ("is there a red circle?" among several objects).
+A zero-initialised projection adds the reads and scores to the text states, so a new model starts as the plain
 decoder. The word maps are detached: the word objective alone trains them. A word the objective never learns has
-a map that means nothing, so training starts w at 1 for the words of the objective's targets and at 0 for the
+a map that means nothing, so training starts w at 1 for the words the objective learns (IDF > 0) and at 0 for the
 rest (:meth:`WordGrounding.start_words`; a word like "is" would otherwise drown the evidence for "red" until w had
 learned to ignore it). Cached decoding keeps S and its normaliser per sequence (:class:`GroundingState`).
 """
@@ -51,6 +51,16 @@ class GroundingState:
         return self
 
 
+def _refuse_one_score_weights(module, state_dict, prefix, *_args) -> None:
+    """Weights saved with one presence score per head (before 2026-12-08) do not fit: say so in one line."""
+    weight = state_dict.get(prefix + "out.weight")
+    if weight is not None and weight.dim() == 2 and weight.shape[1] == module.heads * (weight.shape[0] + 1):
+        raise ValueError(
+            f"{prefix}out.weight: saved by word grounding with one presence score per head; it now has two "
+            "(the peak), so these weights need retraining"
+        )
+
+
 class WordGrounding(nn.Module):
     """x + out([each head's read of the image through its word map, its two presence scores]) for text states x."""
 
@@ -66,6 +76,7 @@ class WordGrounding(nn.Module):
         self.register_buffer("patch_pos", patch_pos, persistent=False)  # (1, N, C) sin-cos, rebuilt from config
         self.out = nn.Linear(heads * (dim + 2), dim, bias=False)  # per head: its read and two presence scores
         nn.init.zeros_(self.out.weight)  # starts as the plain decoder
+        self.register_load_state_dict_pre_hook(_refuse_one_score_weights)
 
     @torch.no_grad()
     def start_words(self, learned: Tensor) -> None:
@@ -112,7 +123,8 @@ class WordGrounding(nn.Module):
         if cached:
             state.sums, state.norm = sums[:, :, -1], norm[:, :, -1]
         peak = sums.amax(dim=-1)
-        score = torch.stack((peak - norm, peak), dim=-1)  # (0 when one patch shows every recent word, evidence)
+        # (B, H, t, 2): the match (0 when one patch shows every recent word) and the peak (the evidence)
+        score = torch.stack((peak - norm, peak), dim=-1)
         return (sums * self.log_sharpness.exp()[:, None, None]).softmax(dim=-1), score
 
     def forward(self, x: Tensor, ids: Tensor, state: GroundingState, cached: bool = False) -> Tensor:

@@ -23,7 +23,7 @@ from mlm.compress.qat import prepare_qat
 from mlm.config import Config, ConfigError
 from mlm.data.dataset import build_dataset
 from mlm.data.turns import image_key
-from mlm.data.word_targets import word_documents
+from mlm.data.word_targets import resolve_targets, word_documents
 from mlm.fusion.matching import match_inputs
 from mlm.lora import lora_settings
 from mlm.train import checkpoint as ckpt
@@ -94,10 +94,11 @@ class Trainer:
         c.model.vocab_size = self.tokenizer.vocab_size
         self.dataset = train_dataset
         # build_dataset's fallback for data without captions; saved with the run's config
-        if (c.train.word_targets, train_dataset.word_targets) == ("caption", "answers"):
+        targets = resolve_targets(train_dataset.source, c.train.word_targets) if c.train.word_weight else None
+        if targets not in (None, c.train.word_targets) and train_dataset.word_targets == targets:
             note = "data.train has no captions; the word objective learns the answers that name a thing"
-            logger.warning("train.word_targets=%s: %s (%s)", c.train.word_targets, note, train_dataset.word_targets)
-            c.train.word_targets = train_dataset.word_targets
+            logger.warning("train.word_targets=%s: %s (%s)", c.train.word_targets, note, targets)
+            c.train.word_targets = targets
         self.collate = Collate(self.tokenizer.pad_id)
         records = train_dataset.source
         self.sampler = sampler.GlobalBatchSampler(
@@ -141,10 +142,18 @@ class Trainer:
         if c.train.grad_checkpointing:
             model.set_grad_checkpointing(True)
         words = word_documents(self.dataset.source, c.train.word_targets) if c.train.word_weight else []
+        hint = (
+            ""
+            if c.train.word_targets == "answers"
+            else "; train.word_targets=answers adds the answers that name a thing"
+        )
         if c.train.word_weight and not words and model.decoder.grounding is not None:
             model.decoder.grounding.requires_grad_(False)  # a fresh one stays a no-op (its projection starts at 0)
-            logger.warning("model.decoder_grounding: frozen; its word maps have no words to learn from (no captions; "
-                           "train.word_targets=answers adds the answers that name a thing)")  # fmt: skip
+            logger.warning("model.decoder_grounding: frozen; its word maps have no words to learn from (no captions%s)",
+                           hint)  # fmt: skip
+        if words and model.decoder.grounding is not None and self.checkpoint is None and not c.train.init_from:
+            # before accelerate wraps or shards the weights (FSDP, DeepSpeed keep their own copies)
+            model.decoder.grounding.start_words(learned_words(self.tokenizer, words))
         model.to(accel.device)
         optimizer = build_optimizer(model, c.train)
         scheduler = build_scheduler(optimizer, c.train)
@@ -156,14 +165,12 @@ class Trainer:
         losses = c.train
         if c.train.word_weight and not words:  # questions only (a VQA source): no caption words to predict
             logger.warning(
-                "train.word_weight=%g: data.train has no words to learn (no captions; train.word_targets="
-                "answers adds the answers that name a thing); the word loss is off",
+                "train.word_weight=%g: data.train has no words to learn (no captions%s); the word loss is off",
                 losses.word_weight,
+                hint,
             )
             losses = dataclasses.replace(c.train, word_weight=0.0)
         idf = word_idf(self.tokenizer, words) if words else None
-        if words and model.decoder.grounding is not None and self.checkpoint is None and not c.train.init_from:
-            model.decoder.grounding.start_words(learned_words(self.tokenizer, words))
         self.loss_fn = ImageTextLoss.from_config(losses, accel.process_index, accel.num_processes, idf)
         self.teacher, self.distill_loss = distill.build(c, accel.device)  # (None, ...) without train.distill.teacher
 

@@ -200,12 +200,11 @@ class TokenCrossEntropy(_GlobalBatch):
 
 
 def learned_words(tokenizer, texts) -> torch.Tensor:
-    """(V,) bool: the tokens that occur in ``texts`` (the words the word objective learns), special tokens not."""
-    seen = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
-    for text in texts:
-        seen[tokenizer.tokenize(text)] = True
-    seen[_special_ids(tokenizer)] = False
-    return seen
+    """(V,) bool: the words the word objective learns: tokens of ``texts`` with IDF > 0 (not in every text)."""
+    df = _document_frequency(tokenizer, texts)
+    learned = (df > 0) & (df < len(texts))  # a token in every text has IDF 0: the objective ignores it
+    learned[_special_ids(tokenizer)] = False
+    return learned
 
 
 def _special_ids(tokenizer) -> list[int]:
@@ -214,12 +213,17 @@ def _special_ids(tokenizer) -> list[int]:
     return [i for i in specials if i is not None]
 
 
-def word_idf(tokenizer, texts) -> torch.Tensor:
-    """(V,) inverse document frequency of each token over ``texts``, ``log((N + 1) / (df + 1))``; special tokens 0."""
+def _document_frequency(tokenizer, texts) -> torch.Tensor:
+    """(V,) how many of ``texts`` hold each token."""
     df = torch.zeros(tokenizer.vocab_size)
     for text in texts:
         df[sorted(set(tokenizer.tokenize(text)))] += 1
-    idf = torch.log((len(texts) + 1) / (df + 1))
+    return df
+
+
+def word_idf(tokenizer, texts) -> torch.Tensor:
+    """(V,) inverse document frequency of each token over ``texts``, ``log((N + 1) / (df + 1))``; special tokens 0."""
+    idf = torch.log((len(texts) + 1) / (_document_frequency(tokenizer, texts) + 1))
     idf[_special_ids(tokenizer)] = 0.0
     return idf
 

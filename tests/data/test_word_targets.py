@@ -1,8 +1,11 @@
 """train.word_targets: image — the word objective learns every caption word of a row's image, VQA rows included;
 answers — also the answers of the image's questions that name a thing."""
 
+import io
+
 import pytest
 import torch
+from PIL import Image
 
 from mlm.config import ConfigError, TrainConfig, load_config
 from mlm.data.collate import Collate
@@ -11,7 +14,7 @@ from mlm.data.records import Record
 from mlm.data.transforms import build_transform
 from mlm.data.turns import image_key
 from mlm.data.word_targets import image_texts, names_a_thing, resolve_targets, word_documents
-from mlm.train.losses import ImageTextLoss, WordLoss
+from mlm.train.losses import ImageTextLoss, WordLoss, learned_words
 
 
 def test_captions_are_grouped_by_image_and_questions_left_out():
@@ -37,6 +40,28 @@ def test_answers_that_name_a_thing_join_their_images_words():
     assert resolve_targets(records[1:], "caption") == "answers"  # questions alone: their answers
     assert resolve_targets(records[1:], "image") == "image"  # asked for explicitly
     assert resolve_targets(records[2:4], "caption") == "caption"  # nothing to learn either way
+
+
+def test_records_with_no_image_key_keep_their_own_words(tok):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buffer, format="PNG")
+    pixels = buffer.getvalue()  # an image given as bytes: no path, no id, so no other record is known to show it
+    records = [Record(image=pixels, captions=["a red circle"]), Record(image=pixels, question="c?", answers=["blue"]),
+               Record(image=pixels, question="s?", answers=["square"])]  # fmt: skip
+    assert image_texts(records, answers=True) == {}  # not one pool of every keyless image's words
+    assert word_documents(records, "answers") == ["a red circle", "blue", "square"]  # each answer its own image
+    ds = ImageTextDataset(records, tok, build_transform(32), max_len=64, image_words="answers")
+    assert ds[1]["word_ids"] == tok.tokenize("blue") and ds[0]["word_ids"] == sorted(set(tok.tokenize("a red circle")))
+    with pytest.raises(ValueError, match="image_words=True: expected None, 'image' or 'answers'"):
+        ImageTextDataset(records, tok, build_transform(32), max_len=64, image_words=True)
+
+
+def test_the_words_learned_are_those_with_idf(tok):
+    texts = ["a red circle.", "a blue square.", "green."]
+    learned = learned_words(tok, texts)
+    assert learned[tok.tokenize("red blue circle square green")].all()
+    assert not learned[tok.tokenize(".")].any()  # in every text: IDF 0, the objective ignores it
+    assert not learned[tok.tokenize("triangle")].any() and learned[tok.pad_id] == 0
 
 
 def test_every_row_gets_its_images_caption_words(synth_source, tok):

@@ -72,3 +72,11 @@ def test_it_starts_as_the_identity_is_causal_and_decodes_with_its_state():
 def test_a_grid_that_does_not_match_the_image_tokens_is_named():
     with pytest.raises(ValueError, match="2 image tokens, the patch grid has 4"):
         grounding(patches=4).start(torch.randn(1, 2, 8), two_images()[:1])
+
+
+def test_weights_saved_with_one_presence_score_are_refused_in_one_line():
+    model = grounding(heads=2)
+    old = dict(model.state_dict(), **{"out.weight": torch.zeros(8, 2 * (8 + 1))})  # before the peak score
+    with pytest.raises(ValueError, match="out.weight: saved by word grounding with one presence score per head"):
+        model.load_state_dict(old)
+    model.load_state_dict(grounding(heads=2).state_dict())  # the current layout loads
