@@ -8,8 +8,10 @@ import torch
 from mlm import inference
 from mlm.cli import main
 from mlm.runtime.graphs import ImageGraph, StepGraph, TextGraph, exportable
+from mlm.runtime.onnx_export import cache_inputs, graph_names
 from tests.test_model import tiny_model
 
+GROUNDED = ["model.decoder_grounding=2", "model.word_head=true", "model.word_head_patches=true"]
 VARIANTS = [
     [],
     ["model.cross_null=true", "model.cross_pos_keys=true", "model.cross_pos_values=true"],
@@ -17,6 +19,7 @@ VARIANTS = [
     ["model.levels=[local,regional,global]", "model.top_k=3"],
     ["model.attention=mha"],
     ["model.attention=gqa", "model.mla.n_kv_heads=1"],
+    GROUNDED,
 ]
 
 
@@ -25,16 +28,21 @@ VARIANTS = [
 def test_fixed_length_step_equals_cached_decoding_step_by_step(overrides):
     torch.manual_seed(0)
     model = exportable(tiny_model(*overrides))
+    if model.decoder.grounding is not None:  # a fresh projection adds nothing: the state would go untested
+        model.decoder.grounding.out.weight.normal_(0, 0.5)
     images, length = torch.randn(2, 3, 16, 16), 10
     cache = model.start_decoding(model.encoder.encode_image(images).tokens, length)
-    step = StepGraph(model, length)
-    _, context_0, context_1 = ImageGraph(model)(images)
-    caches = list(step.empty_caches(2).values())
+    step, names = StepGraph(model, length), graph_names(model.config)
+    given = dict(zip(names["image"][1], ImageGraph(model)(images), strict=True))
+    caches = step.empty_caches(2)
+    assert list(caches) == cache_inputs(model.config)
     ids = torch.randint(4, 48, (2, length))
     previous = None
     for position in range(length):
         expected = model.decode_step(ids[:, position : position + 1], cache)[:, -1]
-        logits, *caches = step(ids[:, position : position + 1], torch.tensor(position), *caches, context_0, context_1)
+        given.update(caches, ids=ids[:, position : position + 1], position=torch.tensor(position))
+        logits, *updated = step(*(given[name] for name in names["decoder_step"][0]))
+        caches = dict(zip(caches, updated, strict=True))
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         assert previous is None or not torch.allclose(logits, previous)  # each step sees its own position
         previous = logits
@@ -75,13 +83,6 @@ def test_models_that_cannot_be_exported_are_named(tiny_run, tmp_path, capsys):
     conv.save_pretrained(tmp_path / "conv")
     assert main(["export", "onnx", str(tmp_path / "conv"), str(tmp_path / "out")]) == 2
     assert "model.decoder_short_conv" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    grounded = tiny_model(
-        "model.decoder_grounding=2", "model.word_head=true", "model.word_head_patches=true",
-        f"model.vocab_size={len(model.tokenizer)}", tokenizer=model.tokenizer,
-    )  # fmt: skip
-    grounded.save_pretrained(tmp_path / "grounded")
-    assert main(["export", "onnx", str(tmp_path / "grounded"), str(tmp_path / "out")]) == 2
-    assert "model.decoder_grounding" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -151,16 +152,36 @@ def test_bench_compress_has_an_onnx_row_with_the_float_quality(tiny_run, tmp_pat
     assert rows[1]["size_ratio"] < 2.0 and rows[2]["size_bytes"] < 0.6 * rows[1]["size_bytes"]
     assert main([*argv[:-2], "--variants", "fp8"]) == 2
     model = inference.load_model(tiny_run[0], "cpu")
-    grounded = tiny_model(
-        "model.decoder_grounding=2", "model.word_head=true", "model.word_head_patches=true",
-        f"model.vocab_size={len(model.tokenizer)}", tokenizer=model.tokenizer,
-    )  # fmt: skip
-    grounded.save_pretrained(tmp_path / "grounded")
-    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "grounded")
+    conv = tiny_model(
+        "model.decoder_short_conv=4", f"model.vocab_size={len(model.tokenizer)}", tokenizer=model.tokenizer
+    )
+    conv.save_pretrained(tmp_path / "conv")
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "conv")
     assert main(argv) == 0  # a model the exporter refuses: its ONNX rows are skipped, with the reason
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["rows"]] == ["float"]
-    assert "model.decoder_grounding" in report["skipped"]["onnx"]
+    assert "model.decoder_short_conv" in report["skipped"]["onnx"]
+
+
+@pytest.mark.slow
+def test_a_model_with_word_grounding_exports_and_decodes_as_pytorch(tiny_run, tmp_path):
+    from mlm.runtime.onnx_model import load_onnx_model
+
+    tokenizer = inference.load_model(tiny_run[0], "cpu").tokenizer
+    torch.manual_seed(0)
+    model = tiny_model(*GROUNDED, f"model.vocab_size={len(tokenizer)}", tokenizer=tokenizer).eval()
+    with torch.no_grad():  # a trained projection: a fresh one adds nothing, so the state would go untested
+        model.decoder.grounding.out.weight.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "grounded")
+    assert main(["export", "onnx", str(tmp_path / "grounded"), str(tmp_path / "out"), "--max-len", "16"]) == 0
+    manifest = json.loads((tmp_path / "out" / "onnx_config.json").read_text())
+    assert "ground_sums" in manifest["graphs"]["decoder_step"]["inputs"]
+    assert max(manifest["max_abs_difference"].values()) <= 1e-4
+    loaded, graphs = inference.load_model(tmp_path / "grounded", "cpu"), load_onnx_model(tmp_path / "out")
+    images = torch.randn(3, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        for kwargs in ({"max_new_tokens": 6, "min_new_tokens": 6}, {"max_new_tokens": 6, "num_beams": 3}):
+            assert graphs.generate(images, **kwargs) == loaded.generate(images, **kwargs)
 
 
 def _graph(weight, table, name: str):

@@ -3,11 +3,11 @@
 - :class:`ImageGraph`: images (B, 3, H, W) -> the L2-normalised embedding (B, E) and every decoder layer's image
   latent (the cross-attention caches that :meth:`MultimodalDecoder.encode_contexts` builds once per image);
 - :class:`TextGraph`: right-padded ids and their mask (B, T) -> the L2-normalised embedding (B, E);
-- :class:`StepGraph`: one cached decoding step. A graph cannot grow a cache, so every self-attention cache has a
-  fixed length L (``total_len``) and the step writes its token at ``position``; the RoPE angles are a table over the
-  L positions whose row of ``position`` is gathered, and the level masks are computed between ``position`` and the
-  L keys (causal, so keys not yet written are masked out).
-  The step therefore computes what :meth:`MLMModel.decode_step` computes (tested equal step by step).
+- :class:`StepGraph`: one cached decoding step (with word grounding, its running state in and out). A graph
+  cannot grow a cache, so every self-attention cache has a fixed length L (``total_len``) and the step writes its
+  token at ``position``; the RoPE angles are a table over the L positions whose row of ``position`` is gathered,
+  and the level masks are computed between ``position`` and the L keys (causal, so keys not yet written are masked
+  out). The step therefore computes what :meth:`MLMModel.decode_step` computes (tested equal step by step).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mlm.fusion.grounding import GroundingState
 from mlm.layers.kv_cache import KVCache, LatentKVCache
 from mlm.layers.masks import mask_level, text_pairs
 
@@ -48,12 +49,17 @@ class ImageGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Embed images and build every decoder layer's cross-attention cache."""
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """Embed images and build every decoder layer's cross-attention cache; with word grounding also the
+        patches' word log-probs (B, N, V) and the grounding's values (B, N, C)."""
         features = self.model.image_features(images)
         contexts = self.model.decoder.encode_contexts(features.tokens)
         first, second = (torch.stack([c._get()[i] for c in contexts]) for i in (0, 1))
-        return features.embeds, first, second
+        grounding = self.model.decoder.grounding
+        if grounding is None:
+            return features.embeds, first, second
+        state = grounding.start(features.tokens, self.model.word_maps(features.tokens))
+        return features.embeds, first, second, state.word_logprobs, state.values
 
 
 class _TextTables(nn.Module):
@@ -114,10 +120,17 @@ class StepGraph(_TextTables):
             qk = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim
             shapes = [(batch, heads, self.total_len, qk), (batch, heads, self.total_len, cfg.mla.v_head_dim)]
         n = {"encoder": len(model.encoder.blocks), "decoder": len(model.decoder.layers)}
-        return {f"{part}_{i}": like.new_zeros((n[part], *shapes[i])) for part in n for i in (0, 1)}
+        caches = {f"{part}_{i}": like.new_zeros((n[part], *shapes[i])) for part in n for i in (0, 1)}
+        grounding = model.decoder.grounding
+        if grounding is not None:  # its running sums over the patches and their normaliser, zero before any token
+            caches["ground_sums"] = like.new_zeros(batch, grounding.heads, grounding.patch_pos.shape[1])
+            caches["ground_norm"] = like.new_zeros(batch, grounding.heads)
+        return caches
 
-    def forward(self, ids, position, encoder_0, encoder_1, decoder_0, decoder_1, context_0, context_1):
-        """Feed one token per row at ``position``; return its logits and the caches with that token written."""
+    def forward(self, ids, position, encoder_0, encoder_1, decoder_0, decoder_1, context_0, context_1, *grounding):
+        """Feed one token per row at ``position``; return its logits and the caches with that token written.
+        ``grounding``: with word grounding, the image graph's word log-probs and values and the running sums and
+        normaliser (zeros before the first token add nothing, as no state does), which come back updated."""
         model, cache_type = self.model, _cache_type(self.model)
         seq_dim = cache_type.seq_dim
         at = position.reshape(1)
@@ -128,10 +141,24 @@ class StepGraph(_TextTables):
         x = model.encoder.modality_embed(model.encoder.token_embed(ids), "text")  # (B, 1, C)
         states = model.encoder.run_blocks(x, "text", rope=rope, masks=masks, caches=enc, absorbed=True, levels=False)
         contexts = [cache_type(context_0[i], context_1[i]) for i in range(context_0.shape[0])]
+        state, decoder_caches = None, list(dec)
+        if grounding:
+            word_logprobs, values, sums, norm = grounding
+            state = GroundingState(word_logprobs, values)
+            state.sums, state.norm = sums, norm
+            decoder_caches.append(state)  # after the per-layer caches, where the decoder looks for it
         logits = model.decoder(
-            states.tokens, rope=rope, mask=masks["global"], contexts=contexts, caches=dec, absorbed=True
+            states.tokens,
+            rope=rope,
+            mask=masks["global"],
+            contexts=contexts,
+            caches=decoder_caches,
+            absorbed=True,
+            ids=ids,
         )  # (B, 1, V)
         updated = [torch.stack([c.tensors[i] for c in caches]) for caches in (enc, dec) for i in (0, 1)]
+        if state is not None:
+            updated += [state.sums, state.norm]
         return (logits[:, -1], *updated)
 
 

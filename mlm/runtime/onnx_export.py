@@ -1,6 +1,7 @@
 """``mlm export onnx``: a float model as three ONNX graphs (torch.onnx's dynamo exporter), checked with ONNX Runtime.
 
-The folder holds ``image.onnx``, ``text.onnx`` and ``decoder_step.onnx`` (see :mod:`mlm.runtime.graphs`), the
+The folder holds ``image.onnx``, ``text.onnx`` and ``decoder_step.onnx`` (see :mod:`mlm.runtime.graphs`; with word
+grounding the image graph also gives its word maps and the step carries its running state), the
 model's ``config.json``, ``generation_config.json`` and ``tokenizer.json``, and ``onnx_config.json``: the graphs'
 input and output names, the step's cache length and the fingerprint of the weights, which every graph also carries in
 its metadata, so a graph from another model is refused by name. Before anything is kept, every graph is run by ONNX
@@ -29,6 +30,30 @@ GRAPHS = {
     ),
 }
 CACHE_INPUTS = ("encoder_0", "encoder_1", "decoder_0", "decoder_1")
+GROUND_IMAGE = ["ground_maps", "ground_values"]  # word grounding: per image, from the image graph
+GROUND_STATE = ["ground_sums", "ground_norm"]  # ... and its running state, in and out of every step
+
+
+def graph_names(config) -> dict[str, tuple[list[str], list[str]]]:
+    """Each graph's input and output names for a model config (word grounding adds its inputs and state)."""
+    if not config.decoder_grounding:
+        return GRAPHS
+    (image_in, image_out), (step_in, step_out) = GRAPHS["image"], GRAPHS["decoder_step"]
+    return {
+        "image": (image_in, image_out + GROUND_IMAGE),
+        "text": GRAPHS["text"],
+        "decoder_step": (step_in + GROUND_IMAGE + GROUND_STATE, step_out + [f"new_{n}" for n in GROUND_STATE]),
+    }
+
+
+def cache_inputs(config) -> list[str]:
+    """The step's inputs that it returns updated: the self-attention caches and any grounding state."""
+    return list(CACHE_INPUTS) + (GROUND_STATE if config.decoder_grounding else [])
+
+
+def batch_axis(name: str) -> int:
+    """The batch axis of a step input: the stacked caches and contexts have one per layer in front."""
+    return 0 if name.startswith("ground_") or name == "ids" else 1
 
 
 def check_exportable(model) -> None:
@@ -43,8 +68,6 @@ def check_exportable(model) -> None:
         raise ValueError("this model has LoRA adapters; merge them first (mlm export CKPT --out DIR --merge-lora)")
     if model.config.decoder_short_conv:
         raise ValueError("model.decoder_short_conv: the step graph does not carry the convolution's history yet")
-    if model.config.decoder_grounding:
-        raise ValueError("model.decoder_grounding: the step graph does not carry the word grounding's state yet")
     if model.device.type != "cpu":
         raise ValueError(f"export runs on the CPU; the model is on {model.device}")
 
@@ -58,12 +81,13 @@ def _examples(model, graphs: dict, batch: int, total_len: int, seed: int = 0) ->
     ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=generator)
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[0, length // 2 + 1 :] = False  # one padded row
-    _, context_0, context_1 = graphs["image"](images)
-    caches = graphs["decoder_step"].empty_caches(batch)
-    for name in CACHE_INPUTS:
-        caches[name].normal_(generator=generator)
-    position = torch.tensor(min(3, total_len - 1))
-    step = (ids[:, :1], position, *(caches[n] for n in CACHE_INPUTS), context_0, context_1)
+    names = graph_names(cfg)
+    given = dict(zip(names["image"][1], graphs["image"](images), strict=True))
+    given.update(graphs["decoder_step"].empty_caches(batch))
+    for name in cache_inputs(cfg):
+        given[name].normal_(generator=generator)
+    given.update(ids=ids[:, :1], position=torch.tensor(min(3, total_len - 1)))
+    step = tuple(given[n] for n in names["decoder_step"][0])
     return {"image": (images,), "text": (ids, mask), "decoder_step": step}
 
 
@@ -73,11 +97,11 @@ def _dynamic_shapes(model) -> dict[str, list]:
 
     batch = Dim("batch", min=1, max=4096)
     length = Dim("length", min=1, max=model.config.max_text_len)
-    return {
-        "image": [{0: batch}],
-        "text": [{0: batch, 1: length}, {0: batch, 1: length}],
-        "decoder_step": [{0: batch}, {}] + [{1: batch}] * 6,
-    }
+    step = [{} if name == "position" else {batch_axis(name): batch} for name in graph_names(model.config)[
+        "decoder_step"][0]]  # fmt: skip
+    # StepGraph.forward takes the grounding's inputs as *grounding: one element of the signature
+    step = step[:8] + [tuple(step[8:])] if len(step) > 8 else step
+    return {"image": [{0: batch}], "text": [{0: batch, 1: length}, {0: batch, 1: length}], "decoder_step": step}
 
 
 def _finish(folder: Path, fingerprint: str, int8: bool) -> None:
@@ -138,7 +162,7 @@ def export_onnx(
     fingerprint = model_fingerprint(model)  # of the model as loaded (the copy below renames some keys)
     model = exportable(model.eval())
     graphs = {"image": ImageGraph(model), "text": TextGraph(model), "decoder_step": StepGraph(model, total_len)}
-    manifest = {}
+    names, manifest = graph_names(model.config), {}
 
     def fill(tmp: Path) -> None:
         examples, shapes, checks = _examples(model, graphs, 2, total_len), _dynamic_shapes(model), {}
@@ -146,14 +170,14 @@ def export_onnx(
         examples_of = {name: [(sample[name], graph(*sample[name])) for sample in (examples, others)]
                        for name, graph in graphs.items()}  # fmt: skip
         for name, graph in graphs.items():
-            inputs, outputs = GRAPHS[name]
+            inputs, outputs = names[name]
             path = tmp / f"{name}.onnx"
             torch.onnx.export(graph, examples[name], str(path), dynamo=True, input_names=inputs, output_names=outputs,
                               dynamic_shapes=shapes[name], external_data=False, verbose=False)  # fmt: skip
             if int8:  # the float graph must be right before its weights are rounded
                 _check(path, name, inputs, examples_of[name], tolerance)
         _finish(tmp, fingerprint, int8)
-        for name, (inputs, _) in GRAPHS.items():
+        for name, (inputs, _) in names.items():
             checks[name] = _check(tmp / f"{name}.onnx", name, inputs, examples_of[name], None if int8 else tolerance)
         manifest.update(
             format=FORMAT,
@@ -161,7 +185,7 @@ def export_onnx(
             fingerprint=fingerprint,
             total_len=total_len,
             attention=model.config.attention,
-            graphs={name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in GRAPHS.items()},
+            graphs={name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in names.items()},
             max_abs_difference=checks,
             weights={"file": WEIGHTS_FILE, "int8": int8},
         )

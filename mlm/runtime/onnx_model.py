@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mlm.generation import DecodingConfig, generate_from_prompts
-from mlm.runtime.onnx_export import CACHE_INPUTS, FORMAT, GRAPHS, MANIFEST
+from mlm.runtime.onnx_export import FORMAT, MANIFEST, batch_axis, cache_inputs, graph_names
 
 
 def is_onnx_folder(path: str | Path) -> bool:
@@ -27,38 +27,38 @@ def is_onnx_folder(path: str | Path) -> bool:
 class OnnxSession:
     """Incremental decoding over the step graph for a batch of rows (the generation session protocol)."""
 
-    def __init__(self, model: OnnxModel, contexts: tuple[np.ndarray, np.ndarray], total_len: int):
+    def __init__(self, model: OnnxModel, contexts: dict[str, np.ndarray], total_len: int):
         if total_len > model.total_len:
             raise ValueError(
                 f"this decoding needs {total_len} tokens but the graphs were exported for {model.total_len} "
                 "(mlm export onnx --max-len)"
             )
-        self.model, self.contexts, self.position = model, list(contexts), 0
-        self.caches = model.empty_caches(contexts[0].shape[1])
+        self.model, self.contexts, self.position = model, dict(contexts), 0
+        self.caches = model.empty_caches(contexts["context_0"].shape[1])
 
     def step(self, ids: Tensor) -> Tensor:
         """Feed new tokens (B, t) one at a time; return the next-token logits (B, V)."""
-        names = GRAPHS["decoder_step"][0]
+        names = self.model.names["decoder_step"][0]
         for j in range(ids.shape[1]):
             feed = {"ids": ids[:, j : j + 1].numpy().astype(np.int64), "position": np.array(self.position, np.int64)}
             feed.update(self.caches)
-            feed.update(context_0=self.contexts[0], context_1=self.contexts[1])
+            feed.update(self.contexts)
             logits, *updated = self.model.sessions["decoder_step"].run(None, {n: feed[n] for n in names})
-            self.caches = dict(zip(CACHE_INPUTS, updated, strict=True))
+            self.caches = dict(zip(self.caches, updated, strict=True))
             self.position += 1
         return torch.from_numpy(logits)
 
     def _rows(self, pick) -> None:
-        self.caches = {name: pick(array) for name, array in self.caches.items()}
-        self.contexts = [pick(array) for array in self.contexts]
+        self.caches = {name: pick(array, batch_axis(name)) for name, array in self.caches.items()}
+        self.contexts = {name: pick(array, batch_axis(name)) for name, array in self.contexts.items()}
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows index in that order."""
-        self._rows(lambda a: np.take(a, index.numpy(), axis=1))
+        self._rows(lambda a, axis: np.take(a, index.numpy(), axis=axis))
 
     def expand(self, n: int) -> None:
         """Repeat every batch row n times."""
-        self._rows(lambda a: np.repeat(a, n, axis=1))
+        self._rows(lambda a, axis: np.repeat(a, n, axis=axis))
 
 
 class OnnxModel:
@@ -95,8 +95,8 @@ class OnnxModel:
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions = {}
-        for name, (inputs, _) in GRAPHS.items():
+        self.sessions, self.names = {}, graph_names(self.config)
+        for name, (inputs, _) in self.names.items():
             path = folder / f"{name}.onnx"
             if not path.is_file():
                 raise ValueError(f"{path}: missing (re-run mlm export onnx)")
@@ -114,7 +114,7 @@ class OnnxModel:
         """Zero self-attention caches of the step graph for a batch."""
         shapes = {i.name: i.shape for i in self.sessions["decoder_step"].get_inputs()}
         return {name: np.zeros([batch if isinstance(d, str) else d for d in shapes[name]], np.float32)
-                for name in CACHE_INPUTS}  # fmt: skip
+                for name in cache_inputs(self.config)}  # fmt: skip
 
     def _image(self, images: Tensor) -> list[np.ndarray]:
         return self.sessions["image"].run(None, {"images": images.float().numpy()})
@@ -148,11 +148,13 @@ class OnnxModel:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
         ids = [[self.tokenizer.bos_id] if p is None else self.tokenizer.encode(p, eos=False) for p in prompts]
-        _, context_0, context_1 = self._image(images)
+        _, *outputs = self._image(images)
+        contexts = dict(zip(self.names["image"][1][1:], outputs, strict=True))  # cross-attention caches, grounding
 
         def session(rows: Tensor, total_len: int) -> OnnxSession:
             index = rows.numpy()
-            return OnnxSession(self, (context_0[:, index], context_1[:, index]), total_len)
+            picked = {name: np.take(array, index, axis=batch_axis(name)) for name, array in contexts.items()}
+            return OnnxSession(self, picked, total_len)
 
         out = generate_from_prompts(
             None, torch.zeros(images.shape[0], 0), ids, max_new_tokens=settings.max_new_tokens,
