@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         for name in (v for v in ("onnx", "onnx-int8") if v in chosen):
             try:
                 check_exportable(float_model)
-            except ValueError as err:  # e.g. word grounding: the other rows still run
+            except ValueError as err:  # e.g. a short convolution: the other rows still run
                 skipped[name] = str(err)
                 logger.warning("bench compress: row %s skipped: %s", name, err)
                 continue

@@ -76,18 +76,19 @@ class ImageTextDataset(Dataset):
         # for a transform without randomness, so a cached image is the one decoding would give
         self.pixel_cache = PixelCache(cache_bytes)
         self.same_image = turns.same_image_questions(source) if self.vqa_turns > 1 else {}
-        # token ids of each image's captions, tokenized once here rather than for every sample of every epoch
         if image_words not in (None, "image", "answers"):
             raise ValueError(f"image_words={image_words!r}: expected None, 'image' or 'answers'")
         self.word_targets = image_words or "caption"
+        # token ids of each image's words, tokenized once here rather than for every sample of every epoch
         self.image_words = (
-            {
-                key: sorted({i for c in texts for i in tokenizer.tokenize(c)})
-                for key, texts in image_texts(source, answers=image_words == "answers").items()
-            }
+            {key: self._word_ids(texts) for key, texts in image_texts(source, answers=image_words == "answers").items()}
             if image_words
             else None
         )
+
+    def _word_ids(self, texts: list[str]) -> list[int]:
+        """The sorted distinct token ids of ``texts``."""
+        return sorted({i for text in texts for i in self.tokenizer.tokenize(text)})
 
     def __len__(self) -> int:
         return len(self.source)
@@ -122,8 +123,7 @@ class ImageTextDataset(Dataset):
         if self.image_words is not None:
             key = turns.image_key(record)
             if key is None:  # an image nothing else names: its own record's words
-                texts = record_texts(record, answers=self.word_targets == "answers")
-                sample["word_ids"] = sorted({i for t in texts for i in self.tokenizer.tokenize(t)})
+                sample["word_ids"] = self._word_ids(record_texts(record, answers=self.word_targets == "answers"))
             else:
                 sample["word_ids"] = self.image_words.get(key, [])
         if self.swap_negatives:
